@@ -1,0 +1,211 @@
+//! The DTM-compatible HTTP API (`/api/dtmsvr/...`), plus `/api/ping` and `/api/metrics`.
+
+mod admin;
+mod trans;
+mod wire;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, delete, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::metrics::{ApiLabels, RouteLabels};
+use crate::scheduler::{Coordinator, SchedulerError};
+use crate::store::StoreError;
+
+pub use wire::{branch_json, global_json};
+
+/// Errors answered by the API, each with DTM's envelope and a precise status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed or invalid input: 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Unknown gid or topic: 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// Body over the configured limit: 413.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// DTM's FAILURE: the request conflicts with the transaction's state, 409.
+    #[error("{0}")]
+    Failure(String),
+    /// DTM's ONGOING: not finished yet, 425.
+    #[error("{0}")]
+    Ongoing(String),
+    /// The store is unreachable: 503, retry later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else: 500.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(_) | StoreError::Closed => ApiError::Unavailable(error.to_string()),
+            StoreError::Corrupt(_) => ApiError::Internal(error.to_string()),
+        }
+    }
+}
+
+impl From<SchedulerError> for ApiError {
+    fn from(error: SchedulerError) -> Self {
+        match error {
+            SchedulerError::Store(store) => store.into(),
+            SchedulerError::NotFound(_) => ApiError::NotFound(error.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self {
+            ApiError::Failure(message) => (
+                StatusCode::CONFLICT,
+                json!({"dtm_result": "FAILURE", "message": message}),
+            ),
+            ApiError::Ongoing(message) => (
+                StatusCode::TOO_EARLY,
+                json!({"dtm_result": "ONGOING", "message": message}),
+            ),
+            ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, json!({"message": message})),
+            ApiError::NotFound(message) => (StatusCode::NOT_FOUND, json!({"message": message})),
+            ApiError::PayloadTooLarge(message) => (StatusCode::PAYLOAD_TOO_LARGE, json!({"message": message})),
+            ApiError::Unavailable(message) => (StatusCode::SERVICE_UNAVAILABLE, json!({"message": message})),
+            ApiError::Internal(message) => (StatusCode::INTERNAL_SERVER_ERROR, json!({"message": message})),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// Result of a handler: a JSON value on success.
+pub type ApiResult = Result<Json<Value>, ApiError>;
+
+/// DTM's answer when a handler has nothing to return.
+pub fn success() -> ApiResult {
+    Ok(Json(json!({"dtm_result": "SUCCESS"})))
+}
+
+/// API settings.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest accepted request body in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    coordinator: Arc<Coordinator>,
+}
+
+/// A JSON body parsed with precise errors: 413 over the limit, 400 for non-UTF-8 or bad JSON.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge("request body is larger than the configured limit".to_owned())
+            } else {
+                ApiError::BadRequest(format!("cannot read request body: {rejection}"))
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::BadRequest("request body is empty".to_owned()));
+        }
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| ApiError::BadRequest(format!("request body is not valid UTF-8: {e}")))?;
+        serde_json::from_str(text)
+            .map(JsonBody)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Builds the router.
+pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
+    let state = AppState { coordinator };
+    let dtm = Router::new()
+        .route("/version", get(admin::version))
+        .route("/newGid", get(admin::new_gid))
+        .route("/prepare", post(trans::prepare))
+        .route("/submit", post(trans::submit))
+        .route("/abort", post(trans::abort))
+        .route("/forceStop", post(trans::force_stop))
+        .route("/registerBranch", post(trans::register_branch))
+        .route("/registerXaBranch", post(trans::register_branch))
+        .route("/registerTccBranch", post(trans::register_branch))
+        .route("/prepareWorkflow", post(trans::prepare_workflow))
+        .route("/query", get(admin::query))
+        .route("/all", get(admin::all))
+        .route("/resetCronTime", get(admin::reset_cron_time))
+        .route("/resetNextCronTime", post(admin::reset_next_cron_time))
+        .route("/subscribe", get(admin::subscribe))
+        .route("/unsubscribe", get(admin::unsubscribe))
+        .route("/topic/{name}", delete(admin::delete_topic))
+        .route("/scanKV", get(admin::scan_kv))
+        .route("/queryKV", get(admin::query_kv));
+    Router::new()
+        .nest("/api/dtmsvr", dtm)
+        .route("/api/ping", any(|| async { Json(json!({"msg": "pong"})) }))
+        .route("/api/metrics", get(metrics))
+        .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        Body::from(state.coordinator.metrics().render()),
+    )
+        .into_response()
+}
+
+/// Counts requests by route and status code and times them.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let api = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| route_name(path.as_str()))
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let metrics = state.coordinator.metrics();
+    metrics
+        .api_requests
+        .get_or_create(&ApiLabels {
+            api: api.clone(),
+            code: response.status().as_u16(),
+        })
+        .inc();
+    metrics
+        .api_duration
+        .get_or_create(&RouteLabels { api })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Last literal path segment, lowercased (DTM's `api` label).
+fn route_name(path: &str) -> String {
+    path.rsplit('/')
+        .find(|segment| !segment.is_empty() && !segment.starts_with('{'))
+        .unwrap_or("root")
+        .to_ascii_lowercase()
+}

@@ -1,0 +1,499 @@
+//! Routes that create and move transactions: prepare, submit, abort, forceStop,
+//! registerBranch, prepareWorkflow. Idempotency follows DTM (§4.6 of the protocol notes).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Map, Value, json};
+
+use super::wire::{self, TransRequest, branch_request, check_url};
+use super::{ApiError, ApiResult, AppState, JsonBody, success};
+use crate::engine::{self, MsgCustom, MsgTarget, SagaOrders, SagaStep, WorkflowCustom};
+use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, TransType};
+use crate::scheduler::{Coordinator, PassReport};
+use crate::store::{AddBranches, StatusChange};
+
+/// Category of topic records in the KV store.
+pub(super) const TOPICS: &str = "topics";
+
+/// How often a request re-reads after losing a race with another writer.
+const RACE_RETRIES: usize = 3;
+
+/// `POST /prepare`: msg, tcc and xa start here.
+pub(super) async fn prepare(State(state): State<AppState>, JsonBody(req): JsonBody<TransRequest>) -> ApiResult {
+    let coordinator = &state.coordinator;
+    let gid = req.gid()?;
+    let trans_type = req.trans_type()?;
+    if !matches!(trans_type, TransType::Msg | TransType::Tcc | TransType::Xa) {
+        return Err(ApiError::BadRequest(format!(
+            "prepare is for msg, tcc and xa; a {trans_type} starts with {}",
+            if trans_type == TransType::Workflow {
+                "prepareWorkflow"
+            } else {
+                "submit"
+            }
+        )));
+    }
+    for _ in 0..RACE_RETRIES {
+        match coordinator.store().find(gid).await? {
+            Some(existing) if existing.status == TransStatus::Prepared => return success(),
+            Some(existing) => {
+                return Err(ApiError::Failure(format!(
+                    "current status '{}', cannot prepare",
+                    existing.status
+                )));
+            }
+            None => {
+                let now = coordinator.now();
+                let branches = new_branches(coordinator, &req, trans_type, now).await?;
+                let global = new_global(coordinator, &req, trans_type, TransStatus::Prepared, now)?;
+                if coordinator.store().create(&global, &branches).await? {
+                    return success();
+                }
+            }
+        }
+    }
+    Err(ApiError::Failure(format!(
+        "transaction {gid} is changing concurrently; retry"
+    )))
+}
+
+/// `POST /submit`: creates and runs a saga or msg, or commits a prepared msg, tcc or xa, or
+/// records a workflow's final status.
+pub(super) async fn submit(State(state): State<AppState>, JsonBody(req): JsonBody<TransRequest>) -> ApiResult {
+    let coordinator = &state.coordinator;
+    let gid = req.gid()?;
+    let trans_type = req.trans_type()?;
+    if trans_type == TransType::Workflow {
+        return submit_workflow(coordinator, &req).await;
+    }
+    for _ in 0..RACE_RETRIES {
+        let now = coordinator.now();
+        match coordinator.store().find(gid).await? {
+            None => {
+                if matches!(trans_type, TransType::Tcc | TransType::Xa) {
+                    return Err(ApiError::NotFound(format!(
+                        "no transaction with gid {gid}: a {trans_type} must be prepared first"
+                    )));
+                }
+                let branches = new_branches(coordinator, &req, trans_type, now).await?;
+                let mut global = new_global(coordinator, &req, trans_type, TransStatus::Submitted, now)?;
+                let lease = coordinator.lease(now);
+                global.owner = lease.owner;
+                global.next_cron_time = lease.until;
+                if coordinator.store().create(&global, &branches).await? {
+                    return drive(coordinator, gid, req.wait_result).await;
+                }
+            }
+            Some(existing) => match existing.status {
+                TransStatus::Prepared => {
+                    let mut change = StatusChange::new(gid, TransStatus::Prepared, TransStatus::Submitted, now);
+                    change.lease = Some(coordinator.lease(now));
+                    // A msg delay given only at submit must survive retries (DTM loses it).
+                    let custom_data = req.custom_data();
+                    if existing.trans_type == TransType::Msg && !custom_data.is_empty() {
+                        MsgCustom::parse(&custom_data).map_err(ApiError::BadRequest)?;
+                        change.custom_data = Some(custom_data);
+                    }
+                    if coordinator.store().change_status(&change).await? {
+                        return drive(coordinator, gid, req.wait_result || existing.options.wait_result).await;
+                    }
+                }
+                TransStatus::Submitted => {
+                    // Submitting twice is fine; it also hurries a parked transaction along.
+                    if coordinator.store().claim(gid, &coordinator.lease(now), now).await? {
+                        return drive(coordinator, gid, req.wait_result).await;
+                    }
+                    return success();
+                }
+                status => {
+                    return Err(ApiError::Failure(format!("current status '{status}', cannot submit")));
+                }
+            },
+        }
+    }
+    Err(ApiError::Failure(format!(
+        "transaction {gid} is changing concurrently; retry"
+    )))
+}
+
+/// Runs the first pass: in the background, or before answering when `wait_result` is set.
+async fn drive(coordinator: &Arc<Coordinator>, gid: &str, wait_result: bool) -> ApiResult {
+    if !wait_result {
+        coordinator.spawn_pass(gid.to_owned());
+        return success();
+    }
+    let report = coordinator.run_pass(gid).await?;
+    wait_answer(&report)
+}
+
+/// `wait_result` answer: SUCCESS once succeeded; FAILURE when it failed or is rolling back;
+/// ONGOING when it may still succeed (DTM answers FAILURE there too; see docs/compatibility.md).
+fn wait_answer(report: &PassReport) -> ApiResult {
+    let global = &report.global;
+    let problem = match &report.last_problem {
+        Some(engine::Outcome::Error(text) | engine::Outcome::Ongoing(text) | engine::Outcome::Failure(text)) => {
+            format!(": {}", text.trim())
+        }
+        _ => String::new(),
+    };
+    match global.status {
+        TransStatus::Succeed => success(),
+        TransStatus::Failed | TransStatus::Aborting => Err(ApiError::Failure(if global.rollback_reason.is_empty() {
+            format!("transaction {} is {}", global.gid, global.status)
+        } else {
+            global.rollback_reason.clone()
+        })),
+        status => Err(ApiError::Ongoing(format!(
+            "transaction {} is still {status}{problem}",
+            global.gid
+        ))),
+    }
+}
+
+async fn submit_workflow(coordinator: &Arc<Coordinator>, req: &TransRequest) -> ApiResult {
+    let gid = req.gid()?;
+    let wanted = match req.extra("status").as_str() {
+        "succeed" => TransStatus::Succeed,
+        "failed" => TransStatus::Failed,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "workflow submit needs req_extra.status \"succeed\" or \"failed\", got {other:?}"
+            )));
+        }
+    };
+    let existing = coordinator
+        .store()
+        .find(gid)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no workflow with gid {gid}: call prepareWorkflow first")))?;
+    match existing.status {
+        TransStatus::Prepared => {
+            let mut change = StatusChange::new(gid, TransStatus::Prepared, wanted, coordinator.now());
+            change.rollback_reason = Some(req.extra("rollback_reason")).filter(|r| !r.is_empty());
+            change.result = Some(req.extra("result")).filter(|r| !r.is_empty());
+            if coordinator.store().change_status(&change).await? {
+                return success();
+            }
+            Err(ApiError::Failure(format!("workflow {gid} changed concurrently; retry")))
+        }
+        status if status == wanted => success(),
+        status => Err(ApiError::Failure(format!("current status '{status}', cannot submit"))),
+    }
+}
+
+/// `POST /abort`: rolls back a prepared tcc or xa, or fails a prepared msg.
+pub(super) async fn abort(State(state): State<AppState>, JsonBody(req): JsonBody<TransRequest>) -> ApiResult {
+    let coordinator = &state.coordinator;
+    let gid = req.gid()?;
+    let reason = Some(req.rollback_reason.clone()).filter(|r| !r.is_empty());
+    for _ in 0..RACE_RETRIES {
+        let now = coordinator.now();
+        let existing = coordinator
+            .store()
+            .find(gid)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no transaction with gid {gid}")))?;
+        match (existing.trans_type, existing.status) {
+            (TransType::Msg, TransStatus::Prepared) => {
+                let mut change = StatusChange::new(gid, TransStatus::Prepared, TransStatus::Failed, now);
+                change.rollback_reason = reason.clone();
+                if coordinator.store().change_status(&change).await? {
+                    return success();
+                }
+            }
+            (TransType::Tcc | TransType::Xa, TransStatus::Prepared) => {
+                let mut change = StatusChange::new(gid, TransStatus::Prepared, TransStatus::Aborting, now);
+                change.rollback_reason = reason.clone();
+                change.lease = Some(coordinator.lease(now));
+                if coordinator.store().change_status(&change).await? {
+                    return drive(coordinator, gid, req.wait_result).await;
+                }
+            }
+            (TransType::Tcc | TransType::Xa, TransStatus::Aborting) => {
+                if coordinator.store().claim(gid, &coordinator.lease(now), now).await? {
+                    return drive(coordinator, gid, req.wait_result).await;
+                }
+                return success();
+            }
+            (trans_type, status) => {
+                return Err(ApiError::Failure(format!(
+                    "trans type: '{trans_type}' current status '{status}', cannot abort"
+                )));
+            }
+        }
+    }
+    Err(ApiError::Failure(format!(
+        "transaction {gid} is changing concurrently; retry"
+    )))
+}
+
+/// `POST /forceStop`: marks an unfinished transaction failed without compensating.
+pub(super) async fn force_stop(State(state): State<AppState>, JsonBody(req): JsonBody<TransRequest>) -> ApiResult {
+    let coordinator = &state.coordinator;
+    let gid = req.gid()?;
+    for _ in 0..RACE_RETRIES {
+        let existing = coordinator
+            .store()
+            .find(gid)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no transaction with gid {gid}")))?;
+        if existing.status.is_finished() {
+            return Err(ApiError::Failure(format!(
+                "global transaction force stop error. status: {}",
+                existing.status
+            )));
+        }
+        let mut change = StatusChange::new(gid, existing.status, TransStatus::Failed, coordinator.now());
+        change.rollback_reason = Some("force stopped".to_owned());
+        if coordinator.store().change_status(&change).await? {
+            return success();
+        }
+    }
+    Err(ApiError::Failure(format!(
+        "transaction {gid} is changing concurrently; retry"
+    )))
+}
+
+/// `POST /registerBranch` (and its aliases): adds tcc, xa or workflow branches to a prepared
+/// transaction.
+pub(super) async fn register_branch(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<Map<String, Value>>,
+) -> ApiResult {
+    let coordinator = &state.coordinator;
+    let fields = branch_request(body)?;
+    let field = |key: &str| fields.get(key).map(String::as_str).unwrap_or_default();
+    let gid = field("gid");
+    wire::check_gid(gid)?;
+    let branch_id = field("branch_id");
+    if branch_id.is_empty() {
+        return Err(ApiError::BadRequest("branch_id is required".to_owned()));
+    }
+    let now = coordinator.now();
+    let data = field("data").as_bytes();
+    let rows = match wire::parse_trans_type(field("trans_type"))? {
+        TransType::Tcc => {
+            check_url("confirm", field("confirm"))?;
+            check_url("cancel", field("cancel"))?;
+            engine::tcc_branches(gid, branch_id, field("confirm"), field("cancel"), data, now)
+        }
+        TransType::Xa => {
+            check_url("url", field("url"))?;
+            engine::xa_branches(gid, branch_id, field("url"), data, now)
+        }
+        TransType::Workflow => {
+            let operation = field("op");
+            if operation.is_empty() {
+                return Err(ApiError::BadRequest("op is required for a workflow branch".to_owned()));
+            }
+            let status = match BranchStatus::parse(field("status")) {
+                Some(status @ (BranchStatus::Succeed | BranchStatus::Failed)) => status,
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "workflow branch status must be \"succeed\" or \"failed\", got {:?}",
+                        field("status")
+                    )));
+                }
+            };
+            let mut row = Branch::new(gid, branch_id, operation, "", data.to_vec(), now);
+            row.status = status;
+            match status {
+                BranchStatus::Succeed => row.finish_time = Some(now),
+                _ => row.rollback_time = Some(now),
+            }
+            vec![row]
+        }
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "registerBranch is for tcc, xa and workflow, not {other}"
+            )));
+        }
+    };
+    match coordinator.store().add_branches(gid, &rows).await? {
+        AddBranches::Added | AddBranches::AlreadyRegistered => success(),
+        AddBranches::Conflict(message) => Err(ApiError::Failure(message)),
+        AddBranches::WrongStatus(None) => Err(ApiError::NotFound(format!("no transaction with gid {gid}"))),
+        AddBranches::WrongStatus(Some(status)) => Err(ApiError::Failure(format!(
+            "transaction {gid} is {status}: branches can only be registered while it is prepared"
+        ))),
+    }
+}
+
+/// `POST /prepareWorkflow`: creates the workflow if new; returns it with its recorded progress.
+pub(super) async fn prepare_workflow(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<TransRequest>,
+) -> ApiResult {
+    let coordinator = &state.coordinator;
+    let gid = req.gid()?;
+    if !req.trans_type.is_empty() && req.trans_type()? != TransType::Workflow {
+        return Err(ApiError::BadRequest(
+            "prepareWorkflow needs trans_type \"workflow\"".to_owned(),
+        ));
+    }
+    for _ in 0..RACE_RETRIES {
+        if let Some(existing) = coordinator.store().find(gid).await? {
+            if existing.trans_type != TransType::Workflow {
+                return Err(ApiError::Failure(format!(
+                    "gid {gid} belongs to a {} transaction",
+                    existing.trans_type
+                )));
+            }
+            let progresses = coordinator.store().branches(gid).await?;
+            return Ok(Json(json!({
+                "transaction": wire::global_json(&existing),
+                "progresses": progresses.iter().map(wire::branch_json).collect::<Vec<_>>(),
+            })));
+        }
+        let now = coordinator.now();
+        let global = new_global(coordinator, &req, TransType::Workflow, TransStatus::Prepared, now)?;
+        coordinator.store().create(&global, &[]).await?;
+    }
+    Err(ApiError::Failure(format!(
+        "transaction {gid} is changing concurrently; retry"
+    )))
+}
+
+/// A new global from a request, validated. The caller sets the lease when it drives it at once.
+fn new_global(
+    coordinator: &Coordinator,
+    req: &TransRequest,
+    trans_type: TransType,
+    status: TransStatus,
+    now: Millis,
+) -> Result<GlobalTrans, ApiError> {
+    req.check_protocol()?;
+    let custom_data = req.custom_data();
+    match trans_type {
+        TransType::Saga => {
+            SagaOrders::parse(&custom_data)
+                .and_then(|orders| orders.validate(req.steps.len()))
+                .map_err(ApiError::BadRequest)?;
+        }
+        TransType::Msg => {
+            let custom = MsgCustom::parse(&custom_data).map_err(ApiError::BadRequest)?;
+            if custom.delay < 0 {
+                return Err(ApiError::BadRequest("msg delay must not be negative".to_owned()));
+            }
+            check_url("query_prepared", &req.query_prepared)?;
+        }
+        TransType::Workflow => {
+            let custom = WorkflowCustom::parse(&custom_data).map_err(ApiError::BadRequest)?;
+            if custom.name.is_empty() {
+                return Err(ApiError::BadRequest("workflow custom_data needs a name".to_owned()));
+            }
+            check_url("query_prepared", &req.query_prepared)?;
+        }
+        TransType::Tcc | TransType::Xa => {}
+    }
+    let mut global = GlobalTrans {
+        id: 0,
+        gid: req.gid()?.to_owned(),
+        trans_type,
+        status,
+        query_prepared: req.query_prepared.clone(),
+        protocol: if req.protocol.is_empty() {
+            "http".to_owned()
+        } else {
+            req.protocol.clone()
+        },
+        custom_data,
+        options: req.options()?,
+        create_time: now,
+        update_time: now,
+        finish_time: None,
+        rollback_time: None,
+        next_cron_time: now,
+        next_cron_interval: 0,
+        owner: String::new(),
+        result: String::new(),
+        rollback_reason: String::new(),
+        ext_data: String::new(),
+    };
+    let policy = &coordinator.config().policy;
+    global.next_cron_interval = engine::base_interval(&global, policy);
+    // A prepared transaction needs attention at its timeout (back-check or abort), or, for a
+    // workflow, after one interval (resume).
+    global.next_cron_time = match engine::timeout_seconds(&global, policy) {
+        0 => now + global.next_cron_interval * 1000,
+        timeout => now + timeout * 1000,
+    };
+    Ok(global)
+}
+
+/// The branch rows a saga or msg creates; none for the other modes.
+async fn new_branches(
+    coordinator: &Coordinator,
+    req: &TransRequest,
+    trans_type: TransType,
+    now: Millis,
+) -> Result<Vec<Branch>, ApiError> {
+    let gid = req.gid()?;
+    let steps = req.steps()?;
+    match trans_type {
+        TransType::Saga => {
+            for step in &steps {
+                check_url("action", &step.action)?;
+                check_url("compensate", &step.compensate)?;
+            }
+            let specs: Vec<SagaStep<'_>> = steps
+                .iter()
+                .map(|s| SagaStep {
+                    action: &s.action,
+                    compensate: &s.compensate,
+                    payload: &s.payload,
+                })
+                .collect();
+            Ok(engine::saga_branches(gid, &specs, now))
+        }
+        TransType::Msg => {
+            let mut subscribers = Vec::with_capacity(steps.len());
+            for step in &steps {
+                subscribers.push(match step.action.strip_prefix("topic://") {
+                    Some(topic) => Some(topic_subscribers(coordinator, topic).await?),
+                    None => {
+                        check_url("action", &step.action)?;
+                        None
+                    }
+                });
+            }
+            let targets: Vec<MsgTarget<'_>> = steps
+                .iter()
+                .zip(subscribers)
+                .map(|(step, subs)| match subs {
+                    Some(subscribers) => MsgTarget::Topic {
+                        subscribers,
+                        payload: &step.payload,
+                    },
+                    None => MsgTarget::Url {
+                        url: &step.action,
+                        payload: &step.payload,
+                    },
+                })
+                .collect();
+            Ok(engine::msg_branches(gid, &targets, now))
+        }
+        TransType::Tcc | TransType::Xa | TransType::Workflow => {
+            if !steps.is_empty() {
+                return Err(ApiError::BadRequest(format!("a {trans_type} takes no steps")));
+            }
+            Ok(Vec::new())
+        }
+    }
+}
+
+/// Subscriber URLs of a topic.
+async fn topic_subscribers(coordinator: &Coordinator, topic: &str) -> Result<Vec<String>, ApiError> {
+    let entry = coordinator
+        .store()
+        .kv_get(TOPICS, topic)
+        .await?
+        .ok_or_else(|| ApiError::BadRequest(format!("topic not found: {topic}")))?;
+    let subscribers = super::admin::parse_subscribers(&entry.value)?;
+    if subscribers.is_empty() {
+        return Err(ApiError::BadRequest(format!("topic {topic} has no subscribers")));
+    }
+    Ok(subscribers.into_iter().map(|s| s.url).collect())
+}

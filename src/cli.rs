@@ -1,0 +1,155 @@
+//! Command line: `kubetx serve` (the default) with flags and `KUBETX_*` environment variables
+//! over an optional YAML file.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, ConfigError, LogFormat};
+use crate::scheduler::SystemClock;
+use crate::server::{ServeError, Server, shutdown_signal};
+use crate::store::Synchronous;
+
+/// Errors of a command.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Configuration problem.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The server failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// kubetx: distributed transactions (saga, TCC, 2-phase message, XA, workflow) with a
+/// DTM-compatible API.
+#[derive(Debug, Parser)]
+#[command(name = "kubetx", version, about)]
+pub struct Cli {
+    /// What to run; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the DTM-compatible API on an embedded SQLite store.
+    Serve(ServeArgs),
+}
+
+/// Flags of `serve`; each overrides the config file and has a `KUBETX_*` variable.
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// YAML configuration file (see config/kubetx.yaml).
+    #[arg(short, long, env = "KUBETX_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP API.
+    #[arg(long, env = "KUBETX_LISTEN")]
+    pub listen: Option<String>,
+    /// SQLite database file.
+    #[arg(long, env = "KUBETX_DB")]
+    pub db: Option<String>,
+    /// SQLite durability: full (survives power loss) or normal.
+    #[arg(long, env = "KUBETX_SQLITE_SYNCHRONOUS")]
+    pub sqlite_synchronous: Option<Synchronous>,
+    /// Base retry interval in seconds.
+    #[arg(long, env = "KUBETX_RETRY_INTERVAL")]
+    pub retry_interval: Option<i64>,
+    /// Backoff cap in seconds.
+    #[arg(long, env = "KUBETX_MAX_RETRY_INTERVAL")]
+    pub max_retry_interval: Option<i64>,
+    /// Default timeout of msg, tcc and xa in seconds.
+    #[arg(long, env = "KUBETX_TIMEOUT_TO_FAIL")]
+    pub timeout_to_fail: Option<i64>,
+    /// Default branch call timeout in seconds.
+    #[arg(long, env = "KUBETX_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<u64>,
+    /// Lease length in seconds.
+    #[arg(long, env = "KUBETX_LEASE")]
+    pub lease: Option<u64>,
+    /// Idle polling interval of the scheduler in milliseconds.
+    #[arg(long, env = "KUBETX_POLL_INTERVAL_MS")]
+    pub poll_interval_ms: Option<u64>,
+    /// Largest request body in bytes.
+    #[arg(long, env = "KUBETX_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Alert webhook URL.
+    #[arg(long, env = "KUBETX_ALERT_WEBHOOK")]
+    pub alert_webhook: Option<String>,
+    /// Backoff doublings before an alert.
+    #[arg(long, env = "KUBETX_ALERT_RETRY_LIMIT")]
+    pub alert_retry_limit: Option<u32>,
+    /// Seconds to drain in-flight work on SIGTERM.
+    #[arg(long, env = "KUBETX_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<u64>,
+    /// Log filter.
+    #[arg(long, env = "KUBETX_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format.
+    #[arg(long, env = "KUBETX_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl ServeArgs {
+    /// Defaults, then the file, then these flags.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($flag:ident => $($field:ident).+),* $(,)?) => {
+                $(if let Some(value) = self.$flag.clone() { config.$($field).+ = value; })*
+            };
+        }
+        set!(
+            listen => listen,
+            db => sqlite.path,
+            sqlite_synchronous => sqlite.synchronous,
+            retry_interval => retry_interval,
+            max_retry_interval => max_retry_interval,
+            timeout_to_fail => timeout_to_fail,
+            request_timeout => request_timeout,
+            lease => lease,
+            poll_interval_ms => poll_interval_ms,
+            max_body_bytes => max_body_bytes,
+            alert_webhook => alert_webhook,
+            alert_retry_limit => alert_retry_limit,
+            drain_timeout => drain_timeout,
+            log_level => log_level,
+            log_format => log_format,
+        );
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => serve(&args.config()?).await,
+    }
+}
+
+async fn serve(config: &Config) -> Result<(), CliError> {
+    init_logging(&config.log_level, config.log_format);
+    let server = Server::start(config, Arc::new(SystemClock), true).await?;
+    shutdown_signal().await;
+    server.stop().await?;
+    Ok(())
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

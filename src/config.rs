@@ -1,0 +1,210 @@
+//! Server configuration: defaults, then a YAML file, then environment variables, then flags.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Policy;
+use crate::scheduler::SchedulerConfig;
+use crate::store::Synchronous;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML for this configuration.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// File.
+        path: String,
+        /// Cause.
+        #[source]
+        source: serde_yaml::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The embedded store's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqliteConfig {
+    /// Database file.
+    pub path: String,
+    /// `full` survives power loss; `normal` survives process crashes only, and is faster.
+    pub synchronous: Synchronous,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        SqliteConfig {
+            path: "./kubetx.db".to_owned(),
+            synchronous: Synchronous::Full,
+        }
+    }
+}
+
+/// Everything `kubetx serve` can be told. Durations are in seconds unless the name says otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the DTM-compatible HTTP API.
+    pub listen: String,
+    /// The embedded SQLite store.
+    pub sqlite: SqliteConfig,
+    /// Base retry interval of transactions that set none.
+    pub retry_interval: i64,
+    /// Cap of the exponential backoff.
+    pub max_retry_interval: i64,
+    /// Timeout of msg, tcc and xa transactions that set none.
+    pub timeout_to_fail: i64,
+    /// Branch call timeout of transactions that set none.
+    pub request_timeout: u64,
+    /// How long a process may drive a transaction before another may take it over.
+    pub lease: u64,
+    /// How often the scheduler looks for due transactions when idle, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// URL that receives a POST when a transaction keeps failing; empty for none.
+    pub alert_webhook: String,
+    /// Backoff doublings before the alert webhook is called.
+    pub alert_retry_limit: u32,
+    /// On SIGTERM, how long to wait for in-flight transactions.
+    pub drain_timeout: u64,
+    /// Log filter (`info`, `kubetx=debug`, ...); `RUST_LOG` wins when set.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:36789".to_owned(),
+            sqlite: SqliteConfig::default(),
+            retry_interval: 10,
+            max_retry_interval: 300,
+            timeout_to_fail: 35,
+            request_timeout: 3,
+            lease: 30,
+            poll_interval_ms: 1000,
+            max_body_bytes: 1024 * 1024,
+            alert_webhook: String::new(),
+            alert_retry_limit: 3,
+            drain_timeout: 30,
+            log_level: "info".to_owned(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a YAML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("retry_interval", self.retry_interval),
+            ("max_retry_interval", self.max_retry_interval),
+            ("timeout_to_fail", self.timeout_to_fail),
+            ("request_timeout", self.request_timeout as i64),
+            ("lease", self.lease as i64),
+            ("poll_interval_ms", self.poll_interval_ms as i64),
+            ("max_body_bytes", self.max_body_bytes as i64),
+        ];
+        for (name, value) in positive {
+            if value <= 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be positive")));
+            }
+        }
+        if self.max_retry_interval < self.retry_interval {
+            return Err(ConfigError::Invalid(
+                "max_retry_interval must not be below retry_interval".to_owned(),
+            ));
+        }
+        if self.lease <= self.request_timeout {
+            return Err(ConfigError::Invalid(
+                "lease must be longer than request_timeout".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The scheduler's view of this configuration.
+    pub fn scheduler(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            policy: Policy {
+                retry_interval: self.retry_interval,
+                max_retry_interval: self.max_retry_interval,
+                timeout_to_fail: self.timeout_to_fail,
+            },
+            request_timeout: Duration::from_secs(self.request_timeout),
+            lease: Duration::from_secs(self.lease),
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+            alert_webhook: Some(self.alert_webhook.clone()).filter(|w| !w.is_empty()),
+            alert_retry_limit: self.alert_retry_limit,
+            ..SchedulerConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_config_file_parses_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kubetx.yaml");
+        let config = Config::from_file(&path).expect("sample config parses");
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let error = serde_yaml::from_str::<Config>("listne: 1.2.3.4:5").unwrap_err();
+        assert!(error.to_string().contains("listne"), "{error}");
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let config = Config {
+            lease: 2,
+            request_timeout: 3,
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+        assert!(Config::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,16 @@
+//! kubetx: a distributed transaction coordinator (saga, TCC, 2-phase message, XA, workflow)
+//! with a DTM-compatible HTTP API and a Kubernetes operator.
+//!
+//! Layers, dependencies pointing down only: [`model`] and [`engine`] are pure; [`invoke`] calls
+//! branches; [`store`] persists; [`scheduler`] drives; [`api`] serves HTTP.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod invoke;
+pub mod metrics;
+pub mod model;
+pub mod scheduler;
+pub mod server;
+pub mod store;

@@ -1,0 +1,141 @@
+//! Prometheus metrics shared by the scheduler and the API.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of an API request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// Route name (`submit`, `query`, ...).
+    pub api: String,
+    /// HTTP status code.
+    pub code: u16,
+}
+
+/// Labels of an API latency sample.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route name.
+    pub api: String,
+}
+
+/// Labels of a finished transaction.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransLabels {
+    /// Mode.
+    pub trans_type: String,
+    /// Final status.
+    pub status: String,
+}
+
+/// Labels of a branch call.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BranchLabels {
+    /// Mode.
+    pub trans_type: String,
+    /// Operation.
+    pub op: String,
+    /// `success`, `failure`, `ongoing` or `error`.
+    pub outcome: String,
+}
+
+/// All metrics of one process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// API requests by route and status code.
+    pub api_requests: Family<ApiLabels, Counter>,
+    /// API latency by route.
+    pub api_duration: Family<RouteLabels, Histogram>,
+    /// Transactions that reached a final status.
+    pub transactions_finished: Family<TransLabels, Counter>,
+    /// Seconds from creation to the final status.
+    pub transaction_duration: Family<RouteLabels, Histogram>,
+    /// Branch calls by outcome.
+    pub branch_calls: Family<BranchLabels, Counter>,
+    /// Processing passes run by the scheduler (API-triggered and recovered).
+    pub passes: Counter,
+    /// Passes that stopped because another process took the lease or the status moved.
+    pub leases_lost: Counter,
+    /// Alert webhooks sent.
+    pub alerts: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kubetx");
+        let api_requests = Family::<ApiLabels, Counter>::default();
+        let api_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        let transactions_finished = Family::<TransLabels, Counter>::default();
+        let transaction_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 20))
+        });
+        let branch_calls = Family::<BranchLabels, Counter>::default();
+        let passes = Counter::default();
+        let leases_lost = Counter::default();
+        let alerts = Counter::default();
+        registry.register(
+            "api_requests",
+            "DTM API requests by route and status code",
+            api_requests.clone(),
+        );
+        registry.register(
+            "api_request_duration_seconds",
+            "DTM API latency by route",
+            api_duration.clone(),
+        );
+        registry.register(
+            "transactions_finished",
+            "Transactions that reached succeed or failed",
+            transactions_finished.clone(),
+        );
+        registry.register(
+            "transaction_duration_seconds",
+            "Seconds from creation to the final status, by mode",
+            transaction_duration.clone(),
+        );
+        registry.register(
+            "branch_calls",
+            "Branch calls by mode, op and outcome",
+            branch_calls.clone(),
+        );
+        registry.register("passes", "Processing passes run", passes.clone());
+        registry.register(
+            "leases_lost",
+            "Passes stopped because the lease or status moved",
+            leases_lost.clone(),
+        );
+        registry.register("alerts", "Alert webhooks sent", alerts.clone());
+        Metrics {
+            registry,
+            api_requests,
+            api_duration,
+            transactions_finished,
+            transaction_duration,
+            branch_calls,
+            passes,
+            leases_lost,
+            alerts,
+        }
+    }
+
+    /// Renders the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}

@@ -1,0 +1,479 @@
+//! Drives transactions: runs passes (engine + invoke + store) under a lease, and a background
+//! loop that claims due transactions (retries, timeouts, crash recovery).
+//!
+//! The happy path never waits for the loop: the API runs the first pass at once in the process
+//! that accepted the request. The loop only serves retries and recovery.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::join_all;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::engine::{self, Call, Outcome, Plan, Policy, Target};
+use crate::invoke::{BranchCall, Invoker};
+use crate::metrics::{BranchLabels, Metrics, RouteLabels, TransLabels};
+use crate::model::{GlobalTrans, Millis, TransStatus, TransType};
+use crate::store::{Guard, Lease, StatusChange, Store, StoreError};
+
+/// Errors of the scheduler layer.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// The store failed; the lease expires and the transaction is picked up again.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The transaction does not exist.
+    #[error("no transaction with gid {0}")]
+    NotFound(String),
+}
+
+/// Source of the current time, injectable so tests can move time forward.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now(&self) -> Millis;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Millis {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as Millis)
+            .unwrap_or_default()
+    }
+}
+
+/// The system clock shifted by an adjustable offset (tests: "pretend an hour has passed").
+#[derive(Debug, Default)]
+pub struct OffsetClock {
+    offset_ms: AtomicI64,
+}
+
+impl OffsetClock {
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        self.offset_ms.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> Millis {
+        SystemClock.now() + self.offset_ms.load(Ordering::SeqCst)
+    }
+}
+
+/// Scheduler settings.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Engine policy (retry interval, backoff cap, default timeout).
+    pub policy: Policy,
+    /// Branch call timeout when the transaction sets none.
+    pub request_timeout: Duration,
+    /// How long a claim lasts before another process may take the transaction over.
+    pub lease: Duration,
+    /// How often the loop looks for due transactions when idle.
+    pub poll_interval: Duration,
+    /// Most transactions claimed at once.
+    pub claim_batch: i64,
+    /// Most passes running at once in this process.
+    pub max_concurrent_passes: usize,
+    /// POST target for alerts about transactions that keep failing.
+    pub alert_webhook: Option<String>,
+    /// Backoff doublings before an alert is sent.
+    pub alert_retry_limit: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            policy: Policy::default(),
+            request_timeout: Duration::from_secs(3),
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            claim_batch: 64,
+            max_concurrent_passes: 1024,
+            alert_webhook: None,
+            alert_retry_limit: 3,
+        }
+    }
+}
+
+/// How a pass ended.
+#[derive(Debug, Clone)]
+pub struct PassReport {
+    /// The transaction as this pass left it.
+    pub global: GlobalTrans,
+    /// False when the pass stopped because another process or an API call moved the transaction.
+    pub held_lease: bool,
+    /// Last non-success outcome of the pass, for `wait_result` answers.
+    pub last_problem: Option<Outcome>,
+}
+
+/// Drives transactions for one process.
+pub struct Coordinator {
+    store: Arc<dyn Store>,
+    invoker: Invoker,
+    clock: Arc<dyn Clock>,
+    config: SchedulerConfig,
+    owner: String,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+    permits: Arc<Semaphore>,
+    wake: Notify,
+}
+
+impl Coordinator {
+    /// Creates a coordinator with a fresh lease-owner id.
+    pub fn new(
+        store: Arc<dyn Store>,
+        invoker: Invoker,
+        clock: Arc<dyn Clock>,
+        config: SchedulerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let owner = format!("kubetx-{:016x}", rand::random::<u64>());
+        let permits = Arc::new(Semaphore::new(config.max_concurrent_passes.max(1)));
+        Coordinator {
+            store,
+            invoker,
+            clock,
+            config,
+            owner,
+            metrics,
+            tracker: TaskTracker::new(),
+            permits,
+            wake: Notify::new(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The clock.
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    /// Settings.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A lease for this process starting now.
+    pub fn lease(&self, now: Millis) -> Lease {
+        Lease {
+            owner: self.owner.clone(),
+            until: now + self.config.lease.as_millis() as Millis,
+        }
+    }
+
+    /// This process's lease-owner id.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Wakes the background loop (something became due now).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Runs a pass in the background; the caller holds the lease.
+    pub fn spawn_pass(self: &Arc<Self>, gid: String) {
+        let this = Arc::clone(self);
+        self.tracker.spawn(async move {
+            // The semaphore is never closed, so acquiring only waits.
+            let _permit = this.permits.clone().acquire_owned().await;
+            if let Err(error) = this.run_pass(&gid).await {
+                warn!(%gid, %error, "pass failed; the transaction is retried when its lease expires");
+            }
+        });
+    }
+
+    /// Claims the due transactions and runs their passes to completion. Returns how many ran.
+    /// The background loop uses [`Coordinator::run`]; tests call this to step time by hand.
+    pub async fn tick(&self) -> Result<usize, SchedulerError> {
+        let now = self.clock.now();
+        let gids = self
+            .store
+            .claim_due(&self.lease(now), now, self.config.claim_batch)
+            .await?;
+        let results = join_all(gids.iter().map(|gid| self.run_pass(gid))).await;
+        for (gid, result) in gids.iter().zip(results) {
+            if let Err(error) = result {
+                warn!(%gid, %error, "pass failed");
+            }
+        }
+        Ok(gids.len())
+    }
+
+    /// The background loop: claim due transactions, run them, sleep when idle. Returns when
+    /// `shutdown` is cancelled.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let idle = match self.claim_and_spawn().await {
+                Ok(claimed) => claimed == 0,
+                Err(error) => {
+                    warn!(%error, "cannot claim due transactions; retrying");
+                    true
+                }
+            };
+            if idle {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = self.wake.notified() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            } else if shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    async fn claim_and_spawn(self: &Arc<Self>) -> Result<usize, SchedulerError> {
+        // Claim no more than can start now: a claimed transaction waiting for a slot would only
+        // see its lease run down.
+        let free = self.permits.available_permits() as i64;
+        if free == 0 {
+            return Ok(0);
+        }
+        let now = self.clock.now();
+        let gids = self
+            .store
+            .claim_due(&self.lease(now), now, self.config.claim_batch.min(free))
+            .await?;
+        let claimed = gids.len();
+        for gid in gids {
+            self.spawn_pass(gid);
+        }
+        Ok(claimed)
+    }
+
+    /// Waits for in-flight passes to finish, at most `timeout`. Returns false on timeout (the
+    /// leases then expire and another start resumes the work).
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        self.tracker.close();
+        let drained = tokio::time::timeout(timeout, self.tracker.wait()).await.is_ok();
+        if drained {
+            info!("in-flight transactions drained");
+        } else {
+            warn!("drain timed out; unfinished passes resume after their lease expires");
+        }
+        drained
+    }
+
+    /// Runs one pass over a transaction whose lease this process holds.
+    pub async fn run_pass(&self, gid: &str) -> Result<PassReport, SchedulerError> {
+        self.metrics.passes.inc();
+        let mut global = self
+            .store
+            .find(gid)
+            .await?
+            .ok_or_else(|| SchedulerError::NotFound(gid.to_owned()))?;
+        if global.owner != self.owner {
+            return Ok(self.lost(global, None));
+        }
+        let mut branches = self.store.branches(gid).await?;
+        let mut pass = engine::Pass::default();
+        let mut lease_until = global.next_cron_time;
+        let mut last_problem = None;
+        loop {
+            let now = self.clock.now();
+            let guard = Guard {
+                gid: gid.to_owned(),
+                owner: self.owner.clone(),
+                status: global.status,
+            };
+            match engine::plan(&global, &branches, &pass, now, &self.config.policy) {
+                Plan::Finished => {
+                    return Ok(PassReport {
+                        global,
+                        held_lease: true,
+                        last_problem,
+                    });
+                }
+                Plan::Transition { to, reason } => {
+                    let mut change = StatusChange::new(gid, global.status, to, now);
+                    change.owner = Some(self.owner.clone());
+                    change.rollback_reason = reason.clone();
+                    if !self.store.change_status(&change).await? {
+                        return Ok(self.lost(global, last_problem));
+                    }
+                    debug!(%gid, from = %global.status, %to, "transition");
+                    let reload = global.status == TransStatus::Prepared;
+                    global.status = to;
+                    global.update_time = now;
+                    if let Some(reason) = reason {
+                        global.rollback_reason = reason;
+                    }
+                    if to.is_finished() {
+                        global.owner.clear();
+                        self.record_finish(&global, now);
+                        return Ok(PassReport {
+                            global,
+                            held_lease: true,
+                            last_problem,
+                        });
+                    }
+                    if reload {
+                        // Nothing can register after leaving `prepared`: this read is complete.
+                        branches = self.store.branches(gid).await?;
+                    }
+                }
+                Plan::Invoke(calls) => {
+                    let timeout = self.request_timeout(&global);
+                    let needed = now + timeout.as_millis() as Millis + 5_000;
+                    if lease_until < needed {
+                        lease_until = needed.max(self.lease(now).until);
+                        if !self.store.extend_lease(&guard, lease_until).await? {
+                            return Ok(self.lost(global, last_problem));
+                        }
+                    }
+                    let outcomes = join_all(calls.iter().map(|call| self.invoke(&global, call, timeout))).await;
+                    let now = self.clock.now();
+                    let mut updates = Vec::new();
+                    for (call, outcome) in calls.iter().zip(&outcomes) {
+                        if !matches!(outcome, Outcome::Success) {
+                            last_problem = Some(outcome.clone());
+                        }
+                        if let Some(update) = engine::absorb(&global, &mut branches, &mut pass, call, outcome, now) {
+                            updates.push(update);
+                        }
+                    }
+                    if !updates.is_empty() && !self.store.update_branches(&guard, &updates, now).await? {
+                        return Ok(self.lost(global, last_problem));
+                    }
+                }
+                Plan::Park { at, interval } => {
+                    if !self.store.release(&guard, at, interval, now).await? {
+                        return Ok(self.lost(global, last_problem));
+                    }
+                    global.owner.clear();
+                    global.next_cron_time = at;
+                    global.next_cron_interval = interval;
+                    if pass.saw_error() {
+                        self.maybe_alert(&global, &pass, interval);
+                    }
+                    return Ok(PassReport {
+                        global,
+                        held_lease: true,
+                        last_problem,
+                    });
+                }
+            }
+        }
+    }
+
+    fn lost(&self, global: GlobalTrans, last_problem: Option<Outcome>) -> PassReport {
+        self.metrics.leases_lost.inc();
+        debug!(gid = %global.gid, "lease or status moved; pass stopped");
+        PassReport {
+            global,
+            held_lease: false,
+            last_problem,
+        }
+    }
+
+    fn request_timeout(&self, global: &GlobalTrans) -> Duration {
+        match global.options.request_timeout {
+            t if t > 0 => Duration::from_secs(t as u64),
+            _ => self.config.request_timeout,
+        }
+    }
+
+    async fn invoke(&self, global: &GlobalTrans, call: &Call, timeout: Duration) -> Outcome {
+        let outcome = self
+            .invoker
+            .call(BranchCall {
+                url: &call.url,
+                gid: &global.gid,
+                trans_type: global.trans_type.as_str(),
+                branch_id: &call.branch_id,
+                op: &call.op,
+                body: &call.body,
+                force_post: global.trans_type == TransType::Xa && matches!(call.target, Target::Branch(_)),
+                headers: &global.options.branch_headers,
+                timeout,
+            })
+            .await;
+        let label = match &outcome {
+            Outcome::Success => "success",
+            Outcome::Failure(_) => "failure",
+            Outcome::Ongoing(_) => "ongoing",
+            Outcome::Error(_) => "error",
+        };
+        self.metrics
+            .branch_calls
+            .get_or_create(&BranchLabels {
+                trans_type: global.trans_type.as_str().to_owned(),
+                op: call.op.clone(),
+                outcome: label.to_owned(),
+            })
+            .inc();
+        if let Outcome::Error(text) | Outcome::Failure(text) = &outcome {
+            debug!(gid = %global.gid, url = %call.url, op = %call.op, error = %text, "branch did not succeed");
+        }
+        outcome
+    }
+
+    fn record_finish(&self, global: &GlobalTrans, now: Millis) {
+        self.metrics
+            .transactions_finished
+            .get_or_create(&TransLabels {
+                trans_type: global.trans_type.as_str().to_owned(),
+                status: global.status.as_str().to_owned(),
+            })
+            .inc();
+        self.metrics
+            .transaction_duration
+            .get_or_create(&RouteLabels {
+                api: global.trans_type.as_str().to_owned(),
+            })
+            .observe((now - global.create_time).max(0) as f64 / 1000.0);
+        info!(gid = %global.gid, trans_type = %global.trans_type, status = %global.status, "transaction finished");
+    }
+
+    fn maybe_alert(&self, global: &GlobalTrans, pass: &engine::Pass, interval: i64) {
+        let Some(webhook) = self.config.alert_webhook.clone() else {
+            return;
+        };
+        let retry_count = engine::retry_count(interval, engine::base_interval(global, &self.config.policy));
+        if retry_count < self.config.alert_retry_limit {
+            return;
+        }
+        let (branch, error) = pass.last_error().cloned().unwrap_or_default();
+        let body = serde_json::json!({
+            "gid": global.gid,
+            "status": global.status.as_str(),
+            "branch": branch,
+            "error": error,
+            "retry_count": retry_count,
+        });
+        let client = self.invoker.client().clone();
+        self.metrics.alerts.inc();
+        self.tracker.spawn(async move {
+            let sent = client
+                .post(&webhook)
+                .json(&body)
+                .timeout(Duration::from_secs(3))
+                .send()
+                .await;
+            if let Err(error) = sent {
+                warn!(%webhook, %error, "alert webhook failed");
+            }
+        });
+    }
+}
