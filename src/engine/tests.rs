@@ -1850,10 +1850,6 @@ fn finished_transactions_plan_finished_in_every_mode() {
     }
 }
 
-fn branch_call(branches: &[Branch], index: usize) -> Call {
-    call_for(branches, index)
-}
-
 #[test]
 fn absorb_records_each_outcome_on_a_saga_action() {
     let global = new_global(TransType::Saga, TransStatus::Submitted);
@@ -1862,7 +1858,7 @@ fn absorb_records_each_outcome_on_a_saga_action() {
     // Success: row updated and reported.
     let mut branches = fresh();
     let mut pass = Pass::default();
-    let call = branch_call(&branches, 1);
+    let call = call_for(&branches, 1);
     let update = absorb(&global, &mut branches, &mut pass, &call, &Outcome::Success, T0 + 7);
     assert_eq!(
         update,
@@ -1929,7 +1925,7 @@ fn absorb_failure_on_a_compensation_is_an_error() {
     global.options.retry_limit = 3;
     let mut branches = saga(1).branches;
     let mut pass = Pass::default();
-    let call = branch_call(&branches, 0);
+    let call = call_for(&branches, 0);
     assert_eq!(absorb(&global, &mut branches, &mut pass, &call, &failure(), T0), None);
     assert_eq!(branches[0].status, P);
     assert!(pass.saw_error());

@@ -1,0 +1,290 @@
+//! Test harness: a real kubetx server on 127.0.0.1 with a real SQLite file and an injected
+//! clock, and a real HTTP bank service whose replies can be scripted per call.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use kubetx::config::Config;
+use kubetx::scheduler::OffsetClock;
+use kubetx::server::Server;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// A kubetx server with its own database file. The scheduler loop is off: tests call `tick`
+/// after moving the clock, the way DTM's own tests drive their cron by hand.
+pub struct TestServer {
+    pub server: Server,
+    pub clock: Arc<OffsetClock>,
+    pub http: reqwest::Client,
+    pub dir: TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config {
+            listen: "127.0.0.1:0".to_owned(),
+            ..Config::default()
+        };
+        config.sqlite.path = dir.path().join("kubetx.db").display().to_string();
+        adjust(&mut config);
+        let clock = Arc::new(OffsetClock::default());
+        let server = Server::start(&config, clock.clone(), false).await.expect("server starts");
+        TestServer {
+            server,
+            clock,
+            http: reqwest::Client::new(),
+            dir,
+        }
+    }
+
+    pub fn url(&self, route: &str) -> String {
+        format!("{}/{}", self.server.dtm_url(), route.trim_start_matches('/'))
+    }
+
+    /// POSTs JSON to a DTM route; returns status and body.
+    pub async fn post(&self, route: &str, body: Value) -> (u16, Value) {
+        self.post_raw(route, body.to_string().into_bytes()).await
+    }
+
+    pub async fn post_raw(&self, route: &str, body: Vec<u8>) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url(route))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request reaches kubetx");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn get(&self, route_and_query: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(self.url(route_and_query))
+            .send()
+            .await
+            .expect("request reaches kubetx");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Global status and the ordered branch statuses.
+    pub async fn state(&self, gid: &str) -> (String, Vec<String>) {
+        let (code, body) = self.get(&format!("query?gid={gid}")).await;
+        assert_eq!(code, 200, "{body}");
+        let status = body["transaction"]["status"].as_str().unwrap_or("<none>").to_owned();
+        let branches = body["branches"]
+            .as_array()
+            .map(|rows| rows.iter().map(|r| r["status"].as_str().unwrap_or("").to_owned()).collect())
+            .unwrap_or_default();
+        (status, branches)
+    }
+
+    pub async fn transaction(&self, gid: &str) -> Value {
+        self.get(&format!("query?gid={gid}")).await.1["transaction"].clone()
+    }
+
+    /// Waits (polling, with a deadline) until the transaction reaches `status`.
+    pub async fn wait_status(&self, gid: &str, status: &str) -> (String, Vec<String>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let state = self.state(gid).await;
+            if state.0 == status {
+                return state;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{gid} did not reach {status}; last state {state:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until no pass holds the transaction's lease (the background pass finished).
+    pub async fn wait_parked(&self, gid: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let trans = self.transaction(gid).await;
+            if trans.get("owner").is_none() {
+                return trans;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{gid} never parked: {trans}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Moves time forward and runs every due transaction to the end of its pass.
+    pub async fn advance_and_tick(&self, seconds: u64) -> usize {
+        self.clock.advance(Duration::from_secs(seconds));
+        self.server.coordinator.tick().await.expect("tick")
+    }
+}
+
+/// What a bank endpoint answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    Success,
+    /// HTTP 409.
+    Failure,
+    /// HTTP 425.
+    Ongoing,
+    /// HTTP 500.
+    Error,
+    /// Sleeps longer than the test's request timeout, then answers 200.
+    Slow(u64),
+}
+
+/// One call the bank received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub route: String,
+    pub method: Method,
+    pub gid: String,
+    pub trans_type: String,
+    pub branch_id: String,
+    pub op: String,
+    pub body: String,
+    pub headers: HeaderMap,
+}
+
+#[derive(Default)]
+struct BankState {
+    script: HashMap<String, VecDeque<Reply>>,
+    calls: Vec<Received>,
+    /// Effects applied, deduplicated by (gid, branch_id, op) like a sub-transaction barrier.
+    applied: HashMap<(String, String, String), u32>,
+}
+
+/// A bank service on 127.0.0.1: any path `/api/<route>` answers SUCCESS unless scripted.
+#[derive(Clone)]
+pub struct Bank {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<BankState>>,
+}
+
+impl Bank {
+    pub async fn start() -> Self {
+        let state = Arc::new(Mutex::new(BankState::default()));
+        let app = Router::new()
+            .route("/api/{route}", any(handle))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind bank");
+        let addr = listener.local_addr().expect("bank addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Bank { addr, state }
+    }
+
+    pub fn url(&self, route: &str) -> String {
+        format!("http://{}/api/{}", self.addr, route)
+    }
+
+    /// Queues replies for a route; once used up the route answers SUCCESS again.
+    pub fn script(&self, route: &str, replies: &[Reply]) {
+        self.state
+            .lock()
+            .expect("bank lock")
+            .script
+            .entry(route.to_owned())
+            .or_default()
+            .extend(replies.iter().copied());
+    }
+
+    pub fn calls(&self) -> Vec<Received> {
+        self.state.lock().expect("bank lock").calls.clone()
+    }
+
+    /// Routes called for a gid, in order.
+    pub fn routes(&self, gid: &str) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.gid == gid)
+            .map(|c| c.route)
+            .collect()
+    }
+
+    pub fn count(&self, gid: &str, route: &str) -> usize {
+        self.calls().iter().filter(|c| c.gid == gid && c.route == route).count()
+    }
+
+    /// How many times each successful (gid, branch_id, op) effect was applied (always 1 with a
+    /// barrier; the map shows whether a retry tried to apply it again).
+    pub fn applied(&self) -> HashMap<(String, String, String), u32> {
+        self.state.lock().expect("bank lock").applied.clone()
+    }
+}
+
+async fn handle(
+    State(state): State<Arc<Mutex<BankState>>>,
+    Path(route): Path<String>,
+    method: Method,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let param = |k: &str| query.get(k).cloned().unwrap_or_default();
+    let received = Received {
+        route: route.clone(),
+        method,
+        gid: param("gid"),
+        trans_type: param("trans_type"),
+        branch_id: param("branch_id"),
+        op: param("op"),
+        body: String::from_utf8_lossy(&body).into_owned(),
+        headers,
+    };
+    let reply = {
+        let mut bank = state.lock().expect("bank lock");
+        let reply = bank
+            .script
+            .get_mut(&route)
+            .and_then(VecDeque::pop_front)
+            .unwrap_or(Reply::Success);
+        if matches!(reply, Reply::Success | Reply::Slow(_)) {
+            let key = (received.gid.clone(), received.branch_id.clone(), received.op.clone());
+            *bank.applied.entry(key).or_default() += 1;
+        }
+        bank.calls.push(received);
+        reply
+    };
+    match reply {
+        Reply::Success => (StatusCode::OK, axum::Json(json!({"dtm_result": "SUCCESS"}))).into_response(),
+        Reply::Failure => (StatusCode::CONFLICT, "business refused").into_response(),
+        Reply::Ongoing => (StatusCode::TOO_EARLY, "still working").into_response(),
+        Reply::Error => (StatusCode::INTERNAL_SERVER_ERROR, "database is down").into_response(),
+        Reply::Slow(ms) => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            StatusCode::OK.into_response()
+        }
+    }
+}
+
+/// A 2-step transfer saga body.
+pub fn transfer_saga(gid: &str, bank: &Bank) -> Value {
+    json!({
+        "gid": gid,
+        "trans_type": "saga",
+        "steps": [
+            {"action": bank.url("TransOut"), "compensate": bank.url("TransOutRevert")},
+            {"action": bank.url("TransIn"), "compensate": bank.url("TransInRevert")},
+        ],
+        "payloads": ["{\"amount\":30}", "{\"amount\":30}"],
+    })
+}
