@@ -45,7 +45,10 @@ async fn saga_rollback_compensates_the_failed_step_and_earlier_ones_in_reverse()
     );
     let reason = server.transaction("rollback").await["rollback_reason"].clone();
     let reason = reason.as_str().unwrap_or_default();
-    assert!(reason.contains("business refused") && reason.contains("TransIn"), "{reason}");
+    assert!(
+        reason.contains("business refused") && reason.contains("TransIn"),
+        "{reason}"
+    );
 }
 
 #[tokio::test]
@@ -149,7 +152,10 @@ async fn saga_timeout_routes_into_compensation() {
     assert_eq!(server.advance_and_tick(3600).await, 1);
     let (status, branches) = server.state("timeout").await;
     assert_eq!((status.as_str(), branches), (F, rows(&[S, P, P, P])));
-    assert_eq!(server.transaction("timeout").await["rollback_reason"], "Timeout after 1800 seconds");
+    assert_eq!(
+        server.transaction("timeout").await["rollback_reason"],
+        "Timeout after 1800 seconds"
+    );
     assert_eq!(bank.count("timeout", "TransIn"), 0);
 }
 
@@ -168,7 +174,10 @@ async fn saga_request_timeout_applies_per_transaction() {
     body["wait_result"] = json!(true);
     let (code, reply) = server.post("submit", body).await;
     assert_eq!(code, 425, "a timeout is an unknown outcome, not a failure: {reply}");
-    assert_eq!(server.state("slow-timeout").await, ("submitted".to_owned(), rows(&[P, P, P, P])));
+    assert_eq!(
+        server.state("slow-timeout").await,
+        ("submitted".to_owned(), rows(&[P, P, P, P]))
+    );
 }
 
 #[tokio::test]
@@ -184,7 +193,13 @@ async fn wait_result_reports_success_failure_and_ongoing() {
     failed["wait_result"] = json!(true);
     let (code, reply) = server.post("submit", failed).await;
     assert_eq!(code, 409);
-    assert!(reply["message"].as_str().unwrap_or_default().contains("business refused"), "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("business refused"),
+        "{reply}"
+    );
 
     bank.script("TransOut", &[Reply::Ongoing]);
     let mut ongoing = transfer_saga("wait-ongoing", &bank);
@@ -269,7 +284,10 @@ async fn concurrent_saga_rollback_only_compensates_steps_that_may_have_run() {
     let mut body = concurrent_saga("con-order", &bank, json!({"1": [0], "2": [1]}));
     body["wait_result"] = json!(true);
     assert_eq!(server.post("submit", body).await.0, 409);
-    assert_eq!(server.state("con-order").await, (F.to_owned(), rows(&[S, F, P, P, P, P])));
+    assert_eq!(
+        server.state("con-order").await,
+        (F.to_owned(), rows(&[S, F, P, P, P, P]))
+    );
     assert_eq!(bank.routes("con-order"), ["A1", "C1"]);
 }
 
@@ -307,10 +325,19 @@ async fn concurrent_saga_with_an_ongoing_compensation_finishes_on_a_later_pass()
 async fn concurrent_saga_committed_ongoing_completes_later() {
     let (server, bank) = (TestServer::start().await, Bank::start().await);
     bank.script("A1", &[Reply::Ongoing]);
-    server.post("submit", concurrent_saga("con-ongoing", &bank, json!({}))).await;
+    server
+        .post("submit", concurrent_saga("con-ongoing", &bank, json!({})))
+        .await;
     server.wait_parked("con-ongoing").await;
     assert_eq!(server.state("con-ongoing").await.1, rows(&[P, P, P, S, P, S]));
     server.advance_and_tick(11).await;
-    assert_eq!(server.state("con-ongoing").await, (S.to_owned(), rows(&[P, S, P, S, P, S])));
-    assert_eq!(bank.count("con-ongoing", "A2"), 1, "succeeded steps are not called again");
+    assert_eq!(
+        server.state("con-ongoing").await,
+        (S.to_owned(), rows(&[P, S, P, S, P, S]))
+    );
+    assert_eq!(
+        bank.count("con-ongoing", "A2"),
+        1,
+        "succeeded steps are not called again"
+    );
 }

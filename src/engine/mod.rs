@@ -130,6 +130,7 @@ pub struct Pass {
     retry_exhausted: bool,
     saw_error: bool,
     saw_ongoing: bool,
+    saw_success: bool,
     failure_reason: Option<String>,
     verdict: Option<(TransStatus, Option<String>)>,
     last_error: Option<(String, String)>,
@@ -203,7 +204,10 @@ pub fn absorb(
             let row = branches.get_mut(index)?;
             let terminal_failure = global.trans_type == TransType::Saga && row.op == op::ACTION;
             let new_status = match outcome {
-                Outcome::Success => BranchStatus::Succeed,
+                Outcome::Success => {
+                    pass.saw_success = true;
+                    BranchStatus::Succeed
+                }
                 Outcome::Failure(text) if terminal_failure => {
                     pass.failure_reason = Some(format!("url:{} return failed: {} FAILURE", row.url, text.trim()));
                     BranchStatus::Failed
@@ -267,10 +271,11 @@ pub fn retry_count(interval: i64, base: i64) -> u32 {
 }
 
 /// Park at the next retry time, following the pass's outcomes: backoff (doubling, capped) after
-/// an error, the same interval after an ongoing reply, the base interval otherwise.
+/// an error, the same interval after an ongoing reply, the base interval otherwise. A pass that
+/// made progress (some branch succeeded) restarts the backoff from the base interval.
 fn park_after_pass(global: &GlobalTrans, pass: &Pass, now: Millis, policy: &Policy) -> Plan {
     let base = base_interval(global, policy);
-    let current = if global.next_cron_interval > 0 {
+    let current = if global.next_cron_interval > 0 && !pass.saw_success {
         global.next_cron_interval
     } else {
         base

@@ -71,6 +71,9 @@ impl SagaOrders {
             if step >= steps {
                 return Err(format!("saga orders: step {step} does not exist ({steps} steps)"));
             }
+            if !prereqs[step].is_empty() {
+                return Err(format!("saga orders: step {step} is listed twice"));
+            }
             for &p in before {
                 if p >= steps {
                     return Err(format!(
@@ -177,6 +180,14 @@ pub(super) fn plan(global: &GlobalTrans, branches: &[Branch], pass: &Pass, now: 
     let count = saga.steps.len();
     match global.status {
         TransStatus::Submitted => {
+            // A saga whose every action already succeeded is done, even past its deadline:
+            // compensating finished work would undo a transaction that completed.
+            if (0..count).all(|s| saga.action(s) == BranchStatus::Succeed) {
+                return Plan::Transition {
+                    to: TransStatus::Succeed,
+                    reason: None,
+                };
+            }
             if deadline(global, policy).is_some_and(|d| now >= d) {
                 return Plan::Transition {
                     to: TransStatus::Aborting,

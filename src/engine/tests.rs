@@ -2035,3 +2035,34 @@ fn saga_orders_validate_sequential_saga_includes_implicit_order() {
     assert!(log.invokes.is_empty());
     assert_eq!(tx.global.status, TransStatus::Submitted);
 }
+
+#[test]
+fn saga_whose_actions_all_succeeded_completes_even_past_its_deadline() {
+    let mut tx = saga(2);
+    tx.global.options.timeout_to_fail = 60;
+    for row in tx.branches.iter_mut().filter(|b| b.op == op::ACTION) {
+        row.status = S;
+    }
+    let log = tx.run(T0 + 3600 * SEC);
+    assert_eq!(log.transitions, vec![(TransStatus::Succeed, None)]);
+    assert!(log.calls().is_empty());
+}
+
+#[test]
+fn progress_in_a_pass_restarts_the_backoff_from_the_base_interval() {
+    let mut tx = saga(2);
+    tx.global.next_cron_interval = 160;
+    tx.script.always("02", op::ACTION, error());
+    let log = tx.run(T0);
+    assert_eq!(log.calls(), vec![vec!["action:01"], vec!["action:02"]]);
+    assert_eq!(log.end, park(T0 + 20 * SEC, 20));
+    // No progress in the next pass: the backoff grows again.
+    let log = tx.run(T0 + 20 * SEC);
+    assert_eq!(log.end, park(T0 + 60 * SEC, 40));
+}
+
+#[test]
+fn saga_orders_listing_a_step_twice_are_rejected() {
+    let orders = SagaOrders::parse(r#"{"concurrent":true,"orders":{"1":[0],"01":[0]}}"#).unwrap();
+    assert_eq!(orders.validate(2), Err("saga orders: step 1 is listed twice".to_owned()));
+}

@@ -42,7 +42,9 @@ impl TestServer {
         config.sqlite.path = dir.path().join("kubetx.db").display().to_string();
         adjust(&mut config);
         let clock = Arc::new(OffsetClock::default());
-        let server = Server::start(&config, clock.clone(), false).await.expect("server starts");
+        let server = Server::start(&config, clock.clone(), false)
+            .await
+            .expect("server starts");
         TestServer {
             server,
             clock,
@@ -93,7 +95,11 @@ impl TestServer {
         let status = body["transaction"]["status"].as_str().unwrap_or("<none>").to_owned();
         let branches = body["branches"]
             .as_array()
-            .map(|rows| rows.iter().map(|r| r["status"].as_str().unwrap_or("").to_owned()).collect())
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| r["status"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         (status, branches)
     }
@@ -163,6 +169,8 @@ pub struct Received {
     pub op: String,
     pub body: String,
     pub headers: HeaderMap,
+    /// Every query parameter of the call.
+    pub query: HashMap<String, String>,
 }
 
 #[derive(Default)]
@@ -224,6 +232,33 @@ impl Bank {
         self.calls().iter().filter(|c| c.gid == gid && c.route == route).count()
     }
 
+    /// Calls received for a gid, in order.
+    pub fn calls_for(&self, gid: &str) -> Vec<Received> {
+        self.calls().into_iter().filter(|c| c.gid == gid).collect()
+    }
+
+    /// Calls received on a route (any gid), in order.
+    pub fn calls_on(&self, route: &str) -> Vec<Received> {
+        self.calls().into_iter().filter(|c| c.route == route).collect()
+    }
+
+    /// Waits (polling, with a deadline) until `route` has received at least `n` calls; returns them.
+    pub async fn wait_calls_on(&self, route: &str, n: usize) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let calls = self.calls_on(route);
+            if calls.len() >= n {
+                return calls;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{route} received {} calls, expected {n}",
+                calls.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// How many times each successful (gid, branch_id, op) effect was applied (always 1 with a
     /// barrier; the map shows whether a retry tried to apply it again).
     pub fn applied(&self) -> HashMap<(String, String, String), u32> {
@@ -249,6 +284,7 @@ async fn handle(
         op: param("op"),
         body: String::from_utf8_lossy(&body).into_owned(),
         headers,
+        query: query.clone(),
     };
     let reply = {
         let mut bank = state.lock().expect("bank lock");
