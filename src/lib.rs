@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod driver;
 pub mod engine;
 pub mod invoke;
 pub mod metrics;

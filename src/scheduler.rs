@@ -14,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::engine::{self, Call, Outcome, Plan, Policy, Target};
-use crate::invoke::{BranchCall, Invoker};
-use crate::metrics::{BranchLabels, Metrics, RouteLabels, TransLabels};
-use crate::model::{GlobalTrans, Millis, TransStatus, TransType};
+use crate::driver::{self, PassContext, PassSink};
+use crate::engine::{self, BranchUpdate, Outcome, Policy};
+use crate::invoke::Invoker;
+use crate::metrics::{Metrics, RouteLabels, TransLabels};
+use crate::model::{Branch, GlobalTrans, Millis, TransStatus};
 use crate::store::{Guard, Lease, StatusChange, Store, StoreError};
 
 /// Errors of the scheduler layer.
@@ -278,7 +279,7 @@ impl Coordinator {
     /// Runs one pass over a transaction whose lease this process holds.
     pub async fn run_pass(&self, gid: &str) -> Result<PassReport, SchedulerError> {
         self.metrics.passes.inc();
-        let mut global = self
+        let global = self
             .store
             .find(gid)
             .await?
@@ -286,95 +287,37 @@ impl Coordinator {
         if global.owner != self.owner {
             return Ok(self.lost(global, None));
         }
-        let mut branches = self.store.branches(gid).await?;
-        let mut pass = engine::Pass::default();
-        let mut lease_until = global.next_cron_time;
-        let mut last_problem = None;
-        loop {
-            let now = self.clock.now();
-            let guard = Guard {
-                gid: gid.to_owned(),
-                owner: self.owner.clone(),
-                status: global.status,
-            };
-            match engine::plan(&global, &branches, &pass, now, &self.config.policy) {
-                Plan::Finished => {
-                    return Ok(PassReport {
-                        global,
-                        held_lease: true,
-                        last_problem,
-                    });
-                }
-                Plan::Transition { to, reason } => {
-                    let mut change = StatusChange::new(gid, global.status, to, now);
-                    change.owner = Some(self.owner.clone());
-                    change.rollback_reason = reason.clone();
-                    if !self.store.change_status(&change).await? {
-                        return Ok(self.lost(global, last_problem));
-                    }
-                    debug!(%gid, from = %global.status, %to, "transition");
-                    let reload = global.status == TransStatus::Prepared;
-                    global.status = to;
-                    global.update_time = now;
-                    if let Some(reason) = reason {
-                        global.rollback_reason = reason;
-                    }
-                    if to.is_finished() {
-                        global.owner.clear();
-                        self.record_finish(&global, now);
-                        return Ok(PassReport {
-                            global,
-                            held_lease: true,
-                            last_problem,
-                        });
-                    }
-                    if reload {
-                        // Nothing can register after leaving `prepared`: this read is complete.
-                        branches = self.store.branches(gid).await?;
-                    }
-                }
-                Plan::Invoke(calls) => {
-                    let timeout = self.request_timeout(&global);
-                    let needed = now + timeout.as_millis() as Millis + 5_000;
-                    if lease_until < needed {
-                        lease_until = needed.max(self.lease(now).until);
-                        if !self.store.extend_lease(&guard, lease_until).await? {
-                            return Ok(self.lost(global, last_problem));
-                        }
-                    }
-                    let outcomes = join_all(calls.iter().map(|call| self.invoke(&global, call, timeout))).await;
-                    let now = self.clock.now();
-                    let mut updates = Vec::new();
-                    for (call, outcome) in calls.iter().zip(&outcomes) {
-                        if !matches!(outcome, Outcome::Success) {
-                            last_problem = Some(outcome.clone());
-                        }
-                        if let Some(update) = engine::absorb(&global, &mut branches, &mut pass, call, outcome, now) {
-                            updates.push(update);
-                        }
-                    }
-                    if !updates.is_empty() && !self.store.update_branches(&guard, &updates, now).await? {
-                        return Ok(self.lost(global, last_problem));
-                    }
-                }
-                Plan::Park { at, interval } => {
-                    if !self.store.release(&guard, at, interval, now).await? {
-                        return Ok(self.lost(global, last_problem));
-                    }
-                    global.owner.clear();
-                    global.next_cron_time = at;
-                    global.next_cron_interval = interval;
-                    if pass.saw_error() {
-                        self.maybe_alert(&global, &pass, interval);
-                    }
-                    return Ok(PassReport {
-                        global,
-                        held_lease: true,
-                        last_problem,
-                    });
-                }
-            }
+        let branches = self.store.branches(gid).await?;
+        let clock = Arc::clone(&self.clock);
+        let now = move || clock.now();
+        let context = PassContext {
+            invoker: &self.invoker,
+            policy: &self.config.policy,
+            request_timeout: self.config.request_timeout,
+            now: &now,
+            metrics: &self.metrics,
+        };
+        let mut sink = StoreSink {
+            store: self.store.as_ref(),
+            owner: &self.owner,
+            lease: self.config.lease.as_millis() as Millis,
+            lease_until: global.next_cron_time,
+        };
+        let result = driver::run_pass(global, branches, &context, &mut sink).await?;
+        if !result.completed {
+            return Ok(self.lost(result.global, result.last_problem));
         }
+        let global = result.global;
+        if global.status.is_finished() {
+            self.record_finish(&global, self.clock.now());
+        } else if result.pass.saw_error() {
+            self.maybe_alert(&global, &result.pass, global.next_cron_interval);
+        }
+        Ok(PassReport {
+            global,
+            held_lease: true,
+            last_problem: result.last_problem,
+        })
     }
 
     fn lost(&self, global: GlobalTrans, last_problem: Option<Outcome>) -> PassReport {
@@ -385,48 +328,6 @@ impl Coordinator {
             held_lease: false,
             last_problem,
         }
-    }
-
-    fn request_timeout(&self, global: &GlobalTrans) -> Duration {
-        match global.options.request_timeout {
-            t if t > 0 => Duration::from_secs(t as u64),
-            _ => self.config.request_timeout,
-        }
-    }
-
-    async fn invoke(&self, global: &GlobalTrans, call: &Call, timeout: Duration) -> Outcome {
-        let outcome = self
-            .invoker
-            .call(BranchCall {
-                url: &call.url,
-                gid: &global.gid,
-                trans_type: global.trans_type.as_str(),
-                branch_id: &call.branch_id,
-                op: &call.op,
-                body: &call.body,
-                force_post: global.trans_type == TransType::Xa && matches!(call.target, Target::Branch(_)),
-                headers: &global.options.branch_headers,
-                timeout,
-            })
-            .await;
-        let label = match &outcome {
-            Outcome::Success => "success",
-            Outcome::Failure(_) => "failure",
-            Outcome::Ongoing(_) => "ongoing",
-            Outcome::Error(_) => "error",
-        };
-        self.metrics
-            .branch_calls
-            .get_or_create(&BranchLabels {
-                trans_type: global.trans_type.as_str().to_owned(),
-                op: call.op.clone(),
-                outcome: label.to_owned(),
-            })
-            .inc();
-        if let Outcome::Error(text) | Outcome::Failure(text) = &outcome {
-            debug!(gid = %global.gid, url = %call.url, op = %call.op, error = %text, "branch did not succeed");
-        }
-        outcome
     }
 
     fn record_finish(&self, global: &GlobalTrans, now: Millis) {
@@ -475,5 +376,67 @@ impl Coordinator {
                 warn!(%webhook, %error, "alert webhook failed");
             }
         });
+    }
+}
+
+/// Makes every step of a pass durable in the store, guarded by this process's lease.
+struct StoreSink<'a> {
+    store: &'a dyn Store,
+    owner: &'a str,
+    lease: Millis,
+    lease_until: Millis,
+}
+
+impl StoreSink<'_> {
+    fn guard(&self, global: &GlobalTrans) -> Guard {
+        Guard {
+            gid: global.gid.clone(),
+            owner: self.owner.to_owned(),
+            status: global.status,
+        }
+    }
+}
+
+impl PassSink for StoreSink<'_> {
+    type Error = SchedulerError;
+
+    async fn transition(
+        &mut self,
+        global: &GlobalTrans,
+        to: TransStatus,
+        reason: Option<&str>,
+        now: Millis,
+    ) -> Result<bool, SchedulerError> {
+        let mut change = StatusChange::new(&global.gid, global.status, to, now);
+        change.owner = Some(self.owner.to_owned());
+        change.rollback_reason = reason.map(str::to_owned);
+        Ok(self.store.change_status(&change).await?)
+    }
+
+    async fn before_calls(&mut self, global: &GlobalTrans, deadline: Millis, now: Millis) -> Result<bool, SchedulerError> {
+        // Keep the lease beyond the slowest call, with a margin, so nobody takes over mid-call.
+        let needed = deadline + 5_000;
+        if self.lease_until >= needed {
+            return Ok(true);
+        }
+        self.lease_until = needed.max(now + self.lease);
+        Ok(self.store.extend_lease(&self.guard(global), self.lease_until).await?)
+    }
+
+    async fn branches_updated(
+        &mut self,
+        global: &GlobalTrans,
+        updates: &[BranchUpdate],
+        now: Millis,
+    ) -> Result<bool, SchedulerError> {
+        Ok(self.store.update_branches(&self.guard(global), updates, now).await?)
+    }
+
+    async fn park(&mut self, global: &GlobalTrans, at: Millis, interval: i64, now: Millis) -> Result<bool, SchedulerError> {
+        Ok(self.store.release(&self.guard(global), at, interval, now).await?)
+    }
+
+    async fn reload_branches(&mut self, global: &GlobalTrans) -> Result<Option<Vec<Branch>>, SchedulerError> {
+        Ok(Some(self.store.branches(&global.gid).await?))
     }
 }

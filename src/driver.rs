@@ -1,0 +1,223 @@
+//! One processing pass over a transaction: the loop that joins the pure engine to branch calls.
+//!
+//! Where each step is made durable differs by front door: the DTM server writes every step to
+//! its store under a lease, the operator keeps the pass in memory and writes the resource's
+//! status once at the end. Both plug in through [`PassSink`].
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::future::join_all;
+use tracing::debug;
+
+use crate::engine::{self, BranchUpdate, Call, Outcome, Pass, Plan, Policy, Target};
+use crate::invoke::{BranchCall, Invoker};
+use crate::metrics::{BranchLabels, Metrics};
+use crate::model::{Branch, GlobalTrans, Millis, TransStatus, TransType};
+
+/// Where a pass's steps go. Every method may veto the rest of the pass by answering `false`
+/// (e.g. the lease was lost); the pass then stops without further calls.
+pub trait PassSink: Send {
+    /// Error of the sink (store or API failure).
+    type Error: Send;
+
+    /// The global status is about to change from `global.status` to `to`.
+    fn transition(
+        &mut self,
+        global: &GlobalTrans,
+        to: TransStatus,
+        reason: Option<&str>,
+        now: Millis,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+
+    /// Branches are about to be called; `deadline` is when the slowest call gives up.
+    fn before_calls(
+        &mut self,
+        global: &GlobalTrans,
+        deadline: Millis,
+        now: Millis,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+
+    /// Outcomes changed these branch rows.
+    fn branches_updated(
+        &mut self,
+        global: &GlobalTrans,
+        updates: &[BranchUpdate],
+        now: Millis,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+
+    /// A call was made (for attempt counters and error messages); synchronous, in call order.
+    fn call_made(&mut self, _call: &Call, _outcome: &Outcome, _now: Millis) {}
+
+    /// The pass is over and the transaction is unfinished: look again at `at`.
+    fn park(
+        &mut self,
+        global: &GlobalTrans,
+        at: Millis,
+        interval: i64,
+        now: Millis,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+
+    /// Rows to use after leaving `prepared` (registrations can no longer race); `None` keeps
+    /// the rows in memory.
+    fn reload_branches(
+        &mut self,
+        _global: &GlobalTrans,
+    ) -> impl Future<Output = Result<Option<Vec<Branch>>, Self::Error>> + Send {
+        async { Ok(None) }
+    }
+}
+
+/// What a pass needs besides the transaction.
+pub struct PassContext<'a> {
+    /// The shared HTTP client.
+    pub invoker: &'a Invoker,
+    /// Engine policy.
+    pub policy: &'a Policy,
+    /// Branch call timeout when the transaction sets none.
+    pub request_timeout: Duration,
+    /// Current time.
+    pub now: &'a (dyn Fn() -> Millis + Send + Sync),
+    /// Branch call counters.
+    pub metrics: &'a Metrics,
+}
+
+/// How a pass ended.
+#[derive(Debug, Clone)]
+pub struct PassResult {
+    /// The transaction as the pass left it.
+    pub global: GlobalTrans,
+    /// Its branch rows.
+    pub branches: Vec<Branch>,
+    /// False when the sink vetoed the pass (another writer moved the transaction).
+    pub completed: bool,
+    /// Last non-success outcome, for `wait_result` answers.
+    pub last_problem: Option<Outcome>,
+    /// The engine's memory of the pass (errors seen, for alerts).
+    pub pass: Pass,
+}
+
+/// Runs one pass: plan, call, absorb, until the engine parks or finishes the transaction.
+pub async fn run_pass<S: PassSink>(
+    mut global: GlobalTrans,
+    mut branches: Vec<Branch>,
+    context: &PassContext<'_>,
+    sink: &mut S,
+) -> Result<PassResult, S::Error> {
+    let mut pass = Pass::default();
+    let mut last_problem = None;
+    let completed = loop {
+        let now = (context.now)();
+        match engine::plan(&global, &branches, &pass, now, context.policy) {
+            Plan::Finished => break true,
+            Plan::Transition { to, reason } => {
+                if !sink.transition(&global, to, reason.as_deref(), now).await? {
+                    break false;
+                }
+                debug!(gid = %global.gid, from = %global.status, %to, "transition");
+                let left_prepared = global.status == TransStatus::Prepared;
+                global.status = to;
+                global.update_time = now;
+                if let Some(reason) = reason {
+                    global.rollback_reason = reason;
+                }
+                match to {
+                    TransStatus::Succeed => global.finish_time = Some(now),
+                    TransStatus::Failed => global.rollback_time = Some(now),
+                    _ => {}
+                }
+                if to.is_finished() {
+                    global.owner.clear();
+                    break true;
+                }
+                if left_prepared && let Some(fresh) = sink.reload_branches(&global).await? {
+                    branches = fresh;
+                }
+            }
+            Plan::Invoke(calls) => {
+                let timeout = request_timeout(&global, context.request_timeout);
+                if !sink
+                    .before_calls(&global, now + timeout.as_millis() as Millis, now)
+                    .await?
+                {
+                    break false;
+                }
+                let outcomes = join_all(calls.iter().map(|call| invoke(context, &global, call, timeout))).await;
+                let now = (context.now)();
+                let mut updates = Vec::new();
+                for (call, outcome) in calls.iter().zip(&outcomes) {
+                    sink.call_made(call, outcome, now);
+                    if !matches!(outcome, Outcome::Success) {
+                        last_problem = Some(outcome.clone());
+                    }
+                    if let Some(update) = engine::absorb(&global, &mut branches, &mut pass, call, outcome, now) {
+                        updates.push(update);
+                    }
+                }
+                if !updates.is_empty() && !sink.branches_updated(&global, &updates, now).await? {
+                    break false;
+                }
+            }
+            Plan::Park { at, interval } => {
+                if !sink.park(&global, at, interval, now).await? {
+                    break false;
+                }
+                global.owner.clear();
+                global.next_cron_time = at;
+                global.next_cron_interval = interval;
+                break true;
+            }
+        }
+    };
+    Ok(PassResult {
+        global,
+        branches,
+        completed,
+        last_problem,
+        pass,
+    })
+}
+
+/// The branch call timeout of a transaction.
+pub fn request_timeout(global: &GlobalTrans, default: Duration) -> Duration {
+    match global.options.request_timeout {
+        t if t > 0 => Duration::from_secs(t as u64),
+        _ => default,
+    }
+}
+
+async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, timeout: Duration) -> Outcome {
+    let outcome = context
+        .invoker
+        .call(BranchCall {
+            url: &call.url,
+            gid: &global.gid,
+            trans_type: global.trans_type.as_str(),
+            branch_id: &call.branch_id,
+            op: &call.op,
+            body: &call.body,
+            force_post: global.trans_type == TransType::Xa && matches!(call.target, Target::Branch(_)),
+            headers: &global.options.branch_headers,
+            timeout,
+        })
+        .await;
+    let label = match &outcome {
+        Outcome::Success => "success",
+        Outcome::Failure(_) => "failure",
+        Outcome::Ongoing(_) => "ongoing",
+        Outcome::Error(_) => "error",
+    };
+    context
+        .metrics
+        .branch_calls
+        .get_or_create(&BranchLabels {
+            trans_type: global.trans_type.as_str().to_owned(),
+            op: call.op.clone(),
+            outcome: label.to_owned(),
+        })
+        .inc();
+    if let Outcome::Error(text) | Outcome::Failure(text) = &outcome {
+        debug!(gid = %global.gid, url = %call.url, op = %call.op, error = %text, "branch did not succeed");
+    }
+    outcome
+}
