@@ -21,6 +21,18 @@ pub enum CliError {
     /// The server failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// A file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CRDs could not be rendered.
+    #[error("cannot render CRDs: {0}")]
+    Crd(#[from] serde_yaml::Error),
 }
 
 /// kubetx: distributed transactions (saga, TCC, 2-phase message, XA, workflow) with a
@@ -38,6 +50,13 @@ pub struct Cli {
 pub enum Command {
     /// Serve the DTM-compatible API on an embedded SQLite store.
     Serve(ServeArgs),
+    /// Print the CustomResourceDefinitions (YAML) of Saga, Tcc and Msg, or write one file per
+    /// CRD into a directory.
+    Crd {
+        /// Directory to write `<plural>.kubetx.io.yaml` files into, instead of printing.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// Flags of `serve`; each overrides the config file and has a `KUBETX_*` variable.
@@ -131,6 +150,17 @@ impl ServeArgs {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(&args.config()?).await,
+        Command::Crd { out_dir: None } => {
+            print!("{}", crate::operator::crd::crds_yaml()?);
+            Ok(())
+        }
+        Command::Crd { out_dir: Some(dir) } => {
+            for (name, yaml) in crate::operator::crd::crd_files()? {
+                let path = dir.join(name);
+                std::fs::write(&path, yaml).map_err(|source| CliError::Write { path, source })?;
+            }
+            Ok(())
+        }
     }
 }
 

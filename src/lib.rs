@@ -15,3 +15,4 @@ pub mod model;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod operator;

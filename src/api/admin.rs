@@ -161,6 +161,7 @@ pub(super) async fn subscribe(State(state): State<AppState>, Query(params): Para
         url: url.to_owned(),
         remark: params.get("remark").cloned().unwrap_or_default(),
     };
+    let _serialized = state.topic_writes.lock().await;
     let store = coordinator.store();
     for _ in 0..3 {
         let now = coordinator.now();
@@ -203,6 +204,7 @@ pub(super) async fn unsubscribe(State(state): State<AppState>, Query(params): Pa
     let coordinator = &state.coordinator;
     let topic = required(&params, "topic")?;
     let url = required(&params, "url")?;
+    let _serialized = state.topic_writes.lock().await;
     let store = coordinator.store();
     for _ in 0..3 {
         let entry = store

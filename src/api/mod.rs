@@ -107,6 +107,9 @@ pub struct ApiConfig {
 #[derive(Clone)]
 pub struct AppState {
     coordinator: Arc<Coordinator>,
+    /// Serializes topic writes of this process: concurrent subscribers would otherwise keep
+    /// losing the optimistic race to each other. The version check still guards other processes.
+    topic_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A JSON body parsed with precise errors: 413 over the limit, 400 for non-UTF-8 or bad JSON.
@@ -136,7 +139,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 
 /// Builds the router.
 pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
-    let state = AppState { coordinator };
+    let state = AppState {
+        coordinator,
+        topic_writes: Arc::default(),
+    };
     let dtm = Router::new()
         .route("/version", get(admin::version))
         .route("/newGid", get(admin::new_gid))
@@ -161,6 +167,12 @@ pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
         .nest("/api/dtmsvr", dtm)
         .route("/api/ping", any(|| async { Json(json!({"msg": "pong"})) }))
         .route("/api/metrics", get(metrics))
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(json!({"message": "method not allowed on this route"})),
+            )
+        })
         .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))

@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 
 use super::wire::{self, TransRequest, branch_request, check_url};
 use super::{ApiError, ApiResult, AppState, JsonBody, success};
-use crate::engine::{self, MsgCustom, MsgTarget, SagaOrders, SagaStep, WorkflowCustom};
+use crate::engine::{self, MsgTarget, SagaOrders, SagaStep, WorkflowCustom};
 use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, TransType};
 use crate::scheduler::{Coordinator, PassReport};
 use crate::store::{AddBranches, StatusChange};
@@ -37,6 +37,9 @@ pub(super) async fn prepare(State(state): State<AppState>, JsonBody(req): JsonBo
     }
     for _ in 0..RACE_RETRIES {
         match coordinator.store().find(gid).await? {
+            Some(existing) if existing.trans_type != trans_type => {
+                return Err(type_mismatch(gid, existing.trans_type, trans_type));
+            }
             Some(existing) if existing.status == TransStatus::Prepared => return success(),
             Some(existing) => {
                 return Err(ApiError::Failure(format!(
@@ -86,6 +89,9 @@ pub(super) async fn submit(State(state): State<AppState>, JsonBody(req): JsonBod
                     return drive(coordinator, gid, req.wait_result).await;
                 }
             }
+            Some(existing) if existing.trans_type != trans_type => {
+                return Err(type_mismatch(gid, existing.trans_type, trans_type));
+            }
             Some(existing) => match existing.status {
                 TransStatus::Prepared => {
                     let mut change = StatusChange::new(gid, TransStatus::Prepared, TransStatus::Submitted, now);
@@ -93,7 +99,7 @@ pub(super) async fn submit(State(state): State<AppState>, JsonBody(req): JsonBod
                     // A msg delay given only at submit must survive retries (DTM loses it).
                     let custom_data = req.custom_data();
                     if existing.trans_type == TransType::Msg && !custom_data.is_empty() {
-                        MsgCustom::parse(&custom_data).map_err(ApiError::BadRequest)?;
+                        wire::msg_custom(&custom_data)?;
                         change.custom_data = Some(custom_data);
                     }
                     if coordinator.store().change_status(&change).await? {
@@ -128,16 +134,21 @@ async fn drive(coordinator: &Arc<Coordinator>, gid: &str, wait_result: bool) -> 
     wait_answer(&report)
 }
 
+/// Runs the first rollback pass of an abort, like [`drive`].
+async fn drive_abort(coordinator: &Arc<Coordinator>, gid: &str, wait_result: bool) -> ApiResult {
+    if !wait_result {
+        coordinator.spawn_pass(gid.to_owned());
+        return success();
+    }
+    let report = coordinator.run_pass(gid).await?;
+    abort_answer(&report)
+}
+
 /// `wait_result` answer: SUCCESS once succeeded; FAILURE when it failed or is rolling back;
 /// ONGOING when it may still succeed (DTM answers FAILURE there too; see docs/compatibility.md).
 fn wait_answer(report: &PassReport) -> ApiResult {
     let global = &report.global;
-    let problem = match &report.last_problem {
-        Some(engine::Outcome::Error(text) | engine::Outcome::Ongoing(text) | engine::Outcome::Failure(text)) => {
-            format!(": {}", text.trim())
-        }
-        _ => String::new(),
-    };
+    let problem = problem_text(report);
     match global.status {
         TransStatus::Succeed => success(),
         TransStatus::Failed | TransStatus::Aborting => Err(ApiError::Failure(if global.rollback_reason.is_empty() {
@@ -150,6 +161,38 @@ fn wait_answer(report: &PassReport) -> ApiResult {
             global.gid
         ))),
     }
+}
+
+/// `wait_result` answer of an abort: SUCCESS once rolled back (as DTM answers), ONGOING while
+/// still rolling back.
+fn abort_answer(report: &PassReport) -> ApiResult {
+    let global = &report.global;
+    match global.status {
+        TransStatus::Failed => success(),
+        status => Err(ApiError::Ongoing(format!(
+            "transaction {} is still {status}{}",
+            global.gid,
+            problem_text(report)
+        ))),
+    }
+}
+
+/// `": <last branch problem>"`, or nothing when the pass saw none.
+fn problem_text(report: &PassReport) -> String {
+    match &report.last_problem {
+        Some(engine::Outcome::Error(text) | engine::Outcome::Ongoing(text) | engine::Outcome::Failure(text)) => {
+            format!(": {}", text.trim())
+        }
+        _ => String::new(),
+    }
+}
+
+/// A request naming another mode than the stored transaction's: refused, since acting on it
+/// would skip or strand the stored transaction's own phase two.
+fn type_mismatch(gid: &str, stored: TransType, requested: TransType) -> ApiError {
+    ApiError::Failure(format!(
+        "gid {gid} belongs to a {stored} transaction, not a {requested}"
+    ))
 }
 
 async fn submit_workflow(coordinator: &Arc<Coordinator>, req: &TransRequest) -> ApiResult {
@@ -168,6 +211,9 @@ async fn submit_workflow(coordinator: &Arc<Coordinator>, req: &TransRequest) -> 
         .find(gid)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no workflow with gid {gid}: call prepareWorkflow first")))?;
+    if existing.trans_type != TransType::Workflow {
+        return Err(type_mismatch(gid, existing.trans_type, TransType::Workflow));
+    }
     match existing.status {
         TransStatus::Prepared => {
             let mut change = StatusChange::new(gid, TransStatus::Prepared, wanted, coordinator.now());
@@ -188,6 +234,10 @@ pub(super) async fn abort(State(state): State<AppState>, JsonBody(req): JsonBody
     let coordinator = &state.coordinator;
     let gid = req.gid()?;
     let reason = Some(req.rollback_reason.clone()).filter(|r| !r.is_empty());
+    let requested = Some(req.trans_type.as_str())
+        .filter(|t| !t.is_empty())
+        .map(wire::parse_trans_type)
+        .transpose()?;
     for _ in 0..RACE_RETRIES {
         let now = coordinator.now();
         let existing = coordinator
@@ -195,6 +245,10 @@ pub(super) async fn abort(State(state): State<AppState>, JsonBody(req): JsonBody
             .find(gid)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no transaction with gid {gid}")))?;
+        if let Some(requested) = requested.filter(|&t| t != existing.trans_type) {
+            return Err(type_mismatch(gid, existing.trans_type, requested));
+        }
+        let wait_result = req.wait_result || existing.options.wait_result;
         match (existing.trans_type, existing.status) {
             (TransType::Msg, TransStatus::Prepared) => {
                 let mut change = StatusChange::new(gid, TransStatus::Prepared, TransStatus::Failed, now);
@@ -208,12 +262,12 @@ pub(super) async fn abort(State(state): State<AppState>, JsonBody(req): JsonBody
                 change.rollback_reason = reason.clone();
                 change.lease = Some(coordinator.lease(now));
                 if coordinator.store().change_status(&change).await? {
-                    return drive(coordinator, gid, req.wait_result).await;
+                    return drive_abort(coordinator, gid, wait_result).await;
                 }
             }
             (TransType::Tcc | TransType::Xa, TransStatus::Aborting) => {
                 if coordinator.store().claim(gid, &coordinator.lease(now), now).await? {
-                    return drive(coordinator, gid, req.wait_result).await;
+                    return drive_abort(coordinator, gid, wait_result).await;
                 }
                 return success();
             }
@@ -273,7 +327,8 @@ pub(super) async fn register_branch(
     }
     let now = coordinator.now();
     let data = field("data").as_bytes();
-    let rows = match wire::parse_trans_type(field("trans_type"))? {
+    let trans_type = wire::parse_trans_type(field("trans_type"))?;
+    let rows = match trans_type {
         TransType::Tcc => {
             check_url("confirm", field("confirm"))?;
             check_url("cancel", field("cancel"))?;
@@ -311,6 +366,13 @@ pub(super) async fn register_branch(
             )));
         }
     };
+    // The mode never changes, so this read cannot race: rows of another mode would never be
+    // driven by the stored transaction's phase two.
+    if let Some(existing) = coordinator.store().find(gid).await?
+        && existing.trans_type != trans_type
+    {
+        return Err(type_mismatch(gid, existing.trans_type, trans_type));
+    }
     match coordinator.store().add_branches(gid, &rows).await? {
         AddBranches::Added | AddBranches::AlreadyRegistered => success(),
         AddBranches::Conflict(message) => Err(ApiError::Failure(message)),
@@ -373,10 +435,7 @@ fn new_global(
                 .map_err(ApiError::BadRequest)?;
         }
         TransType::Msg => {
-            let custom = MsgCustom::parse(&custom_data).map_err(ApiError::BadRequest)?;
-            if custom.delay < 0 {
-                return Err(ApiError::BadRequest("msg delay must not be negative".to_owned()));
-            }
+            wire::msg_custom(&custom_data)?;
             check_url("query_prepared", &req.query_prepared)?;
         }
         TransType::Workflow => {
@@ -417,6 +476,8 @@ fn new_global(
     // A prepared transaction needs attention at its timeout (back-check or abort), or, for a
     // workflow, after one interval (resume).
     global.next_cron_time = match engine::timeout_seconds(&global, policy) {
+        // A workflow never times out: its timeout_to_fail must not postpone the first resume.
+        _ if trans_type == TransType::Workflow => now + global.next_cron_interval * 1000,
         0 => now + global.next_cron_interval * 1000,
         timeout => now + timeout * 1000,
     };

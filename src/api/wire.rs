@@ -9,7 +9,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::ApiError;
-use crate::engine::null_default;
+use axum::http::{HeaderName, HeaderValue};
+
+use crate::engine::{MsgCustom, null_default};
 use crate::model::{Branch, GlobalTrans, Millis, TransOptions, TransType};
 use crate::store::KvEntry;
 
@@ -89,13 +91,22 @@ impl TransRequest {
             ("timeout_to_fail", self.timeout_to_fail),
             ("retry_interval", self.retry_interval),
             ("request_timeout", self.request_timeout),
-            ("retry_limit", self.retry_limit),
         ] {
-            if value < 0 {
-                return Err(ApiError::BadRequest(format!(
-                    "{name} must not be negative, got {value}"
-                )));
-            }
+            check_seconds(name, value)?;
+        }
+        if self.retry_limit < 0 {
+            return Err(ApiError::BadRequest(format!(
+                "retry_limit must not be negative, got {}",
+                self.retry_limit
+            )));
+        }
+        // An invalid header would make every call of every branch fail, forever.
+        for (name, value) in &self.branch_headers {
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| ApiError::BadRequest(format!("branch_headers: {name:?} is not a valid header name")))?;
+            HeaderValue::from_str(value.as_deref().unwrap_or_default()).map_err(|_| {
+                ApiError::BadRequest(format!("branch_headers: the value of {name:?} is not a valid header value"))
+            })?;
         }
         Ok(TransOptions {
             wait_result: self.wait_result,
@@ -159,6 +170,30 @@ impl TransRequest {
     pub fn extra(&self, key: &str) -> String {
         self.req_extra.get(key).cloned().flatten().unwrap_or_default()
     }
+}
+
+/// Longest duration accepted in a request, in seconds (100 years): keeps every time computation
+/// (milliseconds since the epoch, doubled backoffs) far from overflowing.
+pub const MAX_SECONDS: i64 = 100 * 365 * 24 * 3600;
+
+/// Checks a duration in seconds: not negative, at most [`MAX_SECONDS`].
+pub fn check_seconds(name: &str, value: i64) -> Result<(), ApiError> {
+    if value < 0 {
+        return Err(ApiError::BadRequest(format!("{name} must not be negative, got {value}")));
+    }
+    if value > MAX_SECONDS {
+        return Err(ApiError::BadRequest(format!(
+            "{name} must be at most {MAX_SECONDS} seconds, got {value}"
+        )));
+    }
+    Ok(())
+}
+
+/// A msg's `custom_data`, checked.
+pub fn msg_custom(custom_data: &str) -> Result<MsgCustom, ApiError> {
+    let custom = MsgCustom::parse(custom_data).map_err(ApiError::BadRequest)?;
+    check_seconds("msg delay", custom.delay)?;
+    Ok(custom)
 }
 
 fn string_field(fields: &Map<String, Value>, key: &str, index: usize) -> Result<String, ApiError> {

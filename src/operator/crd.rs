@@ -1,0 +1,438 @@
+//! Custom resources: `Saga`, `Tcc` and `Msg` in `kubetx.io/v1alpha1`.
+//!
+//! The YAML under `crds/` is generated from these types (`kubetx crd`); a test fails when the
+//! committed files drift. Validation lives in the schema and in CEL rules so that `kubectl apply`
+//! rejects a bad manifest with a precise message; what CEL cannot express (a cycle in
+//! `dependsOn`) the controller checks.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// API group of every kind.
+pub const GROUP: &str = "kubetx.io";
+/// API version of every kind.
+pub const VERSION: &str = "v1alpha1";
+
+/// Any JSON value, kept as it is by the API server.
+fn any_json(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "x-kubernetes-preserve-unknown-fields": true })
+}
+
+/// Where a branch operation is called: a URL, or a Service in the cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.url) != has(self.service)").message("give exactly one of url or service"))]
+pub struct Endpoint {
+    /// Full http or https URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("url must start with http:// or https://"))]
+    pub url: Option<String>,
+    /// A Service, called at `http://<name>.<namespace>.svc:<port><path>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
+}
+
+/// A Kubernetes Service and the path to call on it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRef {
+    /// Service name.
+    pub name: String,
+    /// Namespace; the resource's own when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Port; 80 when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
+    /// Path, starting with `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// An HTTP header sent on every branch call, inline or from a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.value) != has(self.valueFrom)").message("give exactly one of value or valueFrom"))]
+pub struct Header {
+    /// Header name.
+    pub name: String,
+    /// Inline value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Value read from a Secret in the resource's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<HeaderSource>,
+}
+
+/// Where a header value comes from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderSource {
+    /// A key of a Secret.
+    pub secret_key_ref: SecretKeyRef,
+}
+
+/// A key of a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    pub name: String,
+    /// Key inside the Secret.
+    pub key: String,
+}
+
+/// Timeouts and retries shared by every kind. Durations in seconds.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransactionOptions {
+    /// Give up after this long: a saga compensates, a Tcc cancels, a prepared Msg is back-checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub timeout_seconds: Option<i64>,
+    /// Timeout of each branch call (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub call_timeout_seconds: Option<i64>,
+    /// First retry interval; doubled after every failed attempt (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub retry_interval_seconds: Option<i64>,
+    /// Cap of the retry interval (default: the controller's, 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_retry_interval_seconds: Option<i64>,
+    /// Saga: immediate retries of an action whose outcome is unknown before compensating.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub retry_limit: Option<i64>,
+}
+
+/// One saga step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SagaStep {
+    /// Unique name of the step.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Forward operation.
+    pub action: Endpoint,
+    /// Undo operation, called in reverse order on rollback; none means nothing to undo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensate: Option<Endpoint>,
+    /// JSON body of both calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_json")]
+    pub payload: Option<Value>,
+    /// Steps that must succeed first. Any `dependsOn` makes the saga a DAG: steps without
+    /// dependencies start at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+}
+
+/// A saga: steps in order (or as a DAG with `dependsOn`), compensated in reverse on failure.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kubetx.io",
+    version = "v1alpha1",
+    kind = "Saga",
+    namespaced,
+    status = "TransactionStatus",
+    shortname = "sg",
+    category = "kubetx",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Retries","type":"integer","jsonPath":".status.retries"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":0}"#,
+    validation = kube::core::Rule::new("self.spec == oldSelf.spec").message("spec is immutable once the saga exists: create a new Saga instead")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.steps.all(s, self.steps.exists_one(t, t.name == s.name))").message("step names must be unique"))]
+#[x_kube(validation = kube::core::Rule::new("self.steps.all(s, !has(s.dependsOn) || s.dependsOn.all(d, self.steps.exists(t, t.name == d)))").message("dependsOn must name steps of this saga"))]
+pub struct SagaSpec {
+    /// The steps.
+    #[schemars(length(min = 1, max = 100))]
+    pub steps: Vec<SagaStep>,
+    /// Headers sent on every call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<Header>,
+    /// Timeouts and retries.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub options: TransactionOptions,
+    /// Delete the resource this long after it finished (default: the controller's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+}
+
+/// One TCC branch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TccBranch {
+    /// Unique name of the branch.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Reserve resources.
+    #[serde(rename = "try")]
+    pub try_: Endpoint,
+    /// Use the reservation; called on every branch once all tries succeeded.
+    pub confirm: Endpoint,
+    /// Release the reservation; called on every branch when a try failed or timed out.
+    pub cancel: Endpoint,
+    /// JSON body of all three calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_json")]
+    pub payload: Option<Value>,
+}
+
+/// A TCC transaction: the controller calls try on every branch, then confirm on all or cancel
+/// on all.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kubetx.io",
+    version = "v1alpha1",
+    kind = "Tcc",
+    namespaced,
+    status = "TransactionStatus",
+    shortname = "tcc",
+    category = "kubetx",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Retries","type":"integer","jsonPath":".status.retries"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":0}"#,
+    validation = kube::core::Rule::new("self.spec == oldSelf.spec").message("spec is immutable once the transaction exists: create a new Tcc instead")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.branches.all(b, self.branches.exists_one(o, o.name == b.name))").message("branch names must be unique"))]
+pub struct TccSpec {
+    /// The branches, tried in order; confirmed or cancelled last to first.
+    #[schemars(length(min = 1, max = 100))]
+    pub branches: Vec<TccBranch>,
+    /// Headers sent on every call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<Header>,
+    /// Timeouts and retries.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub options: TransactionOptions,
+    /// Delete the resource this long after it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+}
+
+/// One message destination.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MsgStep {
+    /// Unique name of the step.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Endpoint that receives the message.
+    pub action: Endpoint,
+    /// JSON body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_json")]
+    pub payload: Option<Value>,
+}
+
+/// A 2-phase message: once submitted, every step is delivered until it succeeds. Created with
+/// `submitted: false` before a local transaction, it waits for the owner to set `submitted`; if
+/// that never happens, the controller asks `queryPrepared` after the timeout.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kubetx.io",
+    version = "v1alpha1",
+    kind = "Msg",
+    namespaced,
+    status = "TransactionStatus",
+    shortname = "msg",
+    category = "kubetx",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Retries","type":"integer","jsonPath":".status.retries"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":0}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.steps.all(s, self.steps.exists_one(t, t.name == s.name))").message("step names must be unique"))]
+#[x_kube(validation = kube::core::Rule::new("self.submitted || has(self.queryPrepared)").message("a msg that is not submitted needs queryPrepared for the back-check"))]
+#[x_kube(validation = kube::core::Rule::new("!oldSelf.submitted || self.submitted").message("a submitted msg cannot be un-submitted"))]
+pub struct MsgSpec {
+    /// Destinations, delivered in order (or all at once with `concurrent`).
+    #[schemars(length(min = 1, max = 100))]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("steps are immutable"))]
+    pub steps: Vec<MsgStep>,
+    /// False while the owner's local transaction runs; set it to true to deliver.
+    #[serde(default = "default_true")]
+    pub submitted: bool,
+    /// Back-check endpoint: SUCCESS delivers, FAILURE drops the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("queryPrepared is immutable"))]
+    pub query_prepared: Option<Endpoint>,
+    /// Deliver no earlier than this long after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub delay_seconds: Option<i64>,
+    /// Deliver to all steps at once.
+    #[serde(default)]
+    pub concurrent: bool,
+    /// Headers sent on every call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<Header>,
+    /// Timeouts and retries (`timeoutSeconds`: when an unsubmitted msg is back-checked).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub options: TransactionOptions,
+    /// Delete the resource this long after it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+/// Lifecycle phase shown by `kubectl get`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// A Msg waiting for `submitted` (or its back-check).
+    Prepared,
+    /// Forward operations run (saga actions, tcc tries and confirms, msg deliveries).
+    Running,
+    /// Undo operations run (saga compensations, tcc cancels).
+    Compensating,
+    /// Done: every forward operation succeeded.
+    Succeeded,
+    /// Done: rolled back, refused by the back-check, or rejected as invalid.
+    Failed,
+}
+
+impl Phase {
+    /// True for the final phases.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+}
+
+/// State of one branch operation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BranchState {
+    /// Step or branch name.
+    pub name: String,
+    /// DTM branch id ("01", "02", ...), sent as `branch_id`.
+    pub branch_id: String,
+    /// Operation: action, compensate, try, confirm, cancel.
+    pub op: String,
+    /// prepared (not done or unknown), succeed, failed.
+    pub state: String,
+    /// Calls made so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Last error, shortened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When it finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+/// A condition, keyed by type.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready` (finished successfully), `Progressing` or `Failed`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    /// PascalCase reason.
+    pub reason: String,
+    /// Human-readable detail.
+    #[serde(default)]
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    pub last_transition_time: String,
+    /// Generation the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Status of every kind: the transaction's state, kept by the controller.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransactionStatus {
+    /// Lifecycle phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Transaction id, sent to branches as `gid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<String>,
+    /// Forward operations done over their total, e.g. `1/2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// Failed attempts so far, all branches together.
+    #[serde(default)]
+    pub retries: u32,
+    /// One entry per branch operation, in call order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub branches: Vec<BranchState>,
+    /// Conditions, keyed by type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Next retry (RFC 3339), while unfinished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_time: Option<String>,
+    /// Current retry interval in seconds (grows with backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_interval_seconds: Option<i64>,
+    /// When processing started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// When it finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_time: Option<String>,
+    /// Why it failed, or what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Every CRD, in a stable order.
+pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
+    use kube::CustomResourceExt;
+    vec![Saga::crd(), Tcc::crd(), Msg::crd()]
+}
+
+/// Each CRD as `(file name, YAML)`, the layout of the committed `crds/` directory.
+pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
+    all_crds()
+        .into_iter()
+        .map(|crd| {
+            let name = format!("{}.yaml", crd.metadata.name.clone().unwrap_or_default());
+            Ok((name, serde_yaml::to_string(&crd)?))
+        })
+        .collect()
+}
+
+/// The CRDs as one multi-document YAML stream (what `kubetx crd` prints).
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    let mut out = String::new();
+    for (_, yaml) in crd_files()? {
+        out.push_str("---\n");
+        out.push_str(&yaml);
+    }
+    Ok(out)
+}
