@@ -7,7 +7,16 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use std::time::Duration;
+
 use crate::config::{Config, ConfigError, LogFormat};
+use crate::invoke::Invoker;
+use crate::metrics::Metrics;
+use crate::operator::leader::LeaderConfig;
+use crate::operator::outbound::AllowList;
+use crate::operator::reconcile::ReconcileConfig;
+use crate::operator::{DEFAULT_LEASE_DURATION, Operator, OperatorConfig, health};
+use crate::scheduler::Clock;
 use crate::scheduler::SystemClock;
 use crate::server::{ServeError, Server, shutdown_signal};
 use crate::store::Synchronous;
@@ -30,6 +39,12 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// The Kubernetes client could not be configured.
+    #[error("cannot reach Kubernetes: {0}")]
+    Kube(#[source] Box<kube::Error>),
+    /// The operator stopped with an error.
+    #[error(transparent)]
+    Operator(#[from] crate::operator::OperatorError),
     /// The CRDs could not be rendered.
     #[error("cannot render CRDs: {0}")]
     Crd(#[from] serde_yaml::Error),
@@ -47,9 +62,13 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Serve the DTM-compatible API on an embedded SQLite store.
     Serve(ServeArgs),
+    /// Run the Kubernetes operator (Saga, Tcc and Msg controllers) and the DTM API beside it.
+    Operator(OperatorArgs),
     /// Print the CustomResourceDefinitions (YAML) of Saga, Tcc and Msg, or write one file per
     /// CRD into a directory.
     Crd {
@@ -112,6 +131,48 @@ pub struct ServeArgs {
     pub log_format: Option<LogFormat>,
 }
 
+/// Flags of `operator`.
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    /// Settings of the DTM API that runs beside the controllers.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Namespaces to watch (comma-separated); all when empty.
+    #[arg(long, env = "KUBETX_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+    /// Elect a leader among replicas through a Lease.
+    #[arg(long, env = "KUBETX_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the leader Lease.
+    #[arg(long, env = "KUBETX_LEASE_NAME", default_value = "kubetx-operator")]
+    pub lease_name: String,
+    /// Namespace of the leader Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's identity in the election.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "KUBETX_HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
+    pub health_listen: String,
+    /// Extra hosts branches may be called on (`name` or `*.suffix`; comma-separated). Cluster
+    /// services are always allowed.
+    #[arg(long, env = "KUBETX_ALLOW_HOSTS", value_delimiter = ',')]
+    pub allow_hosts: Vec<String>,
+    /// Address ranges branches may be called on (comma-separated CIDRs).
+    #[arg(long, env = "KUBETX_ALLOW_CIDRS", value_delimiter = ',')]
+    pub allow_cidrs: Vec<String>,
+    /// Seconds to keep finished resources that set no ttlSecondsAfterFinished.
+    #[arg(long, env = "KUBETX_DEFAULT_TTL")]
+    pub default_ttl: Option<i64>,
+    /// Resources reconciled at once per kind.
+    #[arg(long, env = "KUBETX_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: u16,
+    /// DNS suffix of Service endpoints.
+    #[arg(long, env = "KUBETX_SERVICE_DOMAIN", default_value = "svc")]
+    pub service_domain: String,
+}
+
 impl ServeArgs {
     /// Defaults, then the file, then these flags.
     pub fn config(&self) -> Result<Config, ConfigError> {
@@ -150,6 +211,7 @@ impl ServeArgs {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(&args.config()?).await,
+        Command::Operator(args) => operator(&args).await,
         Command::Crd { out_dir: None } => {
             print!("{}", crate::operator::crd::crds_yaml()?);
             Ok(())
@@ -170,6 +232,61 @@ async fn serve(config: &Config) -> Result<(), CliError> {
     shutdown_signal().await;
     server.stop().await?;
     Ok(())
+}
+
+async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
+    let config = args.serve.config()?;
+    init_logging(&config.log_level, config.log_format);
+    let metrics = Arc::new(Metrics::new());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let server = Server::start_with_metrics(&config, Arc::clone(&clock), true, Arc::clone(&metrics)).await?;
+    let client = kube::Client::try_default().await.map_err(|e| CliError::Kube(Box::new(e)))?;
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("kubetx-{:08x}", rand::random::<u32>()));
+    let allow_list = AllowList::new(&args.allow_hosts, &args.allow_cidrs).map_err(|e| CliError::Config(ConfigError::Invalid(e)))?;
+    let operator_config = OperatorConfig {
+        namespaces: args.namespaces.iter().filter(|n| !n.is_empty()).cloned().collect(),
+        leader: args.leader_election.then(|| LeaderConfig {
+            lease_name: args.lease_name.clone(),
+            namespace: args.lease_namespace.clone(),
+            identity: identity.clone(),
+            lease_duration: DEFAULT_LEASE_DURATION,
+        }),
+        reconcile: ReconcileConfig {
+            policy: config.scheduler().policy,
+            request_timeout: Duration::from_secs(config.request_timeout),
+            allow_list,
+            default_ttl: args.default_ttl,
+            service_domain: args.service_domain.clone(),
+        },
+        concurrency: args.concurrency,
+        reporter: identity,
+    };
+    let invoker = Invoker::new().map_err(|e| CliError::Serve(e.into()))?;
+    let operator = Operator::start(client, operator_config, clock, Arc::clone(&metrics), invoker);
+    let health = health::router(Arc::clone(&operator.health), metrics);
+    let listener = tokio::net::TcpListener::bind(&args.health_listen)
+        .await
+        .map_err(|source| CliError::Serve(ServeError::Bind { addr: args.health_listen.clone(), source }))?;
+    let stop = operator.shutdown_token();
+    let probes = tokio::spawn(async move {
+        axum::serve(listener, health)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    let token = operator.shutdown_token();
+    tokio::select! {
+        _ = shutdown_signal() => token.cancel(),
+        _ = token.cancelled() => {}
+    }
+    let result = operator.stop().await;
+    // The probes stop with the operator's token; their own error matters less than its.
+    let _ = probes.await;
+    server.stop().await?;
+    result.map_err(CliError::Operator)
 }
 
 fn init_logging(level: &str, format: LogFormat) {

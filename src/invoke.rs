@@ -84,9 +84,20 @@ impl Invoker {
             ])
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .timeout(call.timeout);
+        // `branch_headers` replace the defaults (a custom content-type is not sent twice).
+        let mut headers = reqwest::header::HeaderMap::new();
         for (name, value) in call.headers {
-            request = request.header(name.as_str(), value.as_str());
+            match (
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+                reqwest::header::HeaderValue::from_str(value),
+            ) {
+                (Ok(name), Ok(value)) => {
+                    headers.insert(name, value);
+                }
+                _ => return Outcome::Error(format!("invalid branch header {name:?}")),
+            }
         }
+        request = request.headers(headers);
         if !call.body.is_empty() {
             request = request.body(call.body.to_vec());
         }

@@ -42,6 +42,22 @@ pub struct BranchLabels {
     pub outcome: String,
 }
 
+/// Labels of an operator metric.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// Resource kind (`Saga`, `Tcc`, `Msg`).
+    pub kind: String,
+}
+
+/// Labels of a failed reconcile.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// Resource kind.
+    pub kind: String,
+    /// Error category.
+    pub error: String,
+}
+
 /// All metrics of one process.
 #[derive(Debug)]
 pub struct Metrics {
@@ -62,6 +78,14 @@ pub struct Metrics {
     pub leases_lost: Counter,
     /// Alert webhooks sent.
     pub alerts: Counter,
+    /// Operator reconcile passes by kind.
+    pub reconciles: Family<KindLabels, Counter>,
+    /// Operator reconciles that failed, by kind and error category.
+    pub reconcile_failures: Family<FailureLabels, Counter>,
+    /// Status writes by kind.
+    pub status_writes: Family<KindLabels, Counter>,
+    /// Status writes skipped because nothing changed.
+    pub status_skips: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -86,6 +110,10 @@ impl Metrics {
         let passes = Counter::default();
         let leases_lost = Counter::default();
         let alerts = Counter::default();
+        let reconciles = Family::<KindLabels, Counter>::default();
+        let reconcile_failures = Family::<FailureLabels, Counter>::default();
+        let status_writes = Family::<KindLabels, Counter>::default();
+        let status_skips = Family::<KindLabels, Counter>::default();
         registry.register(
             "api_requests",
             "DTM API requests by route and status code",
@@ -118,6 +146,18 @@ impl Metrics {
             leases_lost.clone(),
         );
         registry.register("alerts", "Alert webhooks sent", alerts.clone());
+        registry.register("reconciles", "Operator reconcile passes by kind", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Operator reconciles that failed, by kind and error",
+            reconcile_failures.clone(),
+        );
+        registry.register("status_writes", "Resource status writes", status_writes.clone());
+        registry.register(
+            "status_skips",
+            "Resource status writes skipped because nothing changed",
+            status_skips.clone(),
+        );
         Metrics {
             registry,
             api_requests,
@@ -128,6 +168,10 @@ impl Metrics {
             passes,
             leases_lost,
             alerts,
+            reconciles,
+            reconcile_failures,
+            status_writes,
+            status_skips,
         }
     }
 

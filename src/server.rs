@@ -58,9 +58,18 @@ impl Server {
     /// Opens the store, binds the API and starts the scheduler loop (unless `run_scheduler` is
     /// false: tests then call [`Coordinator::tick`] themselves).
     pub async fn start(config: &Config, clock: Arc<dyn Clock>, run_scheduler: bool) -> Result<Self, ServeError> {
+        Self::start_with_metrics(config, clock, run_scheduler, Arc::new(Metrics::new())).await
+    }
+
+    /// Like [`Server::start`], recording into `metrics` (shared with the operator).
+    pub async fn start_with_metrics(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        run_scheduler: bool,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ServeError> {
         config.validate()?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.sqlite.path, config.sqlite.synchronous).await?);
-        let metrics = Arc::new(Metrics::new());
         let coordinator = Arc::new(Coordinator::new(
             store,
             Invoker::new()?,

@@ -584,6 +584,21 @@ async fn invalid_branch_headers_are_refused() {
             400,
             "invalid JSON body",
         ),
+        // Framing headers would cut or garble every body sent to the branches.
+        case(
+            "content-length header",
+            "submit",
+            saga("hdr-5", json!({"Content-Length": "1"})),
+            400,
+            "cannot be set",
+        ),
+        case(
+            "transfer-encoding header",
+            "submit",
+            saga("hdr-6", json!({"transfer-encoding": "chunked"})),
+            400,
+            "cannot be set",
+        ),
     ];
     run_cases(&ts, cases).await;
     // Valid headers still work and reach the branch.
@@ -596,6 +611,23 @@ async fn invalid_branch_headers_are_refused() {
     ts.wait_status("hdr-ok", "succeed").await;
     let call = bank.calls().into_iter().find(|c| c.gid == "hdr-ok").expect("called");
     assert_eq!(call.headers.get("x-trace").and_then(|v| v.to_str().ok()), Some("abc"));
+    assert_eq!(call.body, "{\"amount\":30}");
+    // A custom content-type replaces the default instead of being sent twice (as Go's client does).
+    assert_eq!(
+        ts.post("submit", saga("hdr-ctype", json!({"Content-Type": "text/plain"})))
+            .await
+            .0,
+        200
+    );
+    ts.wait_status("hdr-ctype", "succeed").await;
+    let call = bank.calls().into_iter().find(|c| c.gid == "hdr-ctype").expect("called");
+    let types: Vec<&str> = call
+        .headers
+        .get_all("content-type")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert_eq!(types, ["text/plain"]);
     others_untouched(&ts, &bank, &before).await;
 }
 
@@ -871,10 +903,8 @@ async fn bodies_over_the_configured_limit_get_413() {
     ts.wait_status("fits", "succeed").await;
 
     // Without a Content-Length (chunked) the limit holds as well.
-    let request = format!(
-        "POST /api/dtmsvr/submit HTTP/1.1\r\nhost: kubetx\r\ncontent-type: application/json\r\n\
-         transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
-    );
+    let request = "POST /api/dtmsvr/submit HTTP/1.1\r\nhost: kubetx\r\ncontent-type: application/json\r\n\
+         transfer-encoding: chunked\r\nconnection: close\r\n\r\n";
     let mut stream = tokio::net::TcpStream::connect(ts.server.addr).await.expect("connect");
     stream.write_all(request.as_bytes()).await.expect("write head");
     let chunk = format!(

@@ -595,3 +595,20 @@ async fn failing_alert_webhook_does_not_break_processing() {
     assert_eq!(server.advance_and_tick(41).await, 1);
     assert_eq!(server.state("msg-alert-err").await, state(S, &[S, S]));
 }
+
+#[tokio::test]
+async fn msg_branch_headers_reach_the_back_check_and_the_branches() {
+    let (server, bank) = (TestServer::start().await, Bank::start().await);
+    let body = with(
+        transfer_msg("msg-headers", &bank),
+        json!({"branch_headers": {"X-Request-Id": "r-1"}}),
+    );
+    server.post("prepare", body).await;
+    assert_eq!(server.advance_and_tick(36).await, 1);
+    assert_eq!(server.state("msg-headers").await, state(S, &[S, S]));
+    let calls = bank.calls_for("msg-headers");
+    assert_eq!(calls.len(), 3);
+    for call in &calls {
+        assert_eq!(call.headers["x-request-id"], "r-1", "{}", call.route);
+    }
+}

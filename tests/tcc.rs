@@ -502,3 +502,27 @@ async fn tcc_requests_naming_another_mode_are_refused() {
         .await;
     assert_eq!(server.wait_status("tcc-mode", S).await, state(S, &[P, S, P, S]));
 }
+
+#[tokio::test]
+async fn tcc_submitted_never_times_out_into_a_rollback() {
+    let (server, bank) = (TestServer::start().await, Bank::start().await);
+    bank.script("TransInConfirm", &[Reply::Error; 3]);
+    prepare_transfer(&server, &bank, "tcc-late-confirm", json!({})).await;
+    server
+        .post("submit", json!({"gid": "tcc-late-confirm", "trans_type": "tcc"}))
+        .await;
+    assert_eq!(server.wait_parked("tcc-late-confirm").await["status"], "submitted");
+    // Well past the 35 s timeout: a committed tcc keeps confirming, it never cancels.
+    for seconds in [21, 41, 81] {
+        assert_eq!(server.advance_and_tick(seconds).await, 1);
+    }
+    assert_eq!(server.state("tcc-late-confirm").await, state(S, &[P, S, P, S]));
+    assert!(bank.routes("tcc-late-confirm").iter().all(|r| r.ends_with("Confirm")));
+    assert!(
+        server
+            .transaction("tcc-late-confirm")
+            .await
+            .get("rollback_reason")
+            .is_none()
+    );
+}

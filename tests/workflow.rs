@@ -346,7 +346,7 @@ async fn other_modes_cannot_submit_or_prepare_a_workflow_gid() {
     assert_eq!(server.state("wf-mode").await, ("prepared".to_owned(), vec![]));
     // And a workflow submit cannot finish a msg.
     let prepared_msg = json!({
-        "gid": "msg-not-wf", "trans_type": "msg",
+        "gid": "msg-not-wf", "trans_type": "msg", "query_prepared": bank.url("QueryPrepared"),
         "steps": [{"action": bank.url("Notify")}], "payloads": ["{}"],
     });
     server.post("prepare", prepared_msg).await;

@@ -37,7 +37,7 @@ pub(super) async fn prepare(State(state): State<AppState>, JsonBody(req): JsonBo
     }
     for _ in 0..RACE_RETRIES {
         match coordinator.store().find(gid).await? {
-            Some(existing) if existing.trans_type != trans_type => {
+            Some(existing) if existing.trans_type != trans_type && !existing.status.is_finished() => {
                 return Err(type_mismatch(gid, existing.trans_type, trans_type));
             }
             Some(existing) if existing.status == TransStatus::Prepared => return success(),
@@ -89,7 +89,7 @@ pub(super) async fn submit(State(state): State<AppState>, JsonBody(req): JsonBod
                     return drive(coordinator, gid, req.wait_result).await;
                 }
             }
-            Some(existing) if existing.trans_type != trans_type => {
+            Some(existing) if existing.trans_type != trans_type && !existing.status.is_finished() => {
                 return Err(type_mismatch(gid, existing.trans_type, trans_type));
             }
             Some(existing) => match existing.status {
@@ -187,8 +187,9 @@ fn problem_text(report: &PassReport) -> String {
     }
 }
 
-/// A request naming another mode than the stored transaction's: refused, since acting on it
-/// would skip or strand the stored transaction's own phase two.
+/// A request naming another mode than the stored unfinished transaction's: refused, since acting
+/// on it would skip or strand the stored transaction's own phase two. (A finished one gets DTM's
+/// status message instead.)
 fn type_mismatch(gid: &str, stored: TransType, requested: TransType) -> ApiError {
     ApiError::Failure(format!(
         "gid {gid} belongs to a {stored} transaction, not a {requested}"
@@ -245,7 +246,7 @@ pub(super) async fn abort(State(state): State<AppState>, JsonBody(req): JsonBody
             .find(gid)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no transaction with gid {gid}")))?;
-        if let Some(requested) = requested.filter(|&t| t != existing.trans_type) {
+        if let Some(requested) = requested.filter(|&t| t != existing.trans_type && !existing.status.is_finished()) {
             return Err(type_mismatch(gid, existing.trans_type, requested));
         }
         let wait_result = req.wait_result || existing.options.wait_result;
@@ -370,6 +371,7 @@ pub(super) async fn register_branch(
     // driven by the stored transaction's phase two.
     if let Some(existing) = coordinator.store().find(gid).await?
         && existing.trans_type != trans_type
+        && !existing.status.is_finished()
     {
         return Err(type_mismatch(gid, existing.trans_type, trans_type));
     }
@@ -437,6 +439,12 @@ fn new_global(
         TransType::Msg => {
             wire::msg_custom(&custom_data)?;
             check_url("query_prepared", &req.query_prepared)?;
+            // Without a back-check a prepared msg would be delivered blindly at its timeout.
+            if status == TransStatus::Prepared && req.query_prepared.is_empty() {
+                return Err(ApiError::BadRequest(
+                    "a prepared msg needs query_prepared, the back-check called if it is never submitted".to_owned(),
+                ));
+            }
         }
         TransType::Workflow => {
             let custom = WorkflowCustom::parse(&custom_data).map_err(ApiError::BadRequest)?;

@@ -100,8 +100,14 @@ impl TransRequest {
                 self.retry_limit
             )));
         }
-        // An invalid header would make every call of every branch fail, forever.
+        // An invalid header would make every call of every branch fail, forever; a framing
+        // header would cut or garble every body (Go's DTM ignores those, the way net/http does).
         for (name, value) in &self.branch_headers {
+            if name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("transfer-encoding") {
+                return Err(ApiError::BadRequest(format!(
+                    "branch_headers: {name:?} is derived from the payload and cannot be set"
+                )));
+            }
             HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| ApiError::BadRequest(format!("branch_headers: {name:?} is not a valid header name")))?;
             HeaderValue::from_str(value.as_deref().unwrap_or_default()).map_err(|_| {

@@ -104,6 +104,23 @@ pub fn tcc_branches(gid: &str, branch_id: &str, confirm: &str, cancel: &str, dat
     ]
 }
 
+/// Rows of one branch of a `Tcc` resource, whose tries the controller runs: `try`, `cancel`,
+/// `confirm`.
+pub fn tcc_resource_branches(
+    gid: &str,
+    branch_id: &str,
+    endpoints: [&str; 3],
+    data: &[u8],
+    now: Millis,
+) -> Vec<Branch> {
+    let [try_url, confirm, cancel] = endpoints;
+    vec![
+        Branch::new(gid, branch_id, op::TRY, try_url, data.to_vec(), now),
+        Branch::new(gid, branch_id, op::CANCEL, cancel, data.to_vec(), now),
+        Branch::new(gid, branch_id, op::CONFIRM, confirm, data.to_vec(), now),
+    ]
+}
+
 /// XA rows of one registered branch: `rollback` then `commit`, both to the phase-2 URL.
 pub fn xa_branches(gid: &str, branch_id: &str, url: &str, data: &[u8], now: Millis) -> Vec<Branch> {
     vec![

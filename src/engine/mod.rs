@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 
 pub use layout::{
     MsgCustom, MsgTarget, SagaOrders, SagaStep, WorkflowCustom, msg_branches, null_default, saga_branches,
-    tcc_branches, xa_branches,
+    tcc_branches, tcc_resource_branches, xa_branches,
 };
 
 use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, TransType, op};
@@ -202,7 +202,8 @@ pub fn absorb(
         }
         Target::Branch(index) => {
             let row = branches.get_mut(index)?;
-            let terminal_failure = global.trans_type == TransType::Saga && row.op == op::ACTION;
+            // FAILURE is final for a saga action and for a try (the resource's TCC runs its own tries).
+            let terminal_failure = (global.trans_type == TransType::Saga && row.op == op::ACTION) || row.op == op::TRY;
             let new_status = match outcome {
                 Outcome::Success => {
                     pass.saw_success = true;

@@ -306,7 +306,9 @@ fn is_default<T: Default + PartialEq>(value: &T) -> bool {
 pub enum Phase {
     /// A Msg waiting for `submitted` (or its back-check).
     Prepared,
-    /// Forward operations run (saga actions, tcc tries and confirms, msg deliveries).
+    /// A Tcc calling try on its branches.
+    Trying,
+    /// Forward operations run (saga actions, tcc confirms, msg deliveries).
     Running,
     /// Undo operations run (saga compensations, tcc cancels).
     Compensating,
