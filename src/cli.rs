@@ -69,6 +69,12 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run the Kubernetes operator (Saga, Tcc and Msg controllers) and the DTM API beside it.
     Operator(OperatorArgs),
+    /// Run the demo bank service the examples call.
+    Bank {
+        /// Address to listen on.
+        #[arg(long, env = "BANK_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: String,
+    },
     /// Print the CustomResourceDefinitions (YAML) of Saga, Tcc and Msg, or write one file per
     /// CRD into a directory.
     Crd {
@@ -212,6 +218,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(&args.config()?).await,
         Command::Operator(args) => operator(&args).await,
+        Command::Bank { listen } => {
+            init_logging("info", LogFormat::Text);
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .map_err(|source| CliError::Serve(ServeError::Bind { addr: listen.clone(), source }))?;
+            tracing::info!(%listen, "demo bank serving");
+            axum::serve(listener, crate::bank::router())
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .map_err(|e| CliError::Serve(ServeError::Http(e)))
+        }
         Command::Crd { out_dir: None } => {
             print!("{}", crate::operator::crd::crds_yaml()?);
             Ok(())

@@ -5,6 +5,7 @@
 //! branches; [`store`] persists; [`scheduler`] drives; [`api`] serves HTTP.
 
 pub mod api;
+pub mod bank;
 pub mod cli;
 pub mod config;
 pub mod driver;

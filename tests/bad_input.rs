@@ -848,6 +848,11 @@ async fn bad_query_parameters_get_400() {
         ("all?createTimeStart=yesterday", "createTimeStart must be an integer"),
         ("scanKV?cat=topics&position=x", "position must be an integer"),
         ("resetCronTime?timeout=soon", "timeout must be an integer"),
+        ("resetCronTime?timeout=9223372036854775807", "timeout must be at most"),
+        (
+            "resetCronTime?timeout=99999999999999999999",
+            "timeout must be an integer",
+        ),
     ] {
         let (code, body) = ts.get(route).await;
         assert_envelope(route, code, &body, 400, message);
@@ -952,4 +957,39 @@ async fn the_default_limit_accepts_900_kib_and_refuses_over_1_mib() {
     let (code, reply) = ts.post("submit", body).await;
     assert_envelope("over 1 MiB", code, &reply, 413, "larger than the configured limit");
     assert_eq!(ts.transaction("big-no").await, Value::Null);
+}
+
+/// Odd but valid gids (spaces, URL syntax, non-ASCII) round-trip: the branch receives them
+/// intact in its query string, and `/query` finds them.
+#[tokio::test]
+async fn odd_but_valid_gids_work() {
+    let ts = TestServer::start().await;
+    let bank = Bank::start().await;
+    for gid in [
+        "a b&c=d/e?f#g",
+        "100%;DROP TABLE",
+        "ü-日本-🙂",
+        "'\"<>\\",
+        &"x".repeat(128),
+    ] {
+        let (code, body) = ts.post("submit", transfer_saga(gid, &bank)).await;
+        assert_eq!(code, 200, "{gid}: {body}");
+        let query = format!("query?gid={}", urlencode(gid));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (code, body) = ts.get(&query).await;
+            assert_eq!(code, 200, "{gid}: {body}");
+            assert_eq!(body["transaction"]["gid"], gid, "{body}");
+            if body["transaction"]["status"] == "succeed" {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{gid} did not succeed: {body}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let calls: Vec<_> = bank.calls().into_iter().filter(|c| c.gid == gid).collect();
+        assert_eq!(calls.len(), 2, "{gid}: the branches received the gid intact");
+        let (code, page) = ts.get(&format!("all?gid={}", urlencode(gid))).await;
+        assert_eq!(code, 200);
+        assert_eq!(page["transactions"][0]["gid"], gid);
+    }
 }

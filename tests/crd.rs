@@ -129,3 +129,35 @@ fn tcc_branch_names_are_unique() {
     .expect("tcc parses");
     assert!(rejection(validate_cel_update(&tcc, &tcc)).contains("branch names must be unique"));
 }
+
+#[test]
+fn example_manifests_are_valid_resources() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("readable");
+        let value: Value = serde_yaml::from_str(&text).expect("valid YAML");
+        let result = match value["kind"].as_str() {
+            Some("Saga") => {
+                let saga: Saga = serde_json::from_value(value).expect("a Saga");
+                validate_cel_update(&saga, &saga)
+            }
+            Some("Tcc") => {
+                let tcc: Tcc = serde_json::from_value(value).expect("a Tcc");
+                validate_cel_update(&tcc, &tcc)
+            }
+            Some("Msg") => {
+                let msg: Msg = serde_json::from_value(value).expect("a Msg");
+                validate_cel_update(&msg, &msg)
+            }
+            other => panic!("{}: unexpected kind {other:?}", path.display()),
+        };
+        assert!(result.is_ok(), "{}: {result:?}", path.display());
+        checked += 1;
+    }
+    assert_eq!(checked, 5);
+}

@@ -107,6 +107,7 @@ pub(super) async fn reset_cron_time(State(state): State<AppState>, Query(params)
     if limit < 1 || timeout < 0 {
         return Err(ApiError::BadRequest("timeout must be >= 0 and limit >= 1".to_owned()));
     }
+    wire::check_seconds("timeout", timeout)?;
     let now = coordinator.now();
     let count = coordinator
         .store()

@@ -2066,3 +2066,60 @@ fn saga_orders_listing_a_step_twice_are_rejected() {
     let orders = SagaOrders::parse(r#"{"concurrent":true,"orders":{"1":[0],"01":[0]}}"#).unwrap();
     assert_eq!(orders.validate(2), Err("saga orders: step 1 is listed twice".to_owned()));
 }
+
+/// A `Tcc` resource's rows: the controller runs the tries itself.
+fn tcc_resource(count: usize) -> Tx {
+    let rows = (0..count)
+        .flat_map(|i| {
+            let id = branch_id_for(i);
+            let urls = [
+                format!("http://busi/try{}", i + 1),
+                format!("http://busi/confirm{}", i + 1),
+                format!("http://busi/cancel{}", i + 1),
+            ];
+            tcc_resource_branches(GID, &id, [&urls[0], &urls[1], &urls[2]], b"{}", T0)
+        })
+        .collect();
+    Tx::new(TransType::Tcc, TransStatus::Prepared, rows)
+}
+
+#[test]
+fn tcc_resource_tries_in_order_then_decides_to_confirm() {
+    let mut tx = tcc_resource(2);
+    let log = tx.run(T0);
+    assert_eq!(
+        log.calls(),
+        vec![vec!["try:01"], vec!["try:02"], vec!["confirm:02"], vec!["confirm:01"]]
+    );
+    assert_eq!(log.transitions, vec![(TransStatus::Submitted, None), (TransStatus::Succeed, None)]);
+    assert_eq!(tx.statuses(), vec![S, P, S, S, P, S]);
+}
+
+#[test]
+fn tcc_resource_try_failure_cancels_only_the_branches_tried() {
+    let mut tx = tcc_resource(3);
+    tx.script.queue("02", op::TRY, [failure()]);
+    let log = tx.run(T0);
+    assert_eq!(
+        log.calls(),
+        vec![vec!["try:01"], vec!["try:02"], vec!["cancel:02"], vec!["cancel:01"]]
+    );
+    assert_eq!(log.transitions[0].0, TransStatus::Aborting);
+    assert!(log.transitions[0].1.as_deref().unwrap_or_default().contains("FAILURE"));
+    assert_eq!(tx.global.status, TransStatus::Failed);
+    assert_eq!(tx.statuses(), vec![S, S, P, F, S, P, P, P, P]);
+}
+
+#[test]
+fn tcc_resource_try_error_is_retried_until_the_timeout_cancels() {
+    let mut tx = tcc_resource(2);
+    tx.global.options.timeout_to_fail = 60;
+    tx.script.always("02", op::TRY, error());
+    let log = tx.run(T0);
+    assert_eq!(log.calls(), vec![vec!["try:01"], vec!["try:02"]]);
+    assert_eq!(tx.global.status, TransStatus::Prepared);
+    let log = tx.run(T0 + 60 * SEC);
+    assert_eq!(log.calls(), vec![vec!["cancel:02"], vec!["cancel:01"]]);
+    assert_eq!(tx.global.status, TransStatus::Failed);
+    assert_eq!(tx.global.rollback_reason, "Timeout after 60 seconds");
+}
