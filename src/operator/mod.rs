@@ -91,6 +91,7 @@ impl Operator {
             recorder,
             config: config.reconcile.clone(),
             clock: Arc::clone(&clock),
+            written: Default::default(),
         });
         let task = tokio::spawn(run(client, config, context, clock, Arc::clone(&health), shutdown.clone()));
         Operator { health, shutdown, task }

@@ -7,7 +7,7 @@
 //! already taken: after a crash, the forward calls made since the last write are made again,
 //! which branches tolerate (every call may arrive more than once).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +50,9 @@ pub enum ReconcileError {
     /// A header's Secret or key is missing.
     #[error("{0}")]
     Secret(String),
+    /// A bug: a patch this code built is malformed.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ReconcileError {
@@ -59,6 +62,7 @@ impl ReconcileError {
             ReconcileError::Kube(_) => "kube",
             ReconcileError::Timeout => "timeout",
             ReconcileError::Secret(_) => "secret",
+            ReconcileError::Internal(_) => "internal",
         }
     }
 }
@@ -105,6 +109,38 @@ pub struct Context {
     pub config: ReconcileConfig,
     /// Time source.
     pub clock: Arc<dyn Clock>,
+    /// What this controller last wrote, per object.
+    pub written: Written,
+}
+
+/// What this controller last wrote per object (by uid). The watch cache a reconcile starts from
+/// can lag behind our own writes; acting on a stale status would repeat a decision already taken
+/// (or worse, undo one), so until the cache catches up the last written state wins.
+#[derive(Debug, Default)]
+pub struct Written(std::sync::Mutex<HashMap<String, (TransactionStatus, bool)>>);
+
+impl Written {
+    /// The status and finalizer presence to act on.
+    fn view<K: Transactional>(&self, obj: &K) -> (TransactionStatus, bool) {
+        let cached = (obj.tx_status().cloned().unwrap_or_default(), has_finalizer(obj));
+        let uid = obj.meta().uid.clone().unwrap_or_default();
+        let mut memo = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match memo.get(&uid) {
+            Some(written) if *written != cached => written.clone(),
+            Some(_) => {
+                // The cache caught up.
+                memo.remove(&uid);
+                cached
+            }
+            None => cached,
+        }
+    }
+
+    fn record<K: Resource>(&self, obj: &K, status: &TransactionStatus, finalizer: bool) {
+        let uid = obj.meta().uid.clone().unwrap_or_default();
+        let mut memo = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        memo.insert(uid, (status.clone(), finalizer));
+    }
 }
 
 /// Reconciles one resource of any transactional kind.
@@ -115,12 +151,13 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
         .inc();
     let now = ctx.clock.now();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    let old = obj.tx_status().cloned().unwrap_or_default();
+    let (old, finalizer) = ctx.written.view(&*obj);
     let deleting = obj.meta().deletion_timestamp.is_some();
 
     if old.phase.is_some_and(Phase::is_finished) {
-        if deleting || has_finalizer(&*obj) {
+        if finalizer {
             remove_finalizer(&api, &*obj).await?;
+            ctx.written.record(&*obj, &old, false);
         }
         return expire(&api, &*obj, &old, &ctx, now).await;
     }
@@ -197,14 +234,18 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
         now,
     );
     let finished = global.status.is_finished();
-    if !finished && !has_finalizer(&*obj) && !deleting {
+    let mut finalizer = finalizer;
+    if !finished && !finalizer && !deleting {
         add_finalizer(&api, &*obj).await?;
+        finalizer = true;
     }
     write_status(&api, &*obj, &old, &status, &ctx).await?;
+    ctx.written.record(&*obj, &status, finalizer);
     publish_transition(&*obj, old_phase, &global, &ctx).await;
     if finished {
-        if has_finalizer(&*obj) {
+        if finalizer {
             remove_finalizer(&api, &*obj).await?;
+            ctx.written.record(&*obj, &status, false);
         }
         return expire(&api, &*obj, &status, &ctx, now).await;
     }
@@ -372,7 +413,7 @@ async fn reject<K: Transactional>(
     message: &str,
     now: Millis,
 ) -> Result<Action, ReconcileError> {
-    let old = obj.tx_status().cloned().unwrap_or_default();
+    let (old, finalizer) = ctx.written.view(&**obj);
     let mut status = TransactionStatus {
         phase: Some(Phase::Failed),
         message: Some(message.to_owned()),
@@ -393,10 +434,11 @@ async fn reject<K: Transactional>(
         last_transition_time: time_text(now),
         observed_generation: obj.meta().generation,
     }];
-    if has_finalizer(&**obj) {
+    if finalizer {
         remove_finalizer(api, &**obj).await?;
     }
     let changed = write_status(api, &**obj, &old, &status, ctx).await?;
+    ctx.written.record(&**obj, &status, false);
     if changed {
         publish(&**obj, ctx, EventType::Warning, reason, message).await;
     }
@@ -412,7 +454,7 @@ async fn write_status<K: Transactional>(
     ctx: &Context,
 ) -> Result<bool, ReconcileError> {
     let labels = KindLabels { kind: K::KIND.to_owned() };
-    if obj.tx_status().is_some() && old == status {
+    if old.phase.is_some() && old == status {
         ctx.metrics.status_skips.get_or_create(&labels).inc();
         return Ok(false);
     }
@@ -431,23 +473,38 @@ fn has_finalizer<K: Resource>(obj: &K) -> bool {
 }
 
 async fn add_finalizer<K: Transactional>(api: &Api<K>, obj: &K) -> Result<(), ReconcileError> {
-    let mut finalizers = obj.finalizers().to_vec();
-    finalizers.push(FINALIZER.to_owned());
-    patch_finalizers(api, obj, finalizers).await
+    // JSON patch with a `test`: fails (and is retried) rather than overwrite a list that changed.
+    let patch = if obj.finalizers().is_empty() {
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    } else {
+        json!([{"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}])
+    };
+    patch_json(api, &obj.name_any(), patch).await
 }
 
 async fn remove_finalizer<K: Transactional>(api: &Api<K>, obj: &K) -> Result<(), ReconcileError> {
-    let finalizers: Vec<String> = obj.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
-    if finalizers.len() == obj.finalizers().len() {
+    // The cached object may not show our finalizer yet: read the current list.
+    let Some(current) = timed(api.get_opt(&obj.name_any())).await? else {
         return Ok(());
-    }
-    patch_finalizers(api, obj, finalizers).await
+    };
+    let Some(index) = current.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
+    let path = format!("/metadata/finalizers/{index}");
+    let patch = json!([
+        {"op": "test", "path": path, "value": FINALIZER},
+        {"op": "remove", "path": path},
+    ]);
+    patch_json(api, &obj.name_any(), patch).await
 }
 
-async fn patch_finalizers<K: Transactional>(api: &Api<K>, obj: &K, finalizers: Vec<String>) -> Result<(), ReconcileError> {
-    // The resourceVersion makes this a compare-and-swap: a concurrent change means a retry.
-    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}});
-    match timed(api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch))).await {
+async fn patch_json<K: Transactional>(api: &Api<K>, name: &str, patch: serde_json::Value) -> Result<(), ReconcileError> {
+    let patch: json_patch::Patch =
+        serde_json::from_value(patch).map_err(|e| ReconcileError::Internal(format!("bad patch: {e}")))?;
+    match timed(api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))).await {
         Err(ReconcileError::Kube(error)) if matches!(&*error, kube::Error::Api(s) if s.code == 404) => Ok(()),
         other => other.map(|_| ()),
     }

@@ -1,0 +1,551 @@
+//! The real controllers (kube::Client, kube-runtime) against an in-process Kubernetes API double
+//! speaking the real HTTP API, with real HTTP branch services on 127.0.0.1.
+
+mod common;
+mod kube_double;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Bank, Reply};
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use kube_double::{KubeDouble, ResourceKind};
+use kubetx::engine::Policy;
+use kubetx::invoke::Invoker;
+use kubetx::metrics::Metrics;
+use kubetx::operator::crd::{Msg, Saga, Tcc};
+use kubetx::operator::leader::LeaderConfig;
+use kubetx::operator::outbound::AllowList;
+use kubetx::operator::reconcile::{FINALIZER, ReconcileConfig};
+use kubetx::operator::{Operator, OperatorConfig};
+use kubetx::scheduler::{Clock, OffsetClock};
+use serde_json::{Value, json};
+
+const NS: &str = "default";
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Env {
+    double: KubeDouble,
+    bank: Bank,
+    clock: Arc<OffsetClock>,
+    metrics: Arc<Metrics>,
+}
+
+impl Env {
+    async fn new() -> Self {
+        let double = KubeDouble::start(&[
+            ResourceKind::of_crd::<Saga>(),
+            ResourceKind::of_crd::<Tcc>(),
+            ResourceKind::of_crd::<Msg>(),
+        ])
+        .await;
+        Env {
+            double,
+            bank: Bank::start().await,
+            clock: Arc::new(OffsetClock::default()),
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    fn config(&self) -> OperatorConfig {
+        OperatorConfig {
+            namespaces: vec![],
+            leader: None,
+            reconcile: ReconcileConfig {
+                policy: Policy {
+                    retry_interval: 1,
+                    max_retry_interval: 4,
+                    timeout_to_fail: 35,
+                },
+                request_timeout: Duration::from_secs(2),
+                allow_list: AllowList::new(&[], &["127.0.0.0/8".to_owned()]).expect("valid"),
+                default_ttl: None,
+                service_domain: "svc".to_owned(),
+            },
+            concurrency: 8,
+            reporter: "test".to_owned(),
+        }
+    }
+
+    fn start(&self) -> Operator {
+        self.start_with(self.config())
+    }
+
+    fn start_with(&self, config: OperatorConfig) -> Operator {
+        let clock: Arc<dyn Clock> = self.clock.clone();
+        Operator::start(
+            self.double.client(),
+            config,
+            clock,
+            Arc::clone(&self.metrics),
+            Invoker::new().expect("client"),
+        )
+    }
+
+    fn url(&self, route: &str) -> Value {
+        json!({"url": self.bank.url(route)})
+    }
+
+    fn transfer(&self, name: &str, trans_in: &str) -> Value {
+        json!({
+            "apiVersion": "kubetx.io/v1alpha1", "kind": "Saga",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {
+                "steps": [
+                    {"name": "out", "action": self.url("TransOut"), "compensate": self.url("TransOutRevert"),
+                     "payload": {"amount": 30}},
+                    {"name": "in", "action": self.url(trans_in), "compensate": self.url("TransInRevert"),
+                     "payload": {"amount": 30}},
+                ],
+                "options": {"retryIntervalSeconds": 1},
+            },
+        })
+    }
+
+    async fn create(&self, plural: &str, obj: Value) {
+        let api: Api<kube::core::DynamicObject> = Api::namespaced_with(
+            self.double.client(),
+            NS,
+            &self.double.kind(plural).api_resource(),
+        );
+        let obj: kube::core::DynamicObject = serde_json::from_value(obj).expect("object");
+        api.create(&PostParams::default(), &obj).await.expect("created");
+    }
+
+    async fn wait_phase(&self, plural: &str, name: &str, phase: &str) -> Value {
+        let found = self
+            .double
+            .wait_for(plural, NS, name, WAIT, |o| o.is_some_and(|o| o["status"]["phase"] == phase))
+            .await;
+        found.unwrap_or_else(|e| panic!("{e}")).expect("object exists")
+    }
+
+    /// Event reasons, once at least `count` were recorded.
+    async fn event_reasons(&self, count: usize) -> Vec<String> {
+        self.double
+            .wait_until(WAIT, |d| (d.events().len() >= count).then_some(()))
+            .await
+            .expect("events recorded");
+        self.double.events().iter().filter_map(|e| e.reason.clone()).collect()
+    }
+
+    async fn wait_no_finalizer(&self, plural: &str, name: &str) {
+        self.double
+            .wait_for(plural, NS, name, WAIT, |o| {
+                o.is_some_and(|o| o["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty()))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn branch_states(obj: &Value) -> Vec<(String, String, String)> {
+        obj["status"]["branches"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                (
+                    b["name"].as_str().unwrap_or("").to_owned(),
+                    b["op"].as_str().unwrap_or("").to_owned(),
+                    b["state"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn rows(expected: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    expected
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_two_step_saga_succeeds_within_four_api_writes() {
+    let env = Env::new().await;
+    let operator = env.start();
+    env.create("sagas", env.transfer("ok", "TransIn")).await;
+    let saga = env.wait_phase("sagas", "ok", "Succeeded").await;
+    assert_eq!(saga["status"]["progress"], "2/2");
+    assert_eq!(
+        Env::branch_states(&saga),
+        rows(&[
+            ("out", "compensate", "prepared"),
+            ("out", "action", "succeed"),
+            ("in", "compensate", "prepared"),
+            ("in", "action", "succeed"),
+        ])
+    );
+    let gid = saga["status"]["gid"].as_str().expect("gid").to_owned();
+    assert_eq!(env.bank.routes(&gid), ["TransOut", "TransIn"]);
+    let ready = saga["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready").cloned())
+        .expect("Ready condition");
+    assert_eq!(ready["status"], "True");
+    // Let the controller settle, then count every write: create, status, event.
+    env.double
+        .wait_until(WAIT, |d| (!d.events().is_empty()).then_some(()))
+        .await
+        .expect("a Succeeded event");
+    operator.stop().await.expect("stops");
+    let writes = env.double.writes();
+    assert!(writes.len() <= 4, "{} writes: {writes:#?}", writes.len());
+    let events = env.double.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].reason.as_deref(), Some("Succeeded"));
+}
+
+#[tokio::test]
+async fn a_failing_step_compensates_the_completed_ones() {
+    let env = Env::new().await;
+    let operator = env.start();
+    env.bank.script("TransIn", &[Reply::Failure]);
+    env.create("sagas", env.transfer("rollback", "TransIn")).await;
+    let saga = env.wait_phase("sagas", "rollback", "Failed").await;
+    assert_eq!(
+        Env::branch_states(&saga),
+        rows(&[
+            ("out", "compensate", "succeed"),
+            ("out", "action", "succeed"),
+            ("in", "compensate", "succeed"),
+            ("in", "action", "failed"),
+        ])
+    );
+    let gid = saga["status"]["gid"].as_str().expect("gid");
+    assert_eq!(
+        env.bank.routes(gid),
+        ["TransOut", "TransIn", "TransInRevert", "TransOutRevert"]
+    );
+    let message = saga["status"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("business refused"), "{message}");
+    let reasons = env.event_reasons(2).await;
+    assert_eq!(reasons, ["RollingBack", "Failed"]);
+    env.wait_no_finalizer("sagas", "rollback").await;
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn a_branch_error_is_retried_with_backoff_and_counted() {
+    let env = Env::new().await;
+    let operator = env.start();
+    env.bank.script("TransIn", &[Reply::Error, Reply::Error]);
+    env.create("sagas", env.transfer("flaky", "TransIn")).await;
+    let running = env
+        .double
+        .wait_for("sagas", NS, "flaky", WAIT, |o| {
+            o.is_some_and(|o| o["status"]["retries"].as_u64() == Some(1))
+        })
+        .await
+        .expect("first retry recorded")
+        .expect("exists");
+    assert_eq!(running["status"]["phase"], "Running");
+    assert_eq!(running["status"]["retryIntervalSeconds"], 2, "the interval doubled");
+    assert!(running["metadata"]["finalizers"].as_array().is_some_and(|f| f.iter().any(|f| f == FINALIZER)));
+    let message = running["status"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("retrying in action") && message.contains("database is down"), "{message}");
+    let saga = env.wait_phase("sagas", "flaky", "Succeeded").await;
+    let trans_in = saga["status"]["branches"][3].clone();
+    assert_eq!((trans_in["op"].clone(), trans_in["attempts"].clone()), (json!("action"), json!(3)));
+    assert_eq!(saga["status"]["retries"], 2);
+    env.wait_no_finalizer("sagas", "flaky").await;
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn a_concurrent_saga_follows_its_dag() {
+    let env = Env::new().await;
+    let operator = env.start();
+    let step = |name: &str, depends: &[&str]| {
+        json!({"name": name, "action": env.url(&format!("A-{name}")), "compensate": env.url(&format!("C-{name}")),
+               "dependsOn": depends})
+    };
+    env.create(
+        "sagas",
+        json!({
+            "apiVersion": "kubetx.io/v1alpha1", "kind": "Saga",
+            "metadata": {"name": "dag", "namespace": NS},
+            "spec": {"steps": [step("a", &[]), step("b", &[]), step("c", &["a", "b"])]},
+        }),
+    )
+    .await;
+    let saga = env.wait_phase("sagas", "dag", "Succeeded").await;
+    let routes = env.bank.routes(saga["status"]["gid"].as_str().expect("gid"));
+    assert_eq!(routes.len(), 3);
+    assert_eq!(routes[2], "A-c", "{routes:?}");
+    operator.stop().await.expect("stops");
+}
+
+fn tcc(env: &Env, name: &str) -> Value {
+    let branch = |n: &str| {
+        json!({"name": n, "try": env.url(&format!("{n}Try")), "confirm": env.url(&format!("{n}Confirm")),
+               "cancel": env.url(&format!("{n}Cancel")), "payload": {"amount": 5}})
+    };
+    json!({
+        "apiVersion": "kubetx.io/v1alpha1", "kind": "Tcc",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"branches": [branch("Out"), branch("In")], "options": {"retryIntervalSeconds": 1}},
+    })
+}
+
+#[tokio::test]
+async fn a_tcc_tries_every_branch_then_confirms_all() {
+    let env = Env::new().await;
+    let operator = env.start();
+    env.create("tccs", tcc(&env, "tcc-ok")).await;
+    let obj = env.wait_phase("tccs", "tcc-ok", "Succeeded").await;
+    let gid = obj["status"]["gid"].as_str().expect("gid");
+    assert_eq!(env.bank.routes(gid), ["OutTry", "InTry", "InConfirm", "OutConfirm"]);
+    assert_eq!(obj["status"]["progress"], "4/4");
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn a_tcc_whose_try_fails_cancels_every_branch_it_tried() {
+    let env = Env::new().await;
+    let operator = env.start();
+    env.bank.script("InTry", &[Reply::Failure]);
+    env.create("tccs", tcc(&env, "tcc-cancel")).await;
+    let obj = env.wait_phase("tccs", "tcc-cancel", "Failed").await;
+    let gid = obj["status"]["gid"].as_str().expect("gid");
+    assert_eq!(env.bank.routes(gid), ["OutTry", "InTry", "InCancel", "OutCancel"]);
+    operator.stop().await.expect("stops");
+}
+
+fn msg(env: &Env, name: &str, submitted: bool) -> Value {
+    msg_checked_at(env, name, submitted, "QueryPrepared")
+}
+
+fn msg_checked_at(env: &Env, name: &str, submitted: bool, query_route: &str) -> Value {
+    json!({
+        "apiVersion": "kubetx.io/v1alpha1", "kind": "Msg",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "submitted": submitted,
+            "queryPrepared": env.url(query_route),
+            "steps": [{"name": "notify", "action": env.url("Notify"), "payload": {"n": 1}}],
+            "options": {"timeoutSeconds": 30, "retryIntervalSeconds": 1},
+        },
+    })
+}
+
+#[tokio::test]
+async fn a_msg_is_delivered_once_its_owner_submits_it() {
+    let env = Env::new().await;
+    let operator = env.start();
+    env.create("msgs", msg(&env, "m-submit", false)).await;
+    let prepared = env.wait_phase("msgs", "m-submit", "Prepared").await;
+    let gid = prepared["status"]["gid"].as_str().expect("gid").to_owned();
+    assert!(env.bank.routes(&gid).is_empty(), "nothing before submit");
+    env.double
+        .patch_json("msgs", NS, "m-submit", json!({"spec": {"submitted": true}}))
+        .expect("patched");
+    env.wait_phase("msgs", "m-submit", "Succeeded").await;
+    assert_eq!(env.bank.routes(&gid), ["Notify"]);
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn an_unsubmitted_msg_is_back_checked_after_its_timeout() {
+    let env = Env::new().await;
+    let operator = env.start();
+    env.bank.script("QueryRolledBack", &[Reply::Failure]);
+    env.create("msgs", msg_checked_at(&env, "m-dropped", false, "QueryRolledBack")).await;
+    env.create("msgs", msg(&env, "m-checked", false)).await;
+    env.wait_phase("msgs", "m-dropped", "Prepared").await;
+    env.wait_phase("msgs", "m-checked", "Prepared").await;
+    env.clock.advance(Duration::from_secs(31));
+    // The controller requeued for the real deadline; a touch makes it look again now.
+    for name in ["m-dropped", "m-checked"] {
+        env.double
+            .patch_json("msgs", NS, name, json!({"metadata": {"annotations": {"poke": "1"}}}))
+            .expect("patched");
+    }
+    let dropped = env.wait_phase("msgs", "m-dropped", "Failed").await;
+    let checked = env.wait_phase("msgs", "m-checked", "Succeeded").await;
+    let dropped_gid = dropped["status"]["gid"].as_str().expect("gid");
+    let checked_gid = checked["status"]["gid"].as_str().expect("gid");
+    assert_eq!(env.bank.routes(dropped_gid), ["QueryRolledBack"]);
+    assert_eq!(env.bank.routes(checked_gid), ["QueryPrepared", "Notify"]);
+    let check = env.bank.calls().into_iter().find(|c| c.gid == checked_gid).expect("back-check");
+    assert_eq!((check.branch_id.as_str(), check.op.as_str()), ("00", "msg"));
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn deleting_a_running_saga_compensates_it_first() {
+    let env = Env::new().await;
+    let operator = env.start();
+    env.bank.script("TransIn", &[Reply::Ongoing; 50]);
+    env.create("sagas", env.transfer("doomed", "TransIn")).await;
+    let running = env
+        .double
+        .wait_for("sagas", NS, "doomed", WAIT, |o| {
+            o.is_some_and(|o| {
+                o["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty()) && o["status"]["gid"].is_string()
+            })
+        })
+        .await
+        .expect("finalizer added")
+        .expect("exists");
+    let gid = running["status"]["gid"].as_str().expect("gid").to_owned();
+    let api: Api<Saga> = Api::namespaced(env.double.client(), NS);
+    api.delete("doomed", &DeleteParams::default()).await.expect("delete accepted");
+    env.double
+        .wait_for("sagas", NS, "doomed", WAIT, |o| o.is_none())
+        .await
+        .expect("deleted after compensating");
+    let routes = env.bank.routes(&gid);
+    assert!(routes.ends_with(&["TransInRevert".to_owned(), "TransOutRevert".to_owned()]), "{routes:?}");
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn finished_resources_are_deleted_after_their_ttl() {
+    let env = Env::new().await;
+    let operator = env.start();
+    let mut saga = env.transfer("short-lived", "TransIn");
+    saga["spec"]["ttlSecondsAfterFinished"] = json!(1);
+    env.create("sagas", saga).await;
+    env.wait_phase("sagas", "short-lived", "Succeeded").await;
+    env.double
+        .wait_for("sagas", NS, "short-lived", WAIT, |o| o.is_none())
+        .await
+        .expect("deleted by TTL");
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn an_invalid_spec_fails_with_a_precise_message() {
+    let env = Env::new().await;
+    let operator = env.start();
+    let step = |name: &str, depends: &str| {
+        json!({"name": name, "action": env.url("A"), "dependsOn": [depends]})
+    };
+    env.create(
+        "sagas",
+        json!({
+            "apiVersion": "kubetx.io/v1alpha1", "kind": "Saga",
+            "metadata": {"name": "cycle", "namespace": NS},
+            "spec": {"steps": [step("a", "b"), step("b", "a")]},
+        }),
+    )
+    .await;
+    let saga = env.wait_phase("sagas", "cycle", "Failed").await;
+    assert_eq!(saga["status"]["message"], "invalid spec: dependsOn contains a cycle");
+    assert!(env.bank.calls().is_empty());
+    // The API server (the double evaluating the CRD's CEL rules) rejects what CEL can express.
+    let api: Api<Saga> = Api::namespaced(env.double.client(), NS);
+    let duplicate: Saga = serde_json::from_value(json!({
+        "apiVersion": "kubetx.io/v1alpha1", "kind": "Saga",
+        "metadata": {"name": "dup", "namespace": NS},
+        "spec": {"steps": [{"name": "a", "action": env.url("A")}, {"name": "a", "action": env.url("A")}]},
+    }))
+    .expect("saga");
+    let error = api.create(&PostParams::default(), &duplicate).await.expect_err("rejected");
+    assert!(error.to_string().contains("step names must be unique"), "{error}");
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn a_branch_host_outside_the_allow_list_is_refused() {
+    let env = Env::new().await;
+    let operator = env.start();
+    let mut saga = env.transfer("metadata", "TransIn");
+    saga["spec"]["steps"][1]["action"] = json!({"url": "http://169.254.169.254/latest/meta-data"});
+    env.create("sagas", saga).await;
+    let saga = env.wait_phase("sagas", "metadata", "Failed").await;
+    let message = saga["status"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("endpoint refused:") && message.contains("metadata"), "{message}");
+    assert!(env.bank.calls().is_empty(), "no branch was called");
+    assert_eq!(env.event_reasons(1).await, ["EndpointRefused"]);
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn headers_come_from_secrets() {
+    let env = Env::new().await;
+    env.double.create_secret(NS, "bank-token", &[("token", "Bearer s3cret")]);
+    let operator = env.start();
+    let mut saga = env.transfer("with-secret", "TransIn");
+    saga["spec"]["headers"] = json!([
+        {"name": "authorization", "valueFrom": {"secretKeyRef": {"name": "bank-token", "key": "token"}}},
+        {"name": "x-tenant", "value": "blue"},
+    ]);
+    env.create("sagas", saga).await;
+    let saga = env.wait_phase("sagas", "with-secret", "Succeeded").await;
+    let gid = saga["status"]["gid"].as_str().expect("gid");
+    for call in env.bank.calls().iter().filter(|c| c.gid == gid) {
+        assert_eq!(call.headers["authorization"], "Bearer s3cret");
+        assert_eq!(call.headers["x-tenant"], "blue");
+    }
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn a_restarted_controller_resumes_a_saga_in_the_middle() {
+    let env = Env::new().await;
+    let first = env.start();
+    env.bank.script("TransIn", &[Reply::Ongoing]);
+    env.create("sagas", env.transfer("resumed", "TransIn")).await;
+    let running = env
+        .double
+        .wait_for("sagas", NS, "resumed", WAIT, |o| o.is_some_and(|o| o["status"]["phase"] == "Running"))
+        .await
+        .expect("running")
+        .expect("exists");
+    first.stop().await.expect("stops");
+    let gid = running["status"]["gid"].as_str().expect("gid").to_owned();
+    let second = env.start();
+    env.wait_phase("sagas", "resumed", "Succeeded").await;
+    assert_eq!(env.bank.count(&gid, "TransOut"), 1, "the finished step was not repeated");
+    assert_eq!(env.bank.count(&gid, "TransIn"), 2);
+    second.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn with_leader_election_only_the_leader_calls_branches() {
+    let env = Env::new().await;
+    let elected = |identity: &str| {
+        let mut config = env.config();
+        config.leader = Some(LeaderConfig {
+            lease_name: "kubetx-operator".to_owned(),
+            namespace: NS.to_owned(),
+            identity: identity.to_owned(),
+            lease_duration: Duration::from_secs(3),
+        });
+        config
+    };
+    let leader = env.start_with(elected("replica-a"));
+    env.double
+        .wait_until(WAIT, |_| leader.health.ready().then_some(()))
+        .await
+        .expect("leader ready");
+    let standby = env.start_with(elected("replica-b"));
+    env.double
+        .wait_until(WAIT, |_| standby.health.ready().then_some(()))
+        .await
+        .expect("standby ready");
+    for i in 0..3 {
+        env.create("sagas", env.transfer(&format!("ha-{i}"), "TransIn")).await;
+    }
+    for i in 0..3 {
+        env.wait_phase("sagas", &format!("ha-{i}"), "Succeeded").await;
+    }
+    let lease = env.double.get_json("leases", NS, "kubetx-operator").expect("lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "replica-a");
+    assert!(!standby.health.leading.load(std::sync::atomic::Ordering::SeqCst));
+    // Every branch was called once: by the leader only.
+    assert_eq!(env.bank.calls().len(), 6);
+    // When the leader steps down, the standby takes over.
+    leader.stop().await.expect("leader stops");
+    env.double
+        .wait_until(WAIT, |_| standby.health.leading.load(std::sync::atomic::Ordering::SeqCst).then_some(()))
+        .await
+        .expect("standby took over");
+    env.create("sagas", env.transfer("after-failover", "TransIn")).await;
+    env.wait_phase("sagas", "after-failover", "Succeeded").await;
+    standby.stop().await.expect("standby stops");
+}

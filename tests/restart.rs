@@ -1,0 +1,464 @@
+//! Crash recovery and graceful shutdown with the real `kubetx` binary: SIGKILL while many sagas
+//! and TCCs are mid-flight, then a new process on the same database finishes every one of them;
+//! SIGTERM drains the passes in flight, exits 0 and leaves no lease held.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use common::{Bank, Reply};
+use futures::future::join_all;
+use kubetx::model::{Branch, GlobalTrans};
+use kubetx::store::{ListQuery, SqliteStore, Store as _, Synchronous};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+const SAGAS: usize = 20;
+const TCCS: usize = 10;
+
+/// A `kubetx serve` child process; killed (SIGKILL) when dropped, its log shown on failure.
+struct Kubetx {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Kubetx {
+    async fn start(db: &Path, log: PathBuf) -> Self {
+        // reqwest is built without a default TLS provider.
+        kubetx::invoke::install_crypto_provider();
+        let addr = free_addr();
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_kubetx"))
+            .args(["serve", "--listen", &addr.to_string(), "--db"])
+            .arg(db)
+            .args([
+                "--lease",
+                "2",
+                "--poll-interval-ms",
+                "100",
+                "--retry-interval",
+                "1",
+                "--max-retry-interval",
+                "2",
+                // The lease must outlast a branch call.
+                "--request-timeout",
+                "1",
+                "--log-level",
+                "kubetx=debug",
+            ])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("kubetx starts");
+        let kubetx = Kubetx {
+            child,
+            addr,
+            log,
+            http: reqwest::Client::new(),
+        };
+        kubetx.wait_ready().await;
+        kubetx
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ping = self
+                .http
+                .get(format!("http://{}/api/ping", self.addr))
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await;
+            if let Ok(response) = ping
+                && response.status().is_success()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "kubetx never answered /api/ping");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn url(&self, route: &str) -> String {
+        format!("http://{}/api/dtmsvr/{route}", self.addr)
+    }
+
+    async fn post(&self, route: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url(route))
+            .json(&body)
+            .send()
+            .await
+            .expect("request reaches kubetx");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, route: &str) -> Value {
+        let response = self
+            .http
+            .get(self.url(route))
+            .send()
+            .await
+            .expect("request reaches kubetx");
+        assert_eq!(response.status().as_u16(), 200);
+        response.json().await.expect("JSON")
+    }
+
+    /// SIGKILL, and reap.
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+
+    /// SIGTERM, then wait (polling, with a deadline) for the exit.
+    async fn terminate(mut self) -> ExitStatus {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "kubetx did not exit after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Kubetx {
+    fn drop(&mut self) {
+        // Never leave a server behind, even when the test fails.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("--- last lines of {} ---", self.log.display());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// A free local port: bind to port 0, note the port, let it go.
+fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+fn saga_gid(i: usize) -> String {
+    format!("crash-saga-{i:02}")
+}
+
+fn tcc_gid(i: usize) -> String {
+    format!("crash-tcc-{i:02}")
+}
+
+async fn submit_saga(k: &Kubetx, bank: &Bank, gid: &str) {
+    let body = json!({
+        "gid": gid,
+        "trans_type": "saga",
+        "steps": [
+            {"action": bank.url("TransOut"), "compensate": bank.url("TransOutRevert")},
+            {"action": bank.url("TransIn"), "compensate": bank.url("TransInRevert")},
+        ],
+        "payloads": ["{\"amount\":30}", "{\"amount\":30}"],
+    });
+    assert_eq!(k.post("submit", body).await, (200, json!({"dtm_result": "SUCCESS"})));
+}
+
+async fn run_tcc(k: &Kubetx, bank: &Bank, gid: &str) {
+    let ok = (200, json!({"dtm_result": "SUCCESS"}));
+    assert_eq!(k.post("prepare", json!({"gid": gid, "trans_type": "tcc"})).await, ok);
+    for branch in ["01", "02"] {
+        let register = json!({"gid": gid, "trans_type": "tcc", "branch_id": branch, "data": "{\"amount\":30}",
+            "confirm": bank.url("TransConfirm"), "cancel": bank.url("TransCancel")});
+        assert_eq!(k.post("registerBranch", register).await, ok);
+        // The client's own try call.
+        let tried = k
+            .http
+            .post(bank.url("TransTry"))
+            .query(&[
+                ("gid", gid),
+                ("trans_type", "tcc"),
+                ("branch_id", branch),
+                ("op", "try"),
+            ])
+            .body("{\"amount\":30}")
+            .send()
+            .await
+            .expect("try");
+        assert_eq!(tried.status().as_u16(), 200);
+    }
+    assert_eq!(k.post("submit", json!({"gid": gid, "trans_type": "tcc"})).await, ok);
+}
+
+/// Submits every saga and tcc concurrently.
+async fn submit_all(k: &Kubetx, bank: &Bank, sagas: usize, tccs: usize) {
+    let saga_gids: Vec<String> = (0..sagas).map(saga_gid).collect();
+    let tcc_gids: Vec<String> = (0..tccs).map(tcc_gid).collect();
+    futures::join!(
+        join_all(saga_gids.iter().map(|gid| submit_saga(k, bank, gid))),
+        join_all(tcc_gids.iter().map(|gid| run_tcc(k, bank, gid))),
+    );
+}
+
+/// Waits until the bank has received at least `n` calls of `route`.
+async fn wait_calls(bank: &Bank, route: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = bank.calls().iter().filter(|c| c.route == route).count();
+        if seen >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{route}: only {seen} of {n} calls arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads the database file directly (no server running): every transaction and its branches.
+async fn read_db(db: &Path) -> Vec<(GlobalTrans, Vec<Branch>)> {
+    let store = SqliteStore::open(db.to_str().expect("utf-8 path"), Synchronous::Full)
+        .await
+        .expect("open the database");
+    let globals = store
+        .list(&ListQuery {
+            limit: 10_000,
+            ..ListQuery::default()
+        })
+        .await
+        .expect("list");
+    let mut out = Vec::new();
+    for global in globals {
+        let branches = store.branches(&global.gid).await.expect("branches");
+        out.push((global, branches));
+    }
+    out
+}
+
+/// Waits (polling, with a deadline) until all `expected` transactions succeeded.
+async fn wait_all_succeed(k: &Kubetx, expected: usize) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let page = k.get("all?status=succeed&limit=1000").await;
+        let done = page["transactions"].as_array().map(Vec::len).unwrap_or(0);
+        if done == expected {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let all = k.get("all?limit=1000").await;
+            let open: Vec<String> = all["transactions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|t| t["status"] != "succeed")
+                .map(|t| format!("{} {} owner={}", t["gid"], t["status"], t["owner"]))
+                .collect();
+            panic!("only {done} of {expected} succeeded; still open: {open:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every expected effect was applied at least once, and no compensation or cancel ran for a
+/// transaction that succeeded. Returns how many effects were applied more than once.
+async fn assert_effects(k: &Kubetx, bank: &Bank, sagas: usize, tccs: usize) -> usize {
+    let applied = bank.applied();
+    let key = |gid: &str, branch: &str, op: &str| (gid.to_owned(), branch.to_owned(), op.to_owned());
+    let mut expected = HashSet::new();
+    for gid in (0..sagas).map(saga_gid) {
+        expected.insert(key(&gid, "01", "action"));
+        expected.insert(key(&gid, "02", "action"));
+    }
+    for gid in (0..tccs).map(tcc_gid) {
+        expected.insert(key(&gid, "01", "try"));
+        expected.insert(key(&gid, "02", "try"));
+        expected.insert(key(&gid, "01", "confirm"));
+        expected.insert(key(&gid, "02", "confirm"));
+    }
+    for effect in &expected {
+        assert!(
+            applied.get(effect).copied().unwrap_or(0) >= 1,
+            "{effect:?} was never applied"
+        );
+    }
+    let unexpected: Vec<_> = applied.keys().filter(|k| !expected.contains(*k)).collect();
+    assert!(
+        unexpected.is_empty(),
+        "effects applied that must not be (compensations or cancels of succeeded transactions): {unexpected:?}"
+    );
+    for call in bank.calls() {
+        assert!(
+            !matches!(call.op.as_str(), "compensate" | "cancel"),
+            "{} {} {} was called",
+            call.gid,
+            call.branch_id,
+            call.op
+        );
+    }
+    // The stored branches agree: every forward op succeeded, no rollback op ran.
+    for gid in (0..sagas).map(saga_gid).chain((0..tccs).map(tcc_gid)) {
+        let body = k.get(&format!("query?gid={gid}")).await;
+        assert_eq!(body["transaction"]["status"], "succeed", "{body}");
+        assert!(body["transaction"].get("owner").is_none(), "{body}");
+        for branch in body["branches"].as_array().expect("branches") {
+            let forward = matches!(branch["op"].as_str(), Some("action" | "confirm"));
+            let want = if forward { "succeed" } else { "prepared" };
+            assert_eq!(branch["status"], want, "{gid}: {branch}");
+        }
+    }
+    expected
+        .iter()
+        .filter(|e| applied.get(*e).copied().unwrap_or(0) > 1)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_flight_then_a_new_process_finishes_everything() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("kubetx.db");
+    let bank = Bank::start().await;
+    // Every saga's TransIn and every tcc's first confirm is slow, so all of them are mid-call when
+    // the process dies; later calls answer ONGOING or fail for a while before succeeding.
+    let mut transin = vec![Reply::Slow(800); SAGAS];
+    transin.extend([Reply::Ongoing; 5]);
+    transin.extend([Reply::Error; 5]);
+    bank.script("TransIn", &transin);
+    let mut confirm = vec![Reply::Slow(800); TCCS];
+    confirm.extend([Reply::Error; 3]);
+    confirm.extend([Reply::Ongoing; 2]);
+    bank.script("TransConfirm", &confirm);
+
+    let first = Kubetx::start(&db, dir.path().join("first.log")).await;
+    submit_all(&first, &bank, SAGAS, TCCS).await;
+    wait_calls(&bank, "TransIn", SAGAS).await;
+    wait_calls(&bank, "TransConfirm", TCCS).await;
+    first.kill();
+    let calls_before_restart = bank.calls().len();
+
+    // The crash left work behind: unfinished transactions whose leases the dead process holds.
+    let crashed = read_db(&db).await;
+    assert_eq!(crashed.len(), SAGAS + TCCS, "every acknowledged transaction is stored");
+    let unfinished: Vec<&str> = crashed
+        .iter()
+        .filter(|(g, _)| !g.status.is_finished())
+        .map(|(g, _)| g.gid.as_str())
+        .collect();
+    let leased = crashed.iter().filter(|(g, _)| !g.owner.is_empty()).count();
+    assert!(
+        unfinished.len() >= (SAGAS + TCCS) / 2,
+        "the kill came while they were in flight: {unfinished:?}"
+    );
+    assert!(leased > 0, "the dead process held leases");
+
+    let second = Kubetx::start(&db, dir.path().join("second.log")).await;
+    wait_all_succeed(&second, SAGAS + TCCS).await;
+    let repeated = assert_effects(&second, &bank, SAGAS, TCCS).await;
+    eprintln!(
+        "{} unfinished at the crash, {leased} leased; {repeated} effects were applied twice",
+        unfinished.len()
+    );
+    // The new process resumed every transaction the crash left unfinished.
+    let resumed: HashSet<String> = bank.calls()[calls_before_restart..]
+        .iter()
+        .map(|c| c.gid.clone())
+        .collect();
+    for gid in &unfinished {
+        assert!(resumed.contains(*gid), "{gid} was not resumed by the new process");
+    }
+    let log = second.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_passes_in_flight_exits_0_and_a_restart_completes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("kubetx.db");
+    let bank = Bank::start().await;
+    let sagas = 12;
+    let tccs = 6;
+    // The first pass of every transaction is slow; half the sagas then hit an error that parks
+    // them for a retry, which the drained process never makes.
+    let mut transin = vec![Reply::Slow(500); sagas / 2];
+    transin.extend(vec![Reply::Error; sagas / 2]);
+    bank.script("TransOut", &vec![Reply::Slow(500); sagas]);
+    bank.script("TransIn", &transin);
+    bank.script("TransConfirm", &vec![Reply::Slow(500); tccs]);
+
+    let first = Kubetx::start(&db, dir.path().join("first.log")).await;
+    submit_all(&first, &bank, sagas, tccs).await;
+    wait_calls(&bank, "TransOut", sagas).await;
+    wait_calls(&bank, "TransConfirm", tccs).await;
+    // Every saga is now inside its slow TransOut call, every tcc inside its slow confirm.
+    let in_flight: HashMap<String, usize> = bank.calls().iter().fold(HashMap::new(), |mut m, c| {
+        *m.entry(c.gid.clone()).or_default() += 1;
+        m
+    });
+    assert_eq!(in_flight.len(), sagas + tccs);
+    let started = Instant::now();
+    let status = first.terminate().await;
+    assert!(status.success(), "kubetx exited with {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "it drained, it did not wait out a timeout"
+    );
+
+    // The passes finished: no lease is held, and the slow calls in flight were recorded.
+    let drained = read_db(&db).await;
+    assert_eq!(drained.len(), sagas + tccs);
+    for (global, branches) in &drained {
+        assert!(
+            global.owner.is_empty(),
+            "{} still leased by {} after the drain",
+            global.gid,
+            global.owner
+        );
+        let first_forward = branches
+            .iter()
+            .find(|b| b.op == "action" || (b.op == "confirm" && b.branch_id == "02"))
+            .expect("a forward branch");
+        assert_eq!(
+            first_forward.status.as_str(),
+            "succeed",
+            "{}: the call in flight at SIGTERM was completed and recorded",
+            global.gid
+        );
+    }
+    let finished = drained.iter().filter(|(g, _)| g.status.is_finished()).count();
+    let parked = drained.len() - finished;
+    assert!(parked > 0, "some transactions were left for a retry");
+    // The log shows passes finishing after the shutdown began, then the drain completing.
+    let log = std::fs::read_to_string(dir.path().join("first.log")).unwrap_or_default();
+    let requested = log.find("shutdown requested").unwrap_or_else(|| panic!("{log}"));
+    let after = &log[requested..];
+    assert!(
+        after.contains("transaction finished"),
+        "nothing finished during the drain: {log}"
+    );
+    assert!(after.contains("in-flight transactions drained"), "{log}");
+
+    let second = Kubetx::start(&db, dir.path().join("second.log")).await;
+    wait_all_succeed(&second, sagas + tccs).await;
+    let repeated = assert_effects(&second, &bank, sagas, tccs).await;
+    assert_eq!(repeated, 0, "a drained process leaves nothing to redo");
+    eprintln!("{finished} finished during the drain, {parked} parked and finished after the restart");
+}
