@@ -77,12 +77,18 @@ async fn operation(
     let mut bank = bank.lock().unwrap_or_else(|p| p.into_inner());
     let key = (gid.clone(), branch_id.clone(), op.clone());
     if !bank.done.insert(key) {
-        return (StatusCode::OK, Json(json!({"dtm_result": "SUCCESS", "note": "duplicate ignored"})));
+        return (
+            StatusCode::OK,
+            Json(json!({"dtm_result": "SUCCESS", "note": "duplicate ignored"})),
+        );
     }
     if let Some(original) = undoes.map(|_| if op == "cancel" { "try" } else { "action" }) {
         // Mark the original as done too: if it never ran, a late arrival must not apply it.
         if bank.done.insert((gid.clone(), branch_id.clone(), original.to_owned())) {
-            return (StatusCode::OK, Json(json!({"dtm_result": "SUCCESS", "note": "nothing to undo"})));
+            return (
+                StatusCode::OK,
+                Json(json!({"dtm_result": "SUCCESS", "note": "nothing to undo"})),
+            );
         }
     }
     *bank.balances.entry(account).or_default() += delta;

@@ -220,9 +220,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Operator(args) => operator(&args).await,
         Command::Bank { listen } => {
             init_logging("info", LogFormat::Text);
-            let listener = tokio::net::TcpListener::bind(&listen)
-                .await
-                .map_err(|source| CliError::Serve(ServeError::Bind { addr: listen.clone(), source }))?;
+            let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|source| {
+                CliError::Serve(ServeError::Bind {
+                    addr: listen.clone(),
+                    source,
+                })
+            })?;
             tracing::info!(%listen, "demo bank serving");
             axum::serve(listener, crate::bank::router())
                 .with_graceful_shutdown(shutdown_signal())
@@ -257,13 +260,16 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
     let metrics = Arc::new(Metrics::new());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let server = Server::start_with_metrics(&config, Arc::clone(&clock), true, Arc::clone(&metrics)).await?;
-    let client = kube::Client::try_default().await.map_err(|e| CliError::Kube(Box::new(e)))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| CliError::Kube(Box::new(e)))?;
     let identity = args
         .identity
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("kubetx-{:08x}", rand::random::<u32>()));
-    let allow_list = AllowList::new(&args.allow_hosts, &args.allow_cidrs).map_err(|e| CliError::Config(ConfigError::Invalid(e)))?;
+    let allow_list =
+        AllowList::new(&args.allow_hosts, &args.allow_cidrs).map_err(|e| CliError::Config(ConfigError::Invalid(e)))?;
     let operator_config = OperatorConfig {
         namespaces: args.namespaces.iter().filter(|n| !n.is_empty()).cloned().collect(),
         leader: args.leader_election.then(|| LeaderConfig {
@@ -287,7 +293,12 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
     let health = health::router(Arc::clone(&operator.health), metrics);
     let listener = tokio::net::TcpListener::bind(&args.health_listen)
         .await
-        .map_err(|source| CliError::Serve(ServeError::Bind { addr: args.health_listen.clone(), source }))?;
+        .map_err(|source| {
+            CliError::Serve(ServeError::Bind {
+                addr: args.health_listen.clone(),
+                source,
+            })
+        })?;
     let stop = operator.shutdown_token();
     let probes = tokio::spawn(async move {
         axum::serve(listener, health)

@@ -13,7 +13,7 @@ pub mod engine;
 pub mod invoke;
 pub mod metrics;
 pub mod model;
+pub mod operator;
 pub mod scheduler;
 pub mod server;
 pub mod store;
-pub mod operator;

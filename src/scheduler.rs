@@ -413,7 +413,12 @@ impl PassSink for StoreSink<'_> {
         Ok(self.store.change_status(&change).await?)
     }
 
-    async fn before_calls(&mut self, global: &GlobalTrans, deadline: Millis, now: Millis) -> Result<bool, SchedulerError> {
+    async fn before_calls(
+        &mut self,
+        global: &GlobalTrans,
+        deadline: Millis,
+        now: Millis,
+    ) -> Result<bool, SchedulerError> {
         // Keep the lease beyond the slowest call, with a margin, so nobody takes over mid-call.
         let needed = deadline + 5_000;
         if self.lease_until >= needed {
@@ -432,7 +437,13 @@ impl PassSink for StoreSink<'_> {
         Ok(self.store.update_branches(&self.guard(global), updates, now).await?)
     }
 
-    async fn park(&mut self, global: &GlobalTrans, at: Millis, interval: i64, now: Millis) -> Result<bool, SchedulerError> {
+    async fn park(
+        &mut self,
+        global: &GlobalTrans,
+        at: Millis,
+        interval: i64,
+        now: Millis,
+    ) -> Result<bool, SchedulerError> {
         Ok(self.store.release(&self.guard(global), at, interval, now).await?)
     }
 

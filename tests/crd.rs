@@ -29,7 +29,11 @@ fn committed_crds_match_the_rust_types() {
 
 #[test]
 fn crds_have_group_version_names_columns_and_status() {
-    for (crd, plural, short) in [(Saga::crd(), "sagas", "sg"), (Tcc::crd(), "tccs", "tcc"), (Msg::crd(), "msgs", "msg")] {
+    for (crd, plural, short) in [
+        (Saga::crd(), "sagas", "sg"),
+        (Tcc::crd(), "tccs", "tcc"),
+        (Msg::crd(), "msgs", "msg"),
+    ] {
         assert_eq!(crd.spec.group, "kubetx.io");
         assert_eq!(crd.spec.scope, "Namespaced");
         assert_eq!(crd.spec.names.plural, plural);

@@ -104,11 +104,8 @@ impl Env {
     }
 
     async fn create(&self, plural: &str, obj: Value) {
-        let api: Api<kube::core::DynamicObject> = Api::namespaced_with(
-            self.double.client(),
-            NS,
-            &self.double.kind(plural).api_resource(),
-        );
+        let api: Api<kube::core::DynamicObject> =
+            Api::namespaced_with(self.double.client(), NS, &self.double.kind(plural).api_resource());
         let obj: kube::core::DynamicObject = serde_json::from_value(obj).expect("object");
         api.create(&PostParams::default(), &obj).await.expect("created");
     }
@@ -116,7 +113,9 @@ impl Env {
     async fn wait_phase(&self, plural: &str, name: &str, phase: &str) -> Value {
         let found = self
             .double
-            .wait_for(plural, NS, name, WAIT, |o| o.is_some_and(|o| o["status"]["phase"] == phase))
+            .wait_for(plural, NS, name, WAIT, |o| {
+                o.is_some_and(|o| o["status"]["phase"] == phase)
+            })
             .await;
         found.unwrap_or_else(|e| panic!("{e}")).expect("object exists")
     }
@@ -243,12 +242,22 @@ async fn a_branch_error_is_retried_with_backoff_and_counted() {
         .expect("exists");
     assert_eq!(running["status"]["phase"], "Running");
     assert_eq!(running["status"]["retryIntervalSeconds"], 2, "the interval doubled");
-    assert!(running["metadata"]["finalizers"].as_array().is_some_and(|f| f.iter().any(|f| f == FINALIZER)));
+    assert!(
+        running["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == FINALIZER))
+    );
     let message = running["status"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("retrying in action") && message.contains("database is down"), "{message}");
+    assert!(
+        message.contains("retrying in action") && message.contains("database is down"),
+        "{message}"
+    );
     let saga = env.wait_phase("sagas", "flaky", "Succeeded").await;
     let trans_in = saga["status"]["branches"][3].clone();
-    assert_eq!((trans_in["op"].clone(), trans_in["attempts"].clone()), (json!("action"), json!(3)));
+    assert_eq!(
+        (trans_in["op"].clone(), trans_in["attempts"].clone()),
+        (json!("action"), json!(3))
+    );
     assert_eq!(saga["status"]["retries"], 2);
     env.wait_no_finalizer("sagas", "flaky").await;
     operator.stop().await.expect("stops");
@@ -352,7 +361,8 @@ async fn an_unsubmitted_msg_is_back_checked_after_its_timeout() {
     let env = Env::new().await;
     let operator = env.start();
     env.bank.script("QueryRolledBack", &[Reply::Failure]);
-    env.create("msgs", msg_checked_at(&env, "m-dropped", false, "QueryRolledBack")).await;
+    env.create("msgs", msg_checked_at(&env, "m-dropped", false, "QueryRolledBack"))
+        .await;
     env.create("msgs", msg(&env, "m-checked", false)).await;
     env.wait_phase("msgs", "m-dropped", "Prepared").await;
     env.wait_phase("msgs", "m-checked", "Prepared").await;
@@ -369,7 +379,12 @@ async fn an_unsubmitted_msg_is_back_checked_after_its_timeout() {
     let checked_gid = checked["status"]["gid"].as_str().expect("gid");
     assert_eq!(env.bank.routes(dropped_gid), ["QueryRolledBack"]);
     assert_eq!(env.bank.routes(checked_gid), ["QueryPrepared", "Notify"]);
-    let check = env.bank.calls().into_iter().find(|c| c.gid == checked_gid).expect("back-check");
+    let check = env
+        .bank
+        .calls()
+        .into_iter()
+        .find(|c| c.gid == checked_gid)
+        .expect("back-check");
     assert_eq!((check.branch_id.as_str(), check.op.as_str()), ("00", "msg"));
     operator.stop().await.expect("stops");
 }
@@ -392,13 +407,18 @@ async fn deleting_a_running_saga_compensates_it_first() {
         .expect("exists");
     let gid = running["status"]["gid"].as_str().expect("gid").to_owned();
     let api: Api<Saga> = Api::namespaced(env.double.client(), NS);
-    api.delete("doomed", &DeleteParams::default()).await.expect("delete accepted");
+    api.delete("doomed", &DeleteParams::default())
+        .await
+        .expect("delete accepted");
     env.double
         .wait_for("sagas", NS, "doomed", WAIT, |o| o.is_none())
         .await
         .expect("deleted after compensating");
     let routes = env.bank.routes(&gid);
-    assert!(routes.ends_with(&["TransInRevert".to_owned(), "TransOutRevert".to_owned()]), "{routes:?}");
+    assert!(
+        routes.ends_with(&["TransInRevert".to_owned(), "TransOutRevert".to_owned()]),
+        "{routes:?}"
+    );
     operator.stop().await.expect("stops");
 }
 
@@ -421,9 +441,7 @@ async fn finished_resources_are_deleted_after_their_ttl() {
 async fn an_invalid_spec_fails_with_a_precise_message() {
     let env = Env::new().await;
     let operator = env.start();
-    let step = |name: &str, depends: &str| {
-        json!({"name": name, "action": env.url("A"), "dependsOn": [depends]})
-    };
+    let step = |name: &str, depends: &str| json!({"name": name, "action": env.url("A"), "dependsOn": [depends]});
     env.create(
         "sagas",
         json!({
@@ -444,7 +462,10 @@ async fn an_invalid_spec_fails_with_a_precise_message() {
         "spec": {"steps": [{"name": "a", "action": env.url("A")}, {"name": "a", "action": env.url("A")}]},
     }))
     .expect("saga");
-    let error = api.create(&PostParams::default(), &duplicate).await.expect_err("rejected");
+    let error = api
+        .create(&PostParams::default(), &duplicate)
+        .await
+        .expect_err("rejected");
     assert!(error.to_string().contains("step names must be unique"), "{error}");
     operator.stop().await.expect("stops");
 }
@@ -458,7 +479,10 @@ async fn a_branch_host_outside_the_allow_list_is_refused() {
     env.create("sagas", saga).await;
     let saga = env.wait_phase("sagas", "metadata", "Failed").await;
     let message = saga["status"]["message"].as_str().unwrap_or_default();
-    assert!(message.starts_with("endpoint refused:") && message.contains("metadata"), "{message}");
+    assert!(
+        message.starts_with("endpoint refused:") && message.contains("metadata"),
+        "{message}"
+    );
     assert!(env.bank.calls().is_empty(), "no branch was called");
     assert_eq!(env.event_reasons(1).await, ["EndpointRefused"]);
     operator.stop().await.expect("stops");
@@ -467,7 +491,8 @@ async fn a_branch_host_outside_the_allow_list_is_refused() {
 #[tokio::test]
 async fn headers_come_from_secrets() {
     let env = Env::new().await;
-    env.double.create_secret(NS, "bank-token", &[("token", "Bearer s3cret")]);
+    env.double
+        .create_secret(NS, "bank-token", &[("token", "Bearer s3cret")]);
     let operator = env.start();
     let mut saga = env.transfer("with-secret", "TransIn");
     saga["spec"]["headers"] = json!([
@@ -492,7 +517,9 @@ async fn a_restarted_controller_resumes_a_saga_in_the_middle() {
     env.create("sagas", env.transfer("resumed", "TransIn")).await;
     let running = env
         .double
-        .wait_for("sagas", NS, "resumed", WAIT, |o| o.is_some_and(|o| o["status"]["phase"] == "Running"))
+        .wait_for("sagas", NS, "resumed", WAIT, |o| {
+            o.is_some_and(|o| o["status"]["phase"] == "Running")
+        })
         .await
         .expect("running")
         .expect("exists");
@@ -500,7 +527,11 @@ async fn a_restarted_controller_resumes_a_saga_in_the_middle() {
     let gid = running["status"]["gid"].as_str().expect("gid").to_owned();
     let second = env.start();
     env.wait_phase("sagas", "resumed", "Succeeded").await;
-    assert_eq!(env.bank.count(&gid, "TransOut"), 1, "the finished step was not repeated");
+    assert_eq!(
+        env.bank.count(&gid, "TransOut"),
+        1,
+        "the finished step was not repeated"
+    );
     assert_eq!(env.bank.count(&gid, "TransIn"), 2);
     second.stop().await.expect("stops");
 }
@@ -542,7 +573,13 @@ async fn with_leader_election_only_the_leader_calls_branches() {
     // When the leader steps down, the standby takes over.
     leader.stop().await.expect("leader stops");
     env.double
-        .wait_until(WAIT, |_| standby.health.leading.load(std::sync::atomic::Ordering::SeqCst).then_some(()))
+        .wait_until(WAIT, |_| {
+            standby
+                .health
+                .leading
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .then_some(())
+        })
         .await
         .expect("standby took over");
     env.create("sagas", env.transfer("after-failover", "TransIn")).await;

@@ -111,7 +111,9 @@ impl TransRequest {
             HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| ApiError::BadRequest(format!("branch_headers: {name:?} is not a valid header name")))?;
             HeaderValue::from_str(value.as_deref().unwrap_or_default()).map_err(|_| {
-                ApiError::BadRequest(format!("branch_headers: the value of {name:?} is not a valid header value"))
+                ApiError::BadRequest(format!(
+                    "branch_headers: the value of {name:?} is not a valid header value"
+                ))
             })?;
         }
         Ok(TransOptions {
@@ -185,7 +187,9 @@ pub const MAX_SECONDS: i64 = 100 * 365 * 24 * 3600;
 /// Checks a duration in seconds: not negative, at most [`MAX_SECONDS`].
 pub fn check_seconds(name: &str, value: i64) -> Result<(), ApiError> {
     if value < 0 {
-        return Err(ApiError::BadRequest(format!("{name} must not be negative, got {value}")));
+        return Err(ApiError::BadRequest(format!(
+            "{name} must not be negative, got {value}"
+        )));
     }
     if value > MAX_SECONDS {
         return Err(ApiError::BadRequest(format!(

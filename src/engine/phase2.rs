@@ -81,10 +81,7 @@ fn plan_prepared(global: &GlobalTrans, branches: &[Branch], pass: &Pass, now: Mi
         };
     }
     if tries.iter().any(|&i| branches[i].status == BranchStatus::Failed) {
-        let reason = pass
-            .failure_reason
-            .clone()
-            .unwrap_or_else(|| "a try failed".to_owned());
+        let reason = pass.failure_reason.clone().unwrap_or_else(|| "a try failed".to_owned());
         return Plan::Transition {
             to: TransStatus::Aborting,
             reason: Some(reason),

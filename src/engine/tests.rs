@@ -2064,7 +2064,10 @@ fn progress_in_a_pass_restarts_the_backoff_from_the_base_interval() {
 #[test]
 fn saga_orders_listing_a_step_twice_are_rejected() {
     let orders = SagaOrders::parse(r#"{"concurrent":true,"orders":{"1":[0],"01":[0]}}"#).unwrap();
-    assert_eq!(orders.validate(2), Err("saga orders: step 1 is listed twice".to_owned()));
+    assert_eq!(
+        orders.validate(2),
+        Err("saga orders: step 1 is listed twice".to_owned())
+    );
 }
 
 /// A `Tcc` resource's rows: the controller runs the tries itself.
@@ -2091,7 +2094,10 @@ fn tcc_resource_tries_in_order_then_decides_to_confirm() {
         log.calls(),
         vec![vec!["try:01"], vec!["try:02"], vec!["confirm:02"], vec!["confirm:01"]]
     );
-    assert_eq!(log.transitions, vec![(TransStatus::Submitted, None), (TransStatus::Succeed, None)]);
+    assert_eq!(
+        log.transitions,
+        vec![(TransStatus::Submitted, None), (TransStatus::Succeed, None)]
+    );
     assert_eq!(tx.statuses(), vec![S, P, S, S, P, S]);
 }
 

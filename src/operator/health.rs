@@ -48,7 +48,10 @@ pub fn router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
             "/metrics",
             get(|State((_, metrics)): State<(Arc<Health>, Arc<Metrics>)>| async move {
                 (
-                    [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
                     metrics.render(),
                 )
                     .into_response()

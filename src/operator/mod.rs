@@ -93,7 +93,14 @@ impl Operator {
             clock: Arc::clone(&clock),
             written: Default::default(),
         });
-        let task = tokio::spawn(run(client, config, context, clock, Arc::clone(&health), shutdown.clone()));
+        let task = tokio::spawn(run(
+            client,
+            config,
+            context,
+            clock,
+            Arc::clone(&health),
+            shutdown.clone(),
+        ));
         Operator { health, shutdown, task }
     }
 

@@ -32,10 +32,7 @@ impl AllowList {
     pub fn new(hosts: &[String], cidrs: &[String]) -> Result<Self, String> {
         let mut patterns = vec!["*.svc".to_owned(), "*.svc.cluster.local".to_owned()];
         patterns.extend(hosts.iter().map(|h| h.trim().to_ascii_lowercase()));
-        let cidrs = cidrs
-            .iter()
-            .map(|c| parse_net(c))
-            .collect::<Result<Vec<_>, _>>()?;
+        let cidrs = cidrs.iter().map(|c| parse_net(c)).collect::<Result<Vec<_>, _>>()?;
         let refused = ALWAYS_REFUSED
             .iter()
             .map(|c| parse_net(c))
@@ -53,7 +50,9 @@ impl AllowList {
         let ip = IpAddr::from_str(host.trim_start_matches('[').trim_end_matches(']')).ok();
         if let Some(ip) = ip {
             if self.refused.iter().any(|net| net.contains(&ip)) {
-                return Err(format!("{host} is a link-local or metadata address, which is never called"));
+                return Err(format!(
+                    "{host} is a link-local or metadata address, which is never called"
+                ));
             }
             if self.cidrs.iter().any(|net| net.contains(&ip)) {
                 return Ok(());
@@ -106,13 +105,19 @@ mod tests {
         assert!(list.check("https://bank.default.svc.cluster.local/api").is_ok());
         assert!(list.check("http://example.com/api").is_err());
         assert!(list.check("http://10.0.0.1/api").is_err());
-        assert!(list.check("http://svc/api").is_err(), "a bare 'svc' is not a service name");
+        assert!(
+            list.check("http://svc/api").is_err(),
+            "a bare 'svc' is not a service name"
+        );
     }
 
     #[test]
     fn configured_hosts_and_cidrs_are_allowed() {
-        let list = AllowList::new(&["payments.example.com".into(), "*.corp".into()], &["127.0.0.0/8".into()])
-            .expect("valid");
+        let list = AllowList::new(
+            &["payments.example.com".into(), "*.corp".into()],
+            &["127.0.0.0/8".into()],
+        )
+        .expect("valid");
         assert!(list.check("http://payments.example.com/x").is_ok());
         assert!(list.check("http://a.b.corp:9/x").is_ok());
         assert!(list.check("http://127.0.0.1:4000/x").is_ok());
@@ -132,6 +137,9 @@ mod tests {
 
     #[test]
     fn bad_cidrs_are_reported() {
-        assert_eq!(AllowList::new(&[], &["10.0.0.0/33".into()]).unwrap_err(), "invalid CIDR \"10.0.0.0/33\"");
+        assert_eq!(
+            AllowList::new(&[], &["10.0.0.0/33".into()]).unwrap_err(),
+            "invalid CIDR \"10.0.0.0/33\""
+        );
     }
 }

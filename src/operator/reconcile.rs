@@ -147,7 +147,9 @@ impl Written {
 pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     ctx.metrics
         .reconciles
-        .get_or_create(&KindLabels { kind: K::KIND.to_owned() })
+        .get_or_create(&KindLabels {
+            kind: K::KIND.to_owned(),
+        })
         .inc();
     let now = ctx.clock.now();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
@@ -162,16 +164,36 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
         return expire(&api, &*obj, &old, &ctx, now).await;
     }
     if let Err(problem) = obj.validate() {
-        return reject(&api, &obj, &ctx, "InvalidSpec", &format!("invalid spec: {problem}"), now).await;
+        return reject(
+            &api,
+            &obj,
+            &ctx,
+            "InvalidSpec",
+            &format!("invalid spec: {problem}"),
+            now,
+        )
+        .await;
     }
     for endpoint in obj.endpoints() {
         let url = resolve(endpoint, &*obj, &ctx.config.service_domain);
         if let Err(problem) = ctx.config.allow_list.check(&url) {
-            return reject(&api, &obj, &ctx, "EndpointRefused", &format!("endpoint refused: {problem}"), now).await;
+            return reject(
+                &api,
+                &obj,
+                &ctx,
+                "EndpointRefused",
+                &format!("endpoint refused: {problem}"),
+                now,
+            )
+            .await;
         }
     }
     let headers = headers(&*obj, &ctx.client).await?;
-    let layout = obj.layout(&super::transaction::gid_of(&*obj), &|e| resolve(e, &*obj, &ctx.config.service_domain), now);
+    let layout = obj.layout(
+        &super::transaction::gid_of(&*obj),
+        &|e| resolve(e, &*obj, &ctx.config.service_domain),
+        now,
+    );
     let shown = row_names(&layout);
     let (mut global, branches) = engine_state(&*obj, layout, headers, now);
     // A Msg whose owner set `submitted` since the last pass: deliver now.
@@ -184,7 +206,10 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
     if deleting && obj.abort_on_delete(global.status) {
         decided = Some(match global.trans_type {
             TransType::Msg => (TransStatus::Failed, Some("deleted before it was submitted".to_owned())),
-            _ => (TransStatus::Aborting, Some("deleted while running: rolling back".to_owned())),
+            _ => (
+                TransStatus::Aborting,
+                Some("deleted while running: rolling back".to_owned()),
+            ),
         });
     } else if old.phase.is_some() && global.next_cron_time > now && !deleting && !just_submitted {
         // Woken early (a watch event, not our requeue): nothing is due yet.
@@ -351,7 +376,11 @@ pub fn resolve<K: Resource>(endpoint: &Endpoint, obj: &K, domain: &str) -> Strin
                 .or_else(|| obj.meta().namespace.clone())
                 .unwrap_or_else(|| "default".to_owned());
             let path = service.path.as_deref().unwrap_or("/");
-            let path = if path.starts_with('/') { path.to_owned() } else { format!("/{path}") };
+            let path = if path.starts_with('/') {
+                path.to_owned()
+            } else {
+                format!("/{path}")
+            };
             format!(
                 "http://{}.{namespace}.{domain}:{}{path}",
                 service.name,
@@ -372,9 +401,9 @@ async fn headers<K: Transactional>(obj: &K, client: &Client) -> Result<BTreeMap<
             (None, Some(source)) => {
                 let reference = &source.secret_key_ref;
                 let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-                let secret = timed(secrets.get_opt(&reference.name))
-                    .await?
-                    .ok_or_else(|| ReconcileError::Secret(format!("secret {}/{} not found", namespace, reference.name)))?;
+                let secret = timed(secrets.get_opt(&reference.name)).await?.ok_or_else(|| {
+                    ReconcileError::Secret(format!("secret {}/{} not found", namespace, reference.name))
+                })?;
                 let bytes = secret
                     .data
                     .as_ref()
@@ -394,7 +423,10 @@ async fn headers<K: Transactional>(obj: &K, client: &Client) -> Result<BTreeMap<
                         ))
                     })?;
                 String::from_utf8(bytes).map_err(|_| {
-                    ReconcileError::Secret(format!("secret {}/{} key {} is not UTF-8", namespace, reference.name, reference.key))
+                    ReconcileError::Secret(format!(
+                        "secret {}/{} key {} is not UTF-8",
+                        namespace, reference.name, reference.key
+                    ))
                 })?
             }
             (None, None) => String::new(),
@@ -453,7 +485,9 @@ async fn write_status<K: Transactional>(
     status: &TransactionStatus,
     ctx: &Context,
 ) -> Result<bool, ReconcileError> {
-    let labels = KindLabels { kind: K::KIND.to_owned() };
+    let labels = KindLabels {
+        kind: K::KIND.to_owned(),
+    };
     if old.phase.is_some() && old == status {
         ctx.metrics.status_skips.get_or_create(&labels).inc();
         return Ok(false);
@@ -463,7 +497,12 @@ async fn write_status<K: Transactional>(
         "kind": K::KIND,
         "status": status,
     });
-    timed(api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))).await?;
+    timed(api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    ))
+    .await?;
     ctx.metrics.status_writes.get_or_create(&labels).inc();
     Ok(true)
 }
@@ -501,7 +540,11 @@ async fn remove_finalizer<K: Transactional>(api: &Api<K>, obj: &K) -> Result<(),
     patch_json(api, &obj.name_any(), patch).await
 }
 
-async fn patch_json<K: Transactional>(api: &Api<K>, name: &str, patch: serde_json::Value) -> Result<(), ReconcileError> {
+async fn patch_json<K: Transactional>(
+    api: &Api<K>,
+    name: &str,
+    patch: serde_json::Value,
+) -> Result<(), ReconcileError> {
     let patch: json_patch::Patch =
         serde_json::from_value(patch).map_err(|e| ReconcileError::Internal(format!("bad patch: {e}")))?;
     match timed(api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))).await {
@@ -549,7 +592,11 @@ async fn publish_transition<K: Transactional>(obj: &K, old: Option<Phase>, globa
         return;
     }
     let (type_, reason, note) = match phase {
-        Phase::Succeeded => (EventType::Normal, "Succeeded", format!("{} {} succeeded", K::KIND, global.gid)),
+        Phase::Succeeded => (
+            EventType::Normal,
+            "Succeeded",
+            format!("{} {} succeeded", K::KIND, global.gid),
+        ),
         Phase::Failed => (
             EventType::Warning,
             "Failed",

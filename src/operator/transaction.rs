@@ -13,7 +13,9 @@ use super::crd::{
     BranchState, Condition, Endpoint, Header, Msg, Phase, Saga, Tcc, TransactionOptions, TransactionStatus,
 };
 use crate::engine::{self, MsgTarget, SagaOrders, SagaStep};
-use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType, branch_id_for, op};
+use crate::model::{
+    Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType, branch_id_for, op,
+};
 
 /// Longest error text kept in a branch's status.
 const MAX_ERROR_CHARS: usize = 200;
@@ -138,7 +140,9 @@ impl Transactional for Saga {
             .map(|(index, row)| (self.spec.steps[index / 2].name.clone(), row))
             .collect();
         let custom_data = match saga_orders(self) {
-            Ok(orders) if orders.concurrent => serde_json::json!({"concurrent": true, "orders": orders.orders}).to_string(),
+            Ok(orders) if orders.concurrent => {
+                serde_json::json!({"concurrent": true, "orders": orders.orders}).to_string()
+            }
             _ => String::new(),
         };
         Layout {
@@ -228,8 +232,7 @@ impl Transactional for Tcc {
             let endpoints = [resolve(&branch.try_), resolve(&branch.confirm), resolve(&branch.cancel)];
             let data = payload_bytes(&branch.payload);
             let [try_url, confirm, cancel] = &endpoints;
-            for row in
-                engine::tcc_resource_branches(gid, &branch_id_for(index), [try_url, confirm, cancel], &data, now)
+            for row in engine::tcc_resource_branches(gid, &branch_id_for(index), [try_url, confirm, cancel], &data, now)
             {
                 rows.push((branch.name.clone(), row));
             }
@@ -305,7 +308,11 @@ impl Transactional for Msg {
                 _ => String::new(),
             },
             query_prepared: self.spec.query_prepared.as_ref().map(resolve).unwrap_or_default(),
-            initial: if self.spec.submitted { TransStatus::Submitted } else { TransStatus::Prepared },
+            initial: if self.spec.submitted {
+                TransStatus::Submitted
+            } else {
+                TransStatus::Prepared
+            },
             rows,
             forward_ops: &[op::ACTION],
             concurrent: self.spec.concurrent,
@@ -510,9 +517,11 @@ pub fn next_status(
 }
 
 fn last_error_message(rows: &[BranchState]) -> Option<String> {
-    rows.iter()
-        .filter(|r| r.state != "succeed")
-        .find_map(|r| r.last_error.as_ref().map(|e| format!("retrying {} {}: {e}", r.name, r.op)))
+    rows.iter().filter(|r| r.state != "succeed").find_map(|r| {
+        r.last_error
+            .as_ref()
+            .map(|e| format!("retrying {} {}: {e}", r.name, r.op))
+    })
 }
 
 fn shorten(text: &str) -> String {
