@@ -35,6 +35,8 @@ use crate::scheduler::Clock;
 pub const FIELD_MANAGER: &str = "kubetx";
 /// Finalizer kept while a transaction is unfinished, so that deleting it rolls it back first.
 pub const FINALIZER: &str = "kubetx.io/transaction";
+/// Annotation that, set to "true" on a resource being deleted, removes it without rolling back.
+pub const SKIP_COMPENSATION: &str = "kubetx.io/skip-compensation";
 /// Timeout of every Kubernetes API call.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -203,6 +205,13 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
         global.status = TransStatus::Submitted;
     }
     let mut decided: Option<(TransStatus, Option<String>)> = None;
+    if deleting && obj.annotations().get(SKIP_COMPENSATION).is_some_and(|v| v == "true") {
+        warn!(kind = K::KIND, object = %object_key(&*obj), "deleted with {SKIP_COMPENSATION}: not rolling back");
+        if finalizer {
+            remove_finalizer(&api, &*obj).await?;
+        }
+        return Ok(Action::await_change());
+    }
     if deleting && obj.abort_on_delete(global.status) {
         decided = Some(match global.trans_type {
             TransType::Msg => (TransStatus::Failed, Some("deleted before it was submitted".to_owned())),
@@ -245,7 +254,6 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
     };
     let mut global = global;
     let now = ctx.clock.now();
-    let old_phase = old.phase;
     if let Some((to, reason)) = decided {
         apply_decision(&mut global, to, reason, now);
     }
@@ -266,7 +274,7 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
     }
     write_status(&api, &*obj, &old, &status, &ctx).await?;
     ctx.written.record(&*obj, &status, finalizer);
-    publish_transition(&*obj, old_phase, &global, &ctx).await;
+    publish_transition(&*obj, &old, &status, &global, &ctx).await;
     if finished {
         if finalizer {
             remove_finalizer(&api, &*obj).await?;
@@ -586,9 +594,36 @@ async fn expire<K: Transactional>(
 }
 
 /// Events on phase transitions only.
-async fn publish_transition<K: Transactional>(obj: &K, old: Option<Phase>, global: &GlobalTrans, ctx: &Context) {
+async fn publish_transition<K: Transactional>(
+    obj: &K,
+    old: &TransactionStatus,
+    new: &TransactionStatus,
+    global: &GlobalTrans,
+    ctx: &Context,
+) {
+    if old.phase.is_none() {
+        let note = format!("{} started as transaction {}", K::KIND, global.gid);
+        publish(obj, ctx, EventType::Normal, "Started", &note).await;
+    }
+    let previously_failed: Vec<(&str, &str)> = old
+        .branches
+        .iter()
+        .filter(|b| b.state == "failed")
+        .map(|b| (b.branch_id.as_str(), b.op.as_str()))
+        .collect();
+    for row in new.branches.iter().filter(|b| b.state == "failed") {
+        if !previously_failed.contains(&(row.branch_id.as_str(), row.op.as_str())) {
+            let note = format!(
+                "{} {} failed: {}",
+                row.name,
+                row.op,
+                row.last_error.as_deref().unwrap_or("FAILURE")
+            );
+            publish(obj, ctx, EventType::Warning, "StepFailed", &note).await;
+        }
+    }
     let phase = phase_of(global.status, global.trans_type);
-    if old == Some(phase) {
+    if old.phase == Some(phase) {
         return;
     }
     let (type_, reason, note) = match phase {
@@ -604,10 +639,10 @@ async fn publish_transition<K: Transactional>(obj: &K, old: Option<Phase>, globa
         ),
         Phase::Compensating => (
             EventType::Warning,
-            "RollingBack",
+            "Compensating",
             format!("rolling back: {}", global.rollback_reason),
         ),
-        // Starting is not worth an API write of its own.
+        // Running or waiting is covered by Started.
         Phase::Prepared | Phase::Trying | Phase::Running => return,
     };
     publish(obj, ctx, type_, reason, &note).await;
