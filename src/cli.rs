@@ -168,9 +168,9 @@ pub struct OperatorArgs {
     /// Address ranges branches may be called on (comma-separated CIDRs).
     #[arg(long, env = "KUBETX_ALLOW_CIDRS", value_delimiter = ',')]
     pub allow_cidrs: Vec<String>,
-    /// Seconds to keep finished resources that set no ttlSecondsAfterFinished.
-    #[arg(long, env = "KUBETX_DEFAULT_TTL")]
-    pub default_ttl: Option<i64>,
+    /// Seconds to keep finished resources that set no ttlSecondsAfterFinished (0 keeps them).
+    #[arg(long, env = "KUBETX_DEFAULT_TTL", default_value_t = 7 * 24 * 3600)]
+    pub default_ttl: i64,
     /// Resources reconciled at once per kind.
     #[arg(long, env = "KUBETX_CONCURRENCY", default_value_t = 32)]
     pub concurrency: u16,
@@ -282,7 +282,7 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
             policy: config.scheduler().policy,
             request_timeout: Duration::from_secs(config.request_timeout),
             allow_list,
-            default_ttl: args.default_ttl,
+            default_ttl: Some(args.default_ttl).filter(|ttl| *ttl > 0),
             service_domain: args.service_domain.clone(),
         },
         concurrency: args.concurrency,
