@@ -225,47 +225,22 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
         return Ok(Action::requeue(until(global.next_cron_time, now)));
     }
 
-    let mut sink = StatusSink::default();
-    let (global, branches) = if decided.is_some() {
-        (global, branches)
-    } else {
-        let clock = Arc::clone(&ctx.clock);
-        let clock_now = move || clock.now();
-        let policy = Policy {
-            max_retry_interval: obj
-                .options()
-                .max_retry_interval_seconds
-                .unwrap_or(ctx.config.policy.max_retry_interval),
-            ..ctx.config.policy.clone()
-        };
-        let context = PassContext {
-            invoker: &ctx.invoker,
-            policy: &policy,
-            request_timeout: ctx.config.request_timeout,
-            now: &clock_now,
-            metrics: &ctx.metrics,
-        };
-        let result = match driver::run_pass(global, branches, &context, &mut sink).await {
-            Ok(result) => result,
-            Err(never) => match never {},
-        };
-        decided = sink.decision.take();
-        (result.global, result.branches)
+    let mut tally = CallTally::default();
+    let (mut global, branches) = match decided {
+        Some(_) => (global, branches),
+        None => {
+            let (global, branches, pass_tally, decision) = run_engine(&*obj, &ctx, global, branches).await;
+            tally = pass_tally;
+            decided = decision;
+            (global, branches)
+        }
     };
-    let mut global = global;
     let now = ctx.clock.now();
     if let Some((to, reason)) = decided {
+        // Written below before anything acts on it; due at once.
         apply_decision(&mut global, to, reason, now);
     }
-    let status = next_status(
-        &old,
-        &shown,
-        &global,
-        &branches,
-        &sink.tally,
-        obj.meta().generation,
-        now,
-    );
+    let status = next_status(&old, &shown, &global, &branches, &tally, obj.meta().generation, now);
     let finished = global.status.is_finished();
     let mut finalizer = finalizer;
     if !finished && !finalizer && !deleting {
@@ -282,11 +257,44 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
         }
         return expire(&api, &*obj, &status, &ctx, now).await;
     }
-    if sink.decided {
-        // A decision was written; act on it at once.
-        return Ok(Action::requeue(Duration::ZERO));
-    }
     Ok(Action::requeue(until(global.next_cron_time, now)))
+}
+
+/// One engine pass in memory. Returns the state it left, the calls it made, and the decision
+/// that stopped it, if any.
+async fn run_engine<K: Transactional>(
+    obj: &K,
+    ctx: &Context,
+    global: GlobalTrans,
+    branches: Vec<crate::model::Branch>,
+) -> (
+    GlobalTrans,
+    Vec<crate::model::Branch>,
+    CallTally,
+    Option<(TransStatus, Option<String>)>,
+) {
+    let clock = Arc::clone(&ctx.clock);
+    let now = move || clock.now();
+    let policy = Policy {
+        max_retry_interval: obj
+            .options()
+            .max_retry_interval_seconds
+            .unwrap_or(ctx.config.policy.max_retry_interval),
+        ..ctx.config.policy.clone()
+    };
+    let context = PassContext {
+        invoker: &ctx.invoker,
+        policy: &policy,
+        request_timeout: ctx.config.request_timeout,
+        now: &now,
+        metrics: &ctx.metrics,
+    };
+    let mut sink = StatusSink::default();
+    let result = match driver::run_pass(global, branches, &context, &mut sink).await {
+        Ok(result) => result,
+        Err(never) => match never {},
+    };
+    (result.global, result.branches, sink.tally, sink.decision)
 }
 
 /// What the controller does after a failed reconcile: count it and retry with backoff.
@@ -320,7 +328,6 @@ fn apply_decision(global: &mut GlobalTrans, to: TransStatus, reason: Option<Stri
 struct StatusSink {
     tally: CallTally,
     decision: Option<(TransStatus, Option<String>)>,
-    decided: bool,
 }
 
 impl PassSink for StatusSink {
@@ -337,7 +344,6 @@ impl PassSink for StatusSink {
             return Ok(true);
         }
         self.decision = Some((to, reason.map(str::to_owned)));
-        self.decided = true;
         Ok(false)
     }
 
