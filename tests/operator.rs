@@ -162,7 +162,7 @@ fn rows(expected: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
 }
 
 #[tokio::test]
-async fn a_two_step_saga_succeeds_within_four_api_writes() {
+async fn a_two_step_saga_succeeds_within_three_api_writes() {
     let env = Env::new().await;
     let operator = env.start();
     env.create("sagas", env.transfer("ok", "TransIn")).await;
@@ -184,11 +184,12 @@ async fn a_two_step_saga_succeeds_within_four_api_writes() {
         .and_then(|c| c.iter().find(|c| c["type"] == "Ready").cloned())
         .expect("Ready condition");
     assert_eq!(ready["status"], "True");
-    // Let the controller settle, then count every write: create, status, two events.
-    assert_eq!(env.event_reasons(2).await, ["Started", "Succeeded"]);
+    // Let the controller settle, then count every write: create, status, the Succeeded event.
+    assert_eq!(env.event_reasons(1).await, ["Succeeded"]);
     operator.stop().await.expect("stops");
     let writes = env.double.writes();
     assert!(writes.len() <= 4, "{} writes: {writes:#?}", writes.len());
+    assert_eq!(writes.len(), 3, "{writes:#?}");
     let status_writes = writes.iter().filter(|w| w.is_status()).count();
     assert_eq!(status_writes, 1, "one status write for the whole saga");
 }

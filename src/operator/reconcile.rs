@@ -607,7 +607,9 @@ async fn publish_transition<K: Transactional>(
     global: &GlobalTrans,
     ctx: &Context,
 ) {
-    if old.phase.is_none() {
+    // A transaction finished by its first pass needs no Started: its final event says it all,
+    // and each event is an API write.
+    if old.phase.is_none() && !global.status.is_finished() {
         let note = format!("{} started as transaction {}", K::KIND, global.gid);
         publish(obj, ctx, EventType::Normal, "Started", &note).await;
     }
