@@ -326,6 +326,27 @@ fn timeout_reason(global: &GlobalTrans, policy: &Policy) -> String {
     format!("Timeout after {} seconds", timeout_seconds(global, policy))
 }
 
+/// Calls the given rows that were not attempted yet in this pass, or parks when none is left.
+fn invoke_or_park(
+    global: &GlobalTrans,
+    branches: &[Branch],
+    pass: &Pass,
+    now: Millis,
+    policy: &Policy,
+    rows: impl IntoIterator<Item = usize>,
+) -> Plan {
+    let calls: Vec<Call> = rows
+        .into_iter()
+        .filter(|&row| !pass.attempted(Target::Branch(row)))
+        .map(|row| call_for(branches, row))
+        .collect();
+    if calls.is_empty() {
+        park_after_pass(global, pass, now, policy)
+    } else {
+        Plan::Invoke(calls)
+    }
+}
+
 fn call_for(branches: &[Branch], index: usize) -> Call {
     let row = &branches[index];
     Call {

@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::{Call, Pass, Plan, Policy, Target, call_for, deadline, park_after_pass, park_until};
+use super::{Call, Pass, Plan, Policy, Target, deadline, invoke_or_park, park_after_pass, park_until};
 use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, op};
 
 /// Msg options carried in `custom_data`: `{"delay":10}`.
@@ -67,22 +67,13 @@ pub(super) fn plan(global: &GlobalTrans, branches: &[Branch], pass: &Pass, now: 
                     reason: None,
                 };
             }
-            let calls: Vec<Call> = if global.options.concurrent {
+            // Sequential delivery stops at the first branch that did not succeed.
+            let due = if global.options.concurrent {
                 pending
-                    .into_iter()
-                    .filter(|&row| !pass.attempted(Target::Branch(row)))
-                    .map(|row| call_for(branches, row))
-                    .collect()
-            } else if pass.attempted(Target::Branch(pending[0])) {
-                Vec::new()
             } else {
-                vec![call_for(branches, pending[0])]
+                vec![pending[0]]
             };
-            if calls.is_empty() {
-                park_after_pass(global, pass, now, policy)
-            } else {
-                Plan::Invoke(calls)
-            }
+            invoke_or_park(global, branches, pass, now, policy, due)
         }
         // A msg is never rolled back branch by branch: an abort ends it.
         TransStatus::Aborting => Plan::Transition {

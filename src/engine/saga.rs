@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{Call, Pass, Plan, Policy, Target, call_for, deadline, park_after_pass, timeout_reason};
+use super::{Pass, Plan, Policy, Target, deadline, invoke_or_park, park_after_pass, timeout_reason};
 use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, TransType, op};
 
 /// Saga ordering carried in `custom_data`: `{"concurrent":true,"orders":{"1":[0]}}`.
@@ -219,17 +219,10 @@ pub(super) fn plan(global: &GlobalTrans, branches: &[Branch], pass: &Pass, now: 
                     reason: None,
                 };
             }
-            let calls: Vec<Call> = (0..count)
+            let due = (0..count)
                 .filter(|&s| saga.action(s) == BranchStatus::Prepared && saga.ready(s))
-                .map(|s| saga.steps[s].action)
-                .filter(|&row| !pass.attempted(Target::Branch(row)))
-                .map(|row| call_for(branches, row))
-                .collect();
-            if calls.is_empty() {
-                park_after_pass(global, pass, now, policy)
-            } else {
-                Plan::Invoke(calls)
-            }
+                .map(|s| saga.steps[s].action);
+            invoke_or_park(global, branches, pass, now, policy, due)
         }
         TransStatus::Aborting => {
             if (0..count).all(|s| !saga.needs_compensation(s)) {
@@ -238,17 +231,10 @@ pub(super) fn plan(global: &GlobalTrans, branches: &[Branch], pass: &Pass, now: 
                     reason: None,
                 };
             }
-            let calls: Vec<Call> = (0..count)
+            let due = (0..count)
                 .filter(|&s| saga.needs_compensation(s) && saga.rolled_back_after(s))
-                .map(|s| saga.steps[s].compensate)
-                .filter(|&row| !pass.attempted(Target::Branch(row)))
-                .map(|row| call_for(branches, row))
-                .collect();
-            if calls.is_empty() {
-                park_after_pass(global, pass, now, policy)
-            } else {
-                Plan::Invoke(calls)
-            }
+                .map(|s| saga.steps[s].compensate);
+            invoke_or_park(global, branches, pass, now, policy, due)
         }
         // A saga is created submitted; a prepared one only waits for its submit.
         TransStatus::Prepared => park_after_pass(global, pass, now, policy),

@@ -74,6 +74,27 @@ pub trait Transactional:
     fn abort_on_delete(&self, status: TransStatus) -> bool;
 }
 
+/// The accessors every kind implements the same way (the specs share these fields).
+macro_rules! common_accessors {
+    () => {
+        fn tx_status(&self) -> Option<&TransactionStatus> {
+            self.status.as_ref()
+        }
+
+        fn headers(&self) -> &[Header] {
+            &self.spec.headers
+        }
+
+        fn options(&self) -> &TransactionOptions {
+            &self.spec.options
+        }
+
+        fn ttl(&self) -> Option<i64> {
+            self.spec.ttl_seconds_after_finished
+        }
+    };
+}
+
 fn payload_bytes(payload: &Option<serde_json::Value>) -> Vec<u8> {
     payload
         .as_ref()
@@ -84,21 +105,7 @@ fn payload_bytes(payload: &Option<serde_json::Value>) -> Vec<u8> {
 impl Transactional for Saga {
     const KIND: &'static str = "Saga";
 
-    fn tx_status(&self) -> Option<&TransactionStatus> {
-        self.status.as_ref()
-    }
-
-    fn headers(&self) -> &[Header] {
-        &self.spec.headers
-    }
-
-    fn options(&self) -> &TransactionOptions {
-        &self.spec.options
-    }
-
-    fn ttl(&self) -> Option<i64> {
-        self.spec.ttl_seconds_after_finished
-    }
+    common_accessors!();
 
     fn endpoints(&self) -> Vec<&Endpoint> {
         self.spec
@@ -198,21 +205,7 @@ fn saga_orders(saga: &Saga) -> Result<SagaOrders, String> {
 impl Transactional for Tcc {
     const KIND: &'static str = "Tcc";
 
-    fn tx_status(&self) -> Option<&TransactionStatus> {
-        self.status.as_ref()
-    }
-
-    fn headers(&self) -> &[Header] {
-        &self.spec.headers
-    }
-
-    fn options(&self) -> &TransactionOptions {
-        &self.spec.options
-    }
-
-    fn ttl(&self) -> Option<i64> {
-        self.spec.ttl_seconds_after_finished
-    }
+    common_accessors!();
 
     fn endpoints(&self) -> Vec<&Endpoint> {
         self.spec
@@ -256,21 +249,7 @@ impl Transactional for Tcc {
 impl Transactional for Msg {
     const KIND: &'static str = "Msg";
 
-    fn tx_status(&self) -> Option<&TransactionStatus> {
-        self.status.as_ref()
-    }
-
-    fn headers(&self) -> &[Header] {
-        &self.spec.headers
-    }
-
-    fn options(&self) -> &TransactionOptions {
-        &self.spec.options
-    }
-
-    fn ttl(&self) -> Option<i64> {
-        self.spec.ttl_seconds_after_finished
-    }
+    common_accessors!();
 
     fn endpoints(&self) -> Vec<&Endpoint> {
         self.spec
