@@ -48,6 +48,9 @@ pub enum CliError {
     /// The CRDs could not be rendered.
     #[error("cannot render CRDs: {0}")]
     Crd(#[from] serde_yaml::Error),
+    /// The benchmark failed.
+    #[error(transparent)]
+    Bench(#[from] crate::bench::BenchError),
 }
 
 /// kubetx: distributed transactions (saga, TCC, 2-phase message, XA, workflow) with a
@@ -65,7 +68,7 @@ pub struct Cli {
 // Parsed once per process: the size of the largest variant does not matter.
 #[allow(clippy::large_enum_variant)]
 pub enum Command {
-    /// Serve the DTM-compatible API on an embedded SQLite store.
+    /// Serve the DTM-compatible API (SQLite by default; PostgreSQL or MySQL with --store).
     Serve(ServeArgs),
     /// Run the Kubernetes operator (Saga, Tcc and Msg controllers) and the DTM API beside it.
     Operator(OperatorArgs),
@@ -75,6 +78,8 @@ pub enum Command {
         #[arg(long, env = "BANK_LISTEN", default_value = "0.0.0.0:8080")]
         listen: String,
     },
+    /// Benchmark kubetx against a trivial bank service on 127.0.0.1 (see BENCHMARKS.md).
+    Bench(crate::bench::BenchArgs),
     /// Print the CustomResourceDefinitions (YAML) of Saga, Tcc and Msg, or write one file per
     /// CRD into a directory.
     Crd {
@@ -93,6 +98,24 @@ pub struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long, env = "KUBETX_LISTEN")]
     pub listen: Option<String>,
+    /// Store URL: postgres://..., mysql://..., sqlite://path or a path; empty for --db.
+    #[arg(long, env = "KUBETX_STORE")]
+    pub store: Option<String>,
+    /// Do not run the store's schema migrations on start.
+    #[arg(long, env = "KUBETX_SKIP_MIGRATIONS", num_args = 0..=1, default_missing_value = "true")]
+    pub skip_migrations: Option<bool>,
+    /// Connection pool size of the PostgreSQL and MySQL stores.
+    #[arg(long, env = "KUBETX_STORE_MAX_CONNECTIONS")]
+    pub store_max_connections: Option<u32>,
+    /// Milliseconds a call waits for a database connection before failing with 503.
+    #[arg(long, env = "KUBETX_STORE_ACQUIRE_TIMEOUT_MS")]
+    pub store_acquire_timeout_ms: Option<u64>,
+    /// Seconds after which finished transactions are deleted; 0 keeps them.
+    #[arg(long, env = "KUBETX_RETENTION")]
+    pub retention: Option<u64>,
+    /// Seconds between retention sweeps.
+    #[arg(long, env = "KUBETX_RETENTION_INTERVAL")]
+    pub retention_interval: Option<u64>,
     /// SQLite database file.
     #[arg(long, env = "KUBETX_DB")]
     pub db: Option<String>,
@@ -193,6 +216,12 @@ impl ServeArgs {
         }
         set!(
             listen => listen,
+            store => store,
+            skip_migrations => skip_migrations,
+            store_max_connections => store_max_connections,
+            store_acquire_timeout_ms => store_acquire_timeout_ms,
+            retention => retention,
+            retention_interval => retention_interval,
             db => sqlite.path,
             sqlite_synchronous => sqlite.synchronous,
             retry_interval => retry_interval,
@@ -232,6 +261,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .await
                 .map_err(|e| CliError::Serve(ServeError::Http(e)))
         }
+        Command::Bench(args) => Ok(crate::bench::main(&args).await?),
         Command::Crd { out_dir: None } => {
             print!("{}", crate::operator::crd::crds_yaml()?);
             Ok(())

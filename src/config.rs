@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::Policy;
 use crate::scheduler::SchedulerConfig;
-use crate::store::Synchronous;
+use crate::store::retention::Retention;
+use crate::store::{StoreKind, StoreOptions, Synchronous};
 
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +72,23 @@ impl Default for SqliteConfig {
 pub struct Config {
     /// Address of the DTM-compatible HTTP API.
     pub listen: String,
+    /// Where transactions live: empty for the SQLite file of `sqlite.path`; `postgres://...` or
+    /// `mysql://...` for a database several replicas share; `sqlite://path` or a path for SQLite.
+    pub store: String,
+    /// Do not run the store's schema migrations on start.
+    pub skip_migrations: bool,
+    /// Connection pool size of the PostgreSQL and MySQL stores.
+    pub store_max_connections: u32,
+    /// How long a call waits for a database connection before it fails (503), in milliseconds.
+    pub store_acquire_timeout_ms: u64,
     /// The embedded SQLite store.
     pub sqlite: SqliteConfig,
+    /// Finished transactions are deleted this long after their last write; 0 keeps them forever.
+    pub retention: u64,
+    /// Transactions deleted per retention batch.
+    pub retention_batch: i64,
+    /// Pause between retention sweeps.
+    pub retention_interval: u64,
     /// Base retry interval of transactions that set none.
     pub retry_interval: i64,
     /// Cap of the exponential backoff.
@@ -103,7 +119,14 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:36789".to_owned(),
+            store: String::new(),
+            skip_migrations: false,
+            store_max_connections: 16,
+            store_acquire_timeout_ms: 2000,
             sqlite: SqliteConfig::default(),
+            retention: 7 * 24 * 3600,
+            retention_batch: 500,
+            retention_interval: 60,
             retry_interval: 10,
             max_retry_interval: 300,
             timeout_to_fail: 35,
@@ -143,6 +166,10 @@ impl Config {
             ("lease", self.lease as i64),
             ("poll_interval_ms", self.poll_interval_ms as i64),
             ("max_body_bytes", self.max_body_bytes as i64),
+            ("store_max_connections", self.store_max_connections as i64),
+            ("store_acquire_timeout_ms", self.store_acquire_timeout_ms as i64),
+            ("retention_batch", self.retention_batch),
+            ("retention_interval", self.retention_interval as i64),
         ];
         for (name, value) in positive {
             if value <= 0 {
@@ -159,7 +186,33 @@ impl Config {
                 "lease must be longer than request_timeout".to_owned(),
             ));
         }
+        self.store_kind()?;
         Ok(())
+    }
+
+    /// The store the `store` key (or, when empty, `sqlite.path`) names.
+    pub fn store_kind(&self) -> Result<StoreKind, ConfigError> {
+        StoreKind::parse(&self.store, &self.sqlite.path).map_err(|e| ConfigError::Invalid(format!("store: {e}")))
+    }
+
+    /// How to open the store.
+    pub fn store_options(&self) -> Result<StoreOptions, ConfigError> {
+        Ok(StoreOptions {
+            kind: self.store_kind()?,
+            synchronous: self.sqlite.synchronous,
+            migrate: !self.skip_migrations,
+            max_connections: self.store_max_connections,
+            acquire_timeout: Duration::from_millis(self.store_acquire_timeout_ms),
+        })
+    }
+
+    /// Retention settings.
+    pub fn retention(&self) -> Retention {
+        Retention {
+            max_age: (self.retention > 0).then(|| Duration::from_secs(self.retention)),
+            batch: self.retention_batch,
+            interval: Duration::from_secs(self.retention_interval),
+        }
     }
 
     /// The scheduler's view of this configuration.

@@ -21,6 +21,9 @@ use crate::metrics::{Metrics, RouteLabels, TransLabels};
 use crate::model::{Branch, GlobalTrans, Millis, TransStatus};
 use crate::store::{Guard, Lease, StatusChange, Store, StoreError};
 
+/// Longest pause of the background loop while the store keeps failing.
+const MAX_CLAIM_BACKOFF: Duration = Duration::from_secs(5);
+
 /// Errors of the scheduler layer.
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
@@ -221,20 +224,35 @@ impl Coordinator {
         Ok(gids.len())
     }
 
-    /// The background loop: claim due transactions, run them, sleep when idle. Returns when
-    /// `shutdown` is cancelled.
+    /// The background loop: claim due transactions, run them, sleep when idle, back off
+    /// while the store fails. Returns when `shutdown` is cancelled.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
         loop {
             let idle = match self.claim_and_spawn().await {
-                Ok(claimed) => claimed == 0,
+                Ok(claimed) => {
+                    if failures > 0 {
+                        info!(failures, "store answers again; claiming resumed");
+                        failures = 0;
+                    }
+                    claimed == 0
+                }
                 Err(error) => {
-                    warn!(%error, "cannot claim due transactions; retrying");
+                    failures += 1;
+                    if failures == 1 {
+                        warn!(%error, "cannot claim due transactions; backing off");
+                    } else {
+                        debug!(%error, failures, "still cannot claim due transactions");
+                    }
                     true
                 }
             };
             if idle {
+                // Exponential while the store fails, capped (the poll interval if that is longer).
+                let pause = (self.config.poll_interval * 2u32.pow(failures.min(8)))
+                    .min(MAX_CLAIM_BACKOFF.max(self.config.poll_interval));
                 tokio::select! {
-                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = self.wake.notified() => {}
                     _ = shutdown.cancelled() => return,
                 }

@@ -4,6 +4,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -14,7 +19,10 @@ use crate::config::Config;
 use crate::invoke::{InvokeError, Invoker};
 use crate::metrics::Metrics;
 use crate::scheduler::{Clock, Coordinator};
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::{self, Store, StoreError, retention};
+
+/// How long `/readyz` waits for the store.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +59,7 @@ pub struct Server {
     shutdown: CancellationToken,
     http: JoinHandle<Result<(), std::io::Error>>,
     scheduler: Option<JoinHandle<()>>,
+    retention: Option<JoinHandle<()>>,
     drain_timeout: Duration,
 }
 
@@ -69,7 +78,8 @@ impl Server {
         metrics: Arc<Metrics>,
     ) -> Result<Self, ServeError> {
         config.validate()?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.sqlite.path, config.sqlite.synchronous).await?);
+        let options = config.store_options()?;
+        let store = store::open(&options).await?;
         let coordinator = Arc::new(Coordinator::new(
             store,
             Invoker::new()?,
@@ -84,12 +94,14 @@ impl Server {
                 source,
             })?;
         let addr = listener.local_addr().map_err(ServeError::Http)?;
+        let ready_store = Arc::clone(coordinator.store());
         let router = api::router(
             Arc::clone(&coordinator),
             &ApiConfig {
                 max_body_bytes: config.max_body_bytes,
             },
-        );
+        )
+        .route("/readyz", get(move || readyz(Arc::clone(&ready_store))));
         let shutdown = CancellationToken::new();
         let http = tokio::spawn({
             let stop = shutdown.clone();
@@ -100,13 +112,23 @@ impl Server {
             }
         });
         let scheduler = run_scheduler.then(|| tokio::spawn(Arc::clone(&coordinator).run(shutdown.clone())));
-        info!(%addr, db = %config.sqlite.path, "kubetx serving the DTM API");
+        let retention = run_scheduler.then(|| {
+            let clock = Arc::clone(&coordinator);
+            tokio::spawn(retention::run(
+                Arc::clone(coordinator.store()),
+                config.retention(),
+                move || clock.now(),
+                shutdown.clone(),
+            ))
+        });
+        info!(%addr, store = %options.kind.describe(), "kubetx serving the DTM API");
         Ok(Server {
             addr,
             coordinator,
             shutdown,
             http,
             scheduler,
+            retention,
             drain_timeout: Duration::from_secs(config.drain_timeout),
         })
     }
@@ -124,12 +146,30 @@ impl Server {
             // A panicked loop has nothing left to drain.
             let _ = scheduler.await;
         }
+        if let Some(retention) = self.retention {
+            // Stops at the next batch boundary; a panicked sweep has nothing to finish.
+            let _ = retention.await;
+        }
         self.coordinator.drain(self.drain_timeout).await;
         match served {
             Ok(result) => result.map_err(ServeError::Http),
             Err(join) => Err(ServeError::Http(std::io::Error::other(join))),
         }
     }
+}
+
+/// `GET /readyz`: 200 when the store answers, 503 with the reason when it does not.
+async fn readyz(store: Arc<dyn Store>) -> Response {
+    let answer = match tokio::time::timeout(READY_TIMEOUT, store.ping()).await {
+        Ok(Ok(())) => return (StatusCode::OK, Json(json!({"status": "ready"}))).into_response(),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("store did not answer within {} ms", READY_TIMEOUT.as_millis()),
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "unavailable", "message": answer})),
+    )
+        .into_response()
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -54,6 +54,7 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::Unavailable(_) | StoreError::Closed => ApiError::Unavailable(error.to_string()),
             StoreError::Corrupt(_) => ApiError::Internal(error.to_string()),
+            StoreError::Invalid(_) => ApiError::BadRequest(error.to_string()),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Durable state behind one trait: SQLite now; PostgreSQL, MySQL and the Kubernetes status later.
+//! Durable state behind one trait: SQLite (embedded), PostgreSQL and MySQL/MariaDB (shared by
+//! several kubetx replicas). [`open`] picks one from a URL.
 //!
 //! Every write is conditional so that several processes can share one store safely:
 //! - status changes name the status they expect (`UPDATE … WHERE status = ?`);
@@ -7,10 +8,19 @@
 //!   `next_cron_time` as the expiry), and every write made while driving names the owner, so a
 //!   process that lost its lease (it stalled, another took over) cannot write any more.
 
+mod mysql;
+mod postgres;
+pub mod retention;
+mod sql;
 mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use mysql::MySqlStore;
+pub use postgres::PgStore;
 pub use sqlite::{SqliteStore, Synchronous};
 
 use crate::engine::BranchUpdate;
@@ -28,6 +38,10 @@ pub enum StoreError {
     /// The store is shutting down.
     #[error("store is closed")]
     Closed,
+    /// A value cannot be stored as given (too long, a NUL character, a duplicate key in one
+    /// request): the caller's input is at fault, retrying will not help.
+    #[error("invalid input: {0}")]
+    Invalid(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -208,4 +222,221 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes a key. False when it did not exist.
     async fn kv_delete(&self, cat: &str, key: &str) -> Result<bool>;
+
+    /// Deletes up to `limit` finished (succeeded or failed) transactions whose last write is
+    /// older than `before`, with their branches, oldest first. Returns how many were deleted.
+    /// Each call is one short write that locks only the rows it deletes.
+    async fn purge_finished(&self, before: Millis, limit: i64) -> Result<u64>;
+}
+
+/// Longest gid, branch id, op, KV category and KV key every store accepts (DTM's width).
+pub const MAX_KEY_LEN: usize = 128;
+
+/// Checks a key column: at most [`MAX_KEY_LEN`] bytes, no NUL.
+pub(crate) fn check_key(what: &str, value: &str) -> Result<()> {
+    if value.len() > MAX_KEY_LEN {
+        return Err(StoreError::Invalid(format!(
+            "{what} is longer than {MAX_KEY_LEN} bytes"
+        )));
+    }
+    check_text(what, value)
+}
+
+/// Checks a text column: no NUL character (PostgreSQL cannot store one; the other stores refuse
+/// it too so that every store behaves alike).
+pub(crate) fn check_text(what: &str, value: &str) -> Result<()> {
+    if value.contains('\0') {
+        return Err(StoreError::Invalid(format!("{what} contains a NUL character")));
+    }
+    Ok(())
+}
+
+/// Checks what `create` stores.
+pub(crate) fn check_new(global: &GlobalTrans, branches: &[Branch]) -> Result<()> {
+    check_key("gid", &global.gid)?;
+    for (what, value) in [
+        ("query_prepared", &global.query_prepared),
+        ("protocol", &global.protocol),
+        ("custom_data", &global.custom_data),
+        ("result", &global.result),
+        ("rollback_reason", &global.rollback_reason),
+        ("ext_data", &global.ext_data),
+    ] {
+        check_text(what, value)?;
+    }
+    check_branches(branches)
+}
+
+/// Checks branch rows before they are inserted.
+pub(crate) fn check_branches(branches: &[Branch]) -> Result<()> {
+    let mut keys = std::collections::HashSet::new();
+    for branch in branches {
+        check_key("gid", &branch.gid)?;
+        check_key("branch_id", &branch.branch_id)?;
+        check_key("op", &branch.op)?;
+        check_text("url", &branch.url)?;
+        if !keys.insert((branch.branch_id.as_str(), branch.op.as_str())) {
+            return Err(StoreError::Invalid(format!(
+                "branch {} op {} appears twice",
+                branch.branch_id, branch.op
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the free-text fields of a status change.
+pub(crate) fn check_change(change: &StatusChange) -> Result<()> {
+    for (what, value) in [
+        ("rollback_reason", &change.rollback_reason),
+        ("result", &change.result),
+        ("custom_data", &change.custom_data),
+    ] {
+        if let Some(value) = value {
+            check_text(what, value)?;
+        }
+    }
+    Ok(())
+}
+
+/// Which backend a store URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// An SQLite file at this path.
+    Sqlite(String),
+    /// A PostgreSQL URL (`postgres://...`).
+    Postgres(String),
+    /// A MySQL or MariaDB URL (`mysql://...`).
+    MySql(String),
+}
+
+impl StoreKind {
+    /// Parses a store setting: `postgres://` or `postgresql://`, `mysql://` or `mariadb://`,
+    /// `sqlite://path` or `sqlite:path`, or a plain path (SQLite). Empty means `default_sqlite`.
+    pub fn parse(url: &str, default_sqlite: &str) -> Result<Self> {
+        let url = url.trim();
+        if url.is_empty() {
+            return Ok(StoreKind::Sqlite(default_sqlite.to_owned()));
+        }
+        let lower = url.to_ascii_lowercase();
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            return Ok(StoreKind::Postgres(url.to_owned()));
+        }
+        if lower.starts_with("mysql://") {
+            return Ok(StoreKind::MySql(url.to_owned()));
+        }
+        if lower.starts_with("mariadb://") {
+            return Ok(StoreKind::MySql(format!("mysql://{}", &url["mariadb://".len()..])));
+        }
+        if let Some(path) = lower.starts_with("sqlite:").then(|| &url["sqlite:".len()..]) {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(StoreError::Invalid("sqlite store URL names no file".to_owned()));
+            }
+            return Ok(StoreKind::Sqlite(path.to_owned()));
+        }
+        if url.contains("://") {
+            return Err(StoreError::Invalid(format!(
+                "unsupported store URL {:?}: use postgres://, mysql:// or sqlite://",
+                redact(url)
+            )));
+        }
+        Ok(StoreKind::Sqlite(url.to_owned()))
+    }
+
+    /// A name for logs: the backend and, for SQL servers, the URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreKind::Sqlite(path) => format!("sqlite://{path}"),
+            StoreKind::Postgres(url) | StoreKind::MySql(url) => redact(url),
+        }
+    }
+}
+
+/// The URL with any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(at) => rest.split_at(at),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            if user_info.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                url.to_owned()
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// How to open a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Which backend, and where.
+    pub kind: StoreKind,
+    /// SQLite durability.
+    pub synchronous: Synchronous,
+    /// Run the schema migrations on open.
+    pub migrate: bool,
+    /// Connection pool size (PostgreSQL and MySQL).
+    pub max_connections: u32,
+    /// How long a call waits for a connection before it fails with `Unavailable`.
+    pub acquire_timeout: Duration,
+}
+
+/// Opens the store `options` names.
+pub async fn open(options: &StoreOptions) -> Result<Arc<dyn Store>> {
+    Ok(match &options.kind {
+        StoreKind::Sqlite(path) => Arc::new(SqliteStore::open_with(path, options.synchronous, options.migrate).await?),
+        StoreKind::Postgres(url) => Arc::new(PgStore::open(url, options).await?),
+        StoreKind::MySql(url) => Arc::new(MySqlStore::open(url, options).await?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_are_classified() {
+        let parse = |url: &str| StoreKind::parse(url, "./kubetx.db").unwrap();
+        assert_eq!(parse(""), StoreKind::Sqlite("./kubetx.db".into()));
+        assert_eq!(parse("/var/lib/k.db"), StoreKind::Sqlite("/var/lib/k.db".into()));
+        assert_eq!(parse("sqlite:///var/k.db"), StoreKind::Sqlite("/var/k.db".into()));
+        assert_eq!(parse("sqlite://k.db"), StoreKind::Sqlite("k.db".into()));
+        assert_eq!(parse("sqlite:k.db"), StoreKind::Sqlite("k.db".into()));
+        assert_eq!(
+            parse("postgres://u:p@h/db"),
+            StoreKind::Postgres("postgres://u:p@h/db".into())
+        );
+        assert_eq!(
+            parse("mariadb://root@h/db"),
+            StoreKind::MySql("mysql://root@h/db".into())
+        );
+        assert!(StoreKind::parse("redis://h", "").is_err());
+        assert!(StoreKind::parse("sqlite://", "").is_err());
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("mysql://root@h/db"), "mysql://root@h/db");
+        assert_eq!(redact("/path/k.db"), "/path/k.db");
+    }
+
+    #[test]
+    fn keys_and_text_are_checked() {
+        assert!(check_key("gid", &"g".repeat(MAX_KEY_LEN)).is_ok());
+        assert!(matches!(
+            check_key("gid", &"g".repeat(MAX_KEY_LEN + 1)),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(check_text("url", "a\0b"), Err(StoreError::Invalid(_))));
+    }
 }

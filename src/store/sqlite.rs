@@ -16,7 +16,10 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{AddBranches, Guard, KvEntry, Lease, ListQuery, Result, StatusChange, Store, StoreError};
+use super::{
+    AddBranches, Guard, KvEntry, Lease, ListQuery, Result, StatusChange, Store, StoreError, check_branches,
+    check_change, check_key, check_new, check_text,
+};
 use crate::engine::BranchUpdate;
 use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType};
 
@@ -27,6 +30,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 const MAX_BATCH: usize = 512;
 
 const UNFINISHED: &str = "('prepared', 'submitted', 'aborting')";
+
+const FINISHED: &str = "('succeed', 'failed')";
 
 const GLOBAL_COLUMNS: &str = "id, gid, trans_type, status, query_prepared, protocol, custom_data, options, \
     create_time, update_time, finish_time, rollback_time, next_cron_time, next_cron_interval, owner, result, \
@@ -74,6 +79,7 @@ enum Write {
     KvCreate(String, String, String, Millis),
     KvUpdate(String, String, String, i64, Millis),
     KvDelete(String, String),
+    PurgeFinished(Millis, i64),
 }
 
 #[derive(Debug)]
@@ -87,6 +93,11 @@ enum Reply {
 impl SqliteStore {
     /// Opens (creating if needed) the database file and runs the migrations.
     pub async fn open(path: &str, synchronous: Synchronous) -> Result<Self> {
+        Self::open_with(path, synchronous, true).await
+    }
+
+    /// Opens (creating if needed) the database file, running the migrations when `migrate`.
+    pub async fn open_with(path: &str, synchronous: Synchronous, migrate: bool) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -96,10 +107,12 @@ impl SqliteStore {
             })
             .busy_timeout(Duration::from_secs(10));
         let mut writer = SqliteConnection::connect_with(&options).await?;
-        MIGRATOR
-            .run(&mut writer)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
+        if migrate {
+            MIGRATOR
+                .run(&mut writer)
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
+        }
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
@@ -385,6 +398,31 @@ async fn apply(conn: &mut SqliteConnection, write: Write) -> Result<Reply> {
             .rows_affected();
             Ok(Reply::Flag(done == 1))
         }
+        Write::PurgeFinished(before, limit) => {
+            // One writer runs this batch alone, so both statements see the same victims.
+            let victims = format!(
+                "SELECT {{}} FROM trans_global WHERE status IN {FINISHED} AND update_time < ?1 \
+                 ORDER BY update_time, id LIMIT ?2"
+            );
+            sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM trans_branch_op WHERE gid IN ({})",
+                victims.replace("{}", "gid")
+            )))
+            .bind(before)
+            .bind(limit)
+            .execute(&mut *conn)
+            .await?;
+            let deleted = sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM trans_global WHERE id IN ({})",
+                victims.replace("{}", "id")
+            )))
+            .bind(before)
+            .bind(limit)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            Ok(Reply::Count(deleted))
+        }
         Write::KvDelete(cat, key) => {
             let done = sqlx::query("DELETE FROM kv WHERE cat = ? AND k = ?")
                 .bind(&cat)
@@ -544,6 +582,7 @@ impl Store for SqliteStore {
     }
 
     async fn create(&self, global: &GlobalTrans, branches: &[Branch]) -> Result<bool> {
+        check_new(global, branches)?;
         self.write_flag(Write::Create(global.clone(), branches.to_vec())).await
     }
 
@@ -572,10 +611,13 @@ impl Store for SqliteStore {
     }
 
     async fn change_status(&self, change: &StatusChange) -> Result<bool> {
+        check_change(change)?;
         self.write_flag(Write::ChangeStatus(change.clone())).await
     }
 
     async fn add_branches(&self, gid: &str, branches: &[Branch]) -> Result<AddBranches> {
+        check_key("gid", gid)?;
+        check_branches(branches)?;
         match self
             .write(Write::AddBranches(gid.to_owned(), branches.to_vec()))
             .await?
@@ -675,11 +717,15 @@ impl Store for SqliteStore {
     }
 
     async fn kv_create(&self, cat: &str, key: &str, value: &str, now: Millis) -> Result<bool> {
+        check_key("category", cat)?;
+        check_key("key", key)?;
+        check_text("value", value)?;
         self.write_flag(Write::KvCreate(cat.to_owned(), key.to_owned(), value.to_owned(), now))
             .await
     }
 
     async fn kv_update(&self, cat: &str, key: &str, value: &str, version: i64, now: Millis) -> Result<bool> {
+        check_text("value", value)?;
         self.write_flag(Write::KvUpdate(
             cat.to_owned(),
             key.to_owned(),
@@ -692,5 +738,12 @@ impl Store for SqliteStore {
 
     async fn kv_delete(&self, cat: &str, key: &str) -> Result<bool> {
         self.write_flag(Write::KvDelete(cat.to_owned(), key.to_owned())).await
+    }
+
+    async fn purge_finished(&self, before: Millis, limit: i64) -> Result<u64> {
+        match self.write(Write::PurgeFinished(before, limit)).await? {
+            Reply::Count(count) => Ok(count),
+            other => Err(StoreError::Corrupt(format!("unexpected writer reply {other:?}"))),
+        }
     }
 }

@@ -1,6 +1,9 @@
-//! Test harness: a real kubetx server on 127.0.0.1 with a real SQLite file and an injected
+//! Test harness: a real kubetx server on 127.0.0.1 with a real SQLite file (or, with
+//! `KUBETX_TEST_STORE=postgres|mysql`, a fresh schema on a real database server) and an injected
 //! clock, and a real HTTP bank service whose replies can be scripted per call.
 #![allow(dead_code)]
+
+pub mod db;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -26,6 +29,8 @@ pub struct TestServer {
     pub clock: Arc<OffsetClock>,
     pub http: reqwest::Client,
     pub dir: TempDir,
+    /// The PostgreSQL schema or MySQL database of this server (dropped last).
+    pub db: Option<db::TestDb>,
 }
 
 impl TestServer {
@@ -40,6 +45,11 @@ impl TestServer {
             ..Config::default()
         };
         config.sqlite.path = dir.path().join("kubetx.db").display().to_string();
+        let db = db::TestDb::from_env().await;
+        if let Some(db) = &db {
+            config.store = db.url.clone();
+            config.store_max_connections = 4;
+        }
         adjust(&mut config);
         let clock = Arc::new(OffsetClock::default());
         let server = Server::start(&config, clock.clone(), false)
@@ -50,6 +60,7 @@ impl TestServer {
             clock,
             http: reqwest::Client::new(),
             dir,
+            db,
         }
     }
 

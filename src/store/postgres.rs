@@ -1,0 +1,672 @@
+//! The PostgreSQL store: several kubetx replicas share one database.
+//!
+//! Every trait call is one short transaction, most of them a single statement (multi-row work
+//! goes through `UNNEST` arrays), so a call costs one round trip and PostgreSQL's own group
+//! commit batches the WAL flushes of concurrent calls. Claiming uses `FOR UPDATE SKIP LOCKED`
+//! over a partial index of the unfinished transactions, so replicas never wait for each other.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, QueryBuilder, Row};
+
+use super::sql::Reachability;
+use super::{
+    AddBranches, Guard, KvEntry, Lease, ListQuery, Result, StatusChange, Store, StoreError, StoreOptions,
+    check_branches, check_change, check_key, check_new, check_text,
+};
+use crate::db;
+use crate::engine::BranchUpdate;
+use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType};
+
+// Every dynamic SQL string below is assembled from constants of this file only, never from input.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+const UNFINISHED: &str = "('prepared', 'submitted', 'aborting')";
+
+const FINISHED: &str = "('succeed', 'failed')";
+
+const GLOBAL_COLUMNS: &str = "id, gid, trans_type, status, query_prepared, protocol, custom_data, options, \
+    create_time, update_time, finish_time, rollback_time, next_cron_time, next_cron_interval, owner, result, \
+    rollback_reason, ext_data";
+
+const BRANCH_COLUMNS: &str =
+    "id, gid, url, bin_data, branch_id, op, status, create_time, update_time, finish_time, rollback_time";
+
+const KV_COLUMNS: &str = "id, cat, k, v, version, create_time, update_time";
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    reach: Arc<Reachability>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+/// Branch rows as column arrays, for `UNNEST`.
+#[derive(Default)]
+struct BranchColumns {
+    url: Vec<String>,
+    bin_data: Vec<Vec<u8>>,
+    branch_id: Vec<String>,
+    op: Vec<String>,
+    status: Vec<String>,
+    create_time: Vec<i64>,
+    update_time: Vec<i64>,
+    finish_time: Vec<Option<i64>>,
+    rollback_time: Vec<Option<i64>>,
+}
+
+impl BranchColumns {
+    fn of(branches: &[Branch]) -> Self {
+        let mut columns = BranchColumns::default();
+        for branch in branches {
+            columns.url.push(branch.url.clone());
+            columns.bin_data.push(branch.bin_data.clone());
+            columns.branch_id.push(branch.branch_id.clone());
+            columns.op.push(branch.op.clone());
+            columns.status.push(branch.status.as_str().to_owned());
+            columns.create_time.push(branch.create_time);
+            columns.update_time.push(branch.update_time);
+            columns.finish_time.push(branch.finish_time);
+            columns.rollback_time.push(branch.rollback_time);
+        }
+        columns
+    }
+}
+
+/// `SELECT` of branch rows (and their position `n`) from the `UNNEST` arrays bound at
+/// `$first..$first+8`.
+fn unnest_branches(first: usize) -> String {
+    let p = |i: usize| format!("${}", first + i);
+    format!(
+        "SELECT v.url, v.bin_data, v.branch_id, v.op, v.status, v.create_time, v.update_time, v.finish_time, \
+         v.rollback_time, v.n FROM UNNEST({}::text[], {}::bytea[], {}::text[], {}::text[], {}::text[], {}::int8[], \
+         {}::int8[], {}::int8[], {}::int8[]) WITH ORDINALITY AS v(url, bin_data, branch_id, op, status, \
+         create_time, update_time, finish_time, rollback_time, n)",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8)
+    )
+}
+
+impl PgStore {
+    /// Connects, and runs the migrations unless `options.migrate` is false.
+    pub async fn open(url: &str, options: &StoreOptions) -> Result<Self> {
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Invalid(format!("invalid PostgreSQL URL: {e}")))?
+            .application_name("kubetx");
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .test_before_acquire(true)
+            .connect_with(connect.clone())
+            .await?;
+        if options.migrate {
+            MIGRATOR
+                .run(&pool)
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
+        }
+        let timeout = options.acquire_timeout;
+        let reach = Reachability::new(
+            "postgres",
+            Arc::new(move || {
+                let connect = connect.clone();
+                Box::pin(async move {
+                    let attempt = async {
+                        let mut conn = PgConnection::connect_with(&connect).await?;
+                        sqlx::query("SELECT 1").execute(&mut conn).await?;
+                        conn.close().await
+                    };
+                    match tokio::time::timeout(timeout, attempt).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(error)) => Err(error.to_string()),
+                        Err(_) => Err("connection attempt timed out".to_owned()),
+                    }
+                })
+            }),
+        );
+        Ok(PgStore { pool, reach })
+    }
+}
+
+fn parse_status(text: &str) -> Result<TransStatus> {
+    TransStatus::parse(text).ok_or_else(|| StoreError::Corrupt(format!("unknown status {text:?}")))
+}
+
+fn decode_global(row: &PgRow) -> Result<GlobalTrans> {
+    let trans_type: String = row.try_get("trans_type")?;
+    let status: String = row.try_get("status")?;
+    let options: String = row.try_get("options")?;
+    Ok(GlobalTrans {
+        id: row.try_get("id")?,
+        gid: row.try_get("gid")?,
+        trans_type: TransType::parse(&trans_type)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown trans_type {trans_type:?}")))?,
+        status: parse_status(&status)?,
+        query_prepared: row.try_get("query_prepared")?,
+        protocol: row.try_get("protocol")?,
+        custom_data: row.try_get("custom_data")?,
+        options: if options.is_empty() {
+            TransOptions::default()
+        } else {
+            serde_json::from_str(&options).map_err(|e| StoreError::Corrupt(format!("options: {e}")))?
+        },
+        create_time: row.try_get("create_time")?,
+        update_time: row.try_get("update_time")?,
+        finish_time: row.try_get("finish_time")?,
+        rollback_time: row.try_get("rollback_time")?,
+        next_cron_time: row.try_get("next_cron_time")?,
+        next_cron_interval: row.try_get("next_cron_interval")?,
+        owner: row.try_get("owner")?,
+        result: row.try_get("result")?,
+        rollback_reason: row.try_get("rollback_reason")?,
+        ext_data: row.try_get("ext_data")?,
+    })
+}
+
+fn decode_branch(row: &PgRow) -> Result<Branch> {
+    let status: String = row.try_get("status")?;
+    Ok(Branch {
+        id: row.try_get("id")?,
+        gid: row.try_get("gid")?,
+        url: row.try_get("url")?,
+        bin_data: row.try_get("bin_data")?,
+        branch_id: row.try_get("branch_id")?,
+        op: row.try_get("op")?,
+        status: BranchStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown branch status {status:?}")))?,
+        create_time: row.try_get("create_time")?,
+        update_time: row.try_get("update_time")?,
+        finish_time: row.try_get("finish_time")?,
+        rollback_time: row.try_get("rollback_time")?,
+    })
+}
+
+fn decode_kv(row: &PgRow) -> Result<KvEntry> {
+    Ok(KvEntry {
+        id: row.try_get("id")?,
+        cat: row.try_get("cat")?,
+        key: row.try_get("k")?,
+        value: row.try_get("v")?,
+        version: row.try_get("version")?,
+        create_time: row.try_get("create_time")?,
+        update_time: row.try_get("update_time")?,
+    })
+}
+
+async fn add_branches_tx(pool: &PgPool, gid: &str, branches: &[Branch]) -> Result<AddBranches, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Locking the global row orders registrations against each other and against the status
+    // change that ends `prepared`: once that commits, no registration can slip in.
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM trans_global WHERE gid = $1 FOR UPDATE")
+        .bind(gid)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let status = match status.as_deref().map(TransStatus::parse) {
+        None => None,
+        Some(Some(status)) => Some(status),
+        Some(None) => {
+            return Err(super::sql::corrupt(StoreError::Corrupt(format!(
+                "unknown status {status:?}"
+            ))));
+        }
+    };
+    if status != Some(TransStatus::Prepared) {
+        tx.rollback().await?;
+        return Ok(AddBranches::WrongStatus(status));
+    }
+    let existing = sqlx::query("SELECT branch_id, op, url, bin_data, status FROM trans_branch_op WHERE gid = $1")
+        .bind(gid)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut missing = Vec::new();
+    for branch in branches {
+        let mut found = None;
+        for row in &existing {
+            let branch_id: String = row.try_get(0)?;
+            let op: String = row.try_get(1)?;
+            if branch_id == branch.branch_id && op == branch.op {
+                found = Some(row);
+                break;
+            }
+        }
+        match found {
+            None => missing.push(branch.clone()),
+            Some(row) => {
+                let url: String = row.try_get(2)?;
+                let data: Vec<u8> = row.try_get(3)?;
+                let status: String = row.try_get(4)?;
+                if url != branch.url || data != branch.bin_data || status != branch.status.as_str() {
+                    tx.rollback().await?;
+                    return Ok(AddBranches::Conflict(format!(
+                        "branch {} op {} is already registered with other content",
+                        branch.branch_id, branch.op
+                    )));
+                }
+            }
+        }
+    }
+    if missing.is_empty() {
+        tx.rollback().await?;
+        return Ok(AddBranches::AlreadyRegistered);
+    }
+    let columns = BranchColumns::of(&missing);
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, create_time, update_time, \
+         finish_time, rollback_time) SELECT $1, url, bin_data, branch_id, op, status, create_time, update_time, \
+         finish_time, rollback_time FROM ({}) AS b ORDER BY n",
+        unnest_branches(2)
+    )))
+    .bind(gid)
+    .bind(&columns.url)
+    .bind(&columns.bin_data)
+    .bind(&columns.branch_id)
+    .bind(&columns.op)
+    .bind(&columns.status)
+    .bind(&columns.create_time)
+    .bind(&columns.update_time)
+    .bind(&columns.finish_time)
+    .bind(&columns.rollback_time)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(AddBranches::Added)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> Result<()> {
+        db!(self.reach, sqlx::query("SELECT 1").execute(&self.pool).await)?;
+        Ok(())
+    }
+
+    async fn create(&self, global: &GlobalTrans, branches: &[Branch]) -> Result<bool> {
+        check_new(global, branches)?;
+        let options = serde_json::to_string(&global.options).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let columns = BranchColumns::of(branches);
+        let sql = format!(
+            "WITH g AS (INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, custom_data, \
+             options, create_time, update_time, finish_time, rollback_time, next_cron_time, next_cron_interval, \
+             owner, result, rollback_reason, ext_data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+             $13, $14, $15, $16, $17) ON CONFLICT (gid) DO NOTHING RETURNING id), \
+             b AS (INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, create_time, \
+             update_time, finish_time, rollback_time) SELECT $1, url, bin_data, branch_id, op, status, \
+             create_time, update_time, finish_time, rollback_time FROM ({}) AS v WHERE EXISTS (SELECT 1 FROM g) \
+             ORDER BY n) \
+             SELECT count(*) FROM g",
+            unnest_branches(18)
+        );
+        let inserted: i64 = db!(self.reach, {
+            sqlx::query_scalar(AssertSqlSafe(sql.clone()))
+                .bind(&global.gid)
+                .bind(global.trans_type.as_str())
+                .bind(global.status.as_str())
+                .bind(&global.query_prepared)
+                .bind(&global.protocol)
+                .bind(&global.custom_data)
+                .bind(&options)
+                .bind(global.create_time)
+                .bind(global.update_time)
+                .bind(global.finish_time)
+                .bind(global.rollback_time)
+                .bind(global.next_cron_time)
+                .bind(global.next_cron_interval)
+                .bind(&global.owner)
+                .bind(&global.result)
+                .bind(&global.rollback_reason)
+                .bind(&global.ext_data)
+                .bind(&columns.url)
+                .bind(&columns.bin_data)
+                .bind(&columns.branch_id)
+                .bind(&columns.op)
+                .bind(&columns.status)
+                .bind(&columns.create_time)
+                .bind(&columns.update_time)
+                .bind(&columns.finish_time)
+                .bind(&columns.rollback_time)
+                .fetch_one(&self.pool)
+                .await
+        })?;
+        Ok(inserted == 1)
+    }
+
+    async fn find(&self, gid: &str) -> Result<Option<GlobalTrans>> {
+        db!(self.reach, {
+            sqlx::query(AssertSqlSafe(format!(
+                "SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE gid = $1"
+            )))
+            .bind(gid)
+            .fetch_optional(&self.pool)
+            .await
+        })?
+        .as_ref()
+        .map(decode_global)
+        .transpose()
+    }
+
+    async fn branches(&self, gid: &str) -> Result<Vec<Branch>> {
+        db!(self.reach, {
+            sqlx::query(AssertSqlSafe(format!(
+                "SELECT {BRANCH_COLUMNS} FROM trans_branch_op WHERE gid = $1 ORDER BY id"
+            )))
+            .bind(gid)
+            .fetch_all(&self.pool)
+            .await
+        })?
+        .iter()
+        .map(decode_branch)
+        .collect()
+    }
+
+    async fn change_status(&self, change: &StatusChange) -> Result<bool> {
+        check_change(change)?;
+        let (owner, next_cron_time) = match (&change.lease, change.to.is_finished()) {
+            (_, true) => (Some(String::new()), None),
+            (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
+            (None, false) => (None, None),
+        };
+        let done = db!(self.reach, {
+            sqlx::query(
+                "UPDATE trans_global SET status = $1, update_time = $2, \
+                     rollback_reason = COALESCE($3, rollback_reason), result = COALESCE($4, result), \
+                     custom_data = COALESCE($5, custom_data), owner = COALESCE($6, owner), \
+                     next_cron_time = COALESCE($7, next_cron_time), \
+                     finish_time = CASE WHEN $1 = 'succeed' THEN $2 ELSE finish_time END, \
+                     rollback_time = CASE WHEN $1 = 'failed' THEN $2 ELSE rollback_time END \
+                     WHERE gid = $8 AND status = $9 AND ($10::text IS NULL OR owner = $10)",
+            )
+            .bind(change.to.as_str())
+            .bind(change.now)
+            .bind(&change.rollback_reason)
+            .bind(&change.result)
+            .bind(&change.custom_data)
+            .bind(&owner)
+            .bind(next_cron_time)
+            .bind(&change.gid)
+            .bind(change.from.as_str())
+            .bind(&change.owner)
+            .execute(&self.pool)
+            .await
+        })?
+        .rows_affected();
+        Ok(done == 1)
+    }
+
+    async fn add_branches(&self, gid: &str, branches: &[Branch]) -> Result<AddBranches> {
+        check_key("gid", gid)?;
+        check_branches(branches)?;
+        db!(self.reach, add_branches_tx(&self.pool, gid, branches).await)
+    }
+
+    async fn update_branches(&self, guard: &Guard, updates: &[BranchUpdate], now: Millis) -> Result<bool> {
+        let branch_ids: Vec<&str> = updates.iter().map(|u| u.branch_id.as_str()).collect();
+        let ops: Vec<&str> = updates.iter().map(|u| u.op.as_str()).collect();
+        let statuses: Vec<&str> = updates.iter().map(|u| u.status.as_str()).collect();
+        let ats: Vec<i64> = updates.iter().map(|u| u.at).collect();
+        // The shared lock on the global row orders this write against a takeover: a claim by
+        // another process either commits first (then the guard fails) or waits for this one.
+        let held: i64 = db!(self.reach, {
+            sqlx::query_scalar(
+                "WITH g AS (SELECT id FROM trans_global WHERE gid = $1 AND owner = $2 AND status = $3 FOR SHARE), \
+                     u AS (UPDATE trans_branch_op b SET status = v.status, update_time = $4, \
+                     finish_time = CASE WHEN v.status = 'succeed' THEN v.at ELSE b.finish_time END, \
+                     rollback_time = CASE WHEN v.status = 'failed' THEN v.at ELSE b.rollback_time END \
+                     FROM UNNEST($5::text[], $6::text[], $7::text[], $8::int8[]) AS v(branch_id, op, status, at) \
+                     WHERE b.gid = $1 AND b.branch_id = v.branch_id AND b.op = v.op AND EXISTS (SELECT 1 FROM g) \
+                     RETURNING 1) \
+                     SELECT count(*) FROM g",
+            )
+            .bind(&guard.gid)
+            .bind(&guard.owner)
+            .bind(guard.status.as_str())
+            .bind(now)
+            .bind(&branch_ids)
+            .bind(&ops)
+            .bind(&statuses)
+            .bind(&ats)
+            .fetch_one(&self.pool)
+            .await
+        })?;
+        Ok(held == 1)
+    }
+
+    async fn claim(&self, gid: &str, lease: &Lease, now: Millis) -> Result<bool> {
+        let done = db!(self.reach, {
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE trans_global SET owner = $1, next_cron_time = $2, update_time = $3 \
+                     WHERE gid = $4 AND status IN {UNFINISHED} AND (owner = '' OR next_cron_time <= $3)"
+            )))
+            .bind(&lease.owner)
+            .bind(lease.until)
+            .bind(now)
+            .bind(gid)
+            .execute(&self.pool)
+            .await
+        })?
+        .rows_affected();
+        Ok(done == 1)
+    }
+
+    async fn claim_due(&self, lease: &Lease, now: Millis, limit: i64) -> Result<Vec<String>> {
+        db!(self.reach, {
+            sqlx::query_scalar(AssertSqlSafe(format!(
+                "WITH due AS (SELECT id FROM trans_global WHERE status IN {UNFINISHED} AND next_cron_time <= $3 \
+                     ORDER BY next_cron_time LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                     UPDATE trans_global t SET owner = $1, next_cron_time = $2, update_time = $3 \
+                     FROM due WHERE t.id = due.id RETURNING t.gid"
+            )))
+            .bind(&lease.owner)
+            .bind(lease.until)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+        })
+    }
+
+    async fn extend_lease(&self, guard: &Guard, until: Millis) -> Result<bool> {
+        let done = db!(self.reach, {
+            sqlx::query("UPDATE trans_global SET next_cron_time = $1 WHERE gid = $2 AND owner = $3 AND status = $4")
+                .bind(until)
+                .bind(&guard.gid)
+                .bind(&guard.owner)
+                .bind(guard.status.as_str())
+                .execute(&self.pool)
+                .await
+        })?
+        .rows_affected();
+        Ok(done == 1)
+    }
+
+    async fn release(&self, guard: &Guard, next_cron_time: Millis, interval: i64, now: Millis) -> Result<bool> {
+        let done = db!(self.reach, {
+            sqlx::query(
+                "UPDATE trans_global SET owner = '', next_cron_time = $1, next_cron_interval = $2, \
+                     update_time = $3 WHERE gid = $4 AND owner = $5 AND status = $6",
+            )
+            .bind(next_cron_time)
+            .bind(interval)
+            .bind(now)
+            .bind(&guard.gid)
+            .bind(&guard.owner)
+            .bind(guard.status.as_str())
+            .execute(&self.pool)
+            .await
+        })?
+        .rows_affected();
+        Ok(done == 1)
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<GlobalTrans>> {
+        db!(self.reach, {
+            let mut sql: QueryBuilder<Postgres> =
+                QueryBuilder::new(format!("SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE 1 = 1"));
+            if let Some(before) = query.before_id {
+                sql.push(" AND id < ").push_bind(before);
+            }
+            if let Some(status) = query.status {
+                sql.push(" AND status = ").push_bind(status.as_str());
+            }
+            if let Some(trans_type) = query.trans_type {
+                sql.push(" AND trans_type = ").push_bind(trans_type.as_str());
+            }
+            if let Some(from) = query.created_from {
+                sql.push(" AND create_time >= ").push_bind(from);
+            }
+            if let Some(to) = query.created_to {
+                sql.push(" AND create_time <= ").push_bind(to);
+            }
+            sql.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
+            sql.build().fetch_all(&self.pool).await
+        })?
+        .iter()
+        .map(decode_global)
+        .collect()
+    }
+
+    async fn reset_next_cron_time(&self, gid: &str, now: Millis) -> Result<bool> {
+        // A leased transaction is being driven right now; making it due would invite a second
+        // driver, so only parked ones move.
+        db!(self.reach, {
+            sqlx::query_scalar(
+                "WITH u AS (UPDATE trans_global SET next_cron_time = $1 WHERE gid = $2 AND owner = '' RETURNING 1) \
+                     SELECT EXISTS (SELECT 1 FROM trans_global WHERE gid = $2)",
+            )
+            .bind(now)
+            .bind(gid)
+            .fetch_one(&self.pool)
+            .await
+        })
+    }
+
+    async fn reset_cron_times(&self, after: Millis, now: Millis, limit: i64) -> Result<u64> {
+        let done = db!(self.reach, {
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE trans_global SET next_cron_time = $1 WHERE id IN (SELECT id FROM trans_global \
+                     WHERE status IN {UNFINISHED} AND owner = '' AND next_cron_time > $2 LIMIT $3 \
+                     FOR UPDATE SKIP LOCKED)"
+            )))
+            .bind(now)
+            .bind(after)
+            .bind(limit)
+            .execute(&self.pool)
+            .await
+        })?
+        .rows_affected();
+        Ok(done)
+    }
+
+    async fn kv_get(&self, cat: &str, key: &str) -> Result<Option<KvEntry>> {
+        db!(self.reach, {
+            sqlx::query(AssertSqlSafe(format!(
+                "SELECT {KV_COLUMNS} FROM kv WHERE cat = $1 AND k = $2"
+            )))
+            .bind(cat)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+        })?
+        .as_ref()
+        .map(decode_kv)
+        .transpose()
+    }
+
+    async fn kv_scan(&self, cat: &str, after_id: i64, limit: i64) -> Result<Vec<KvEntry>> {
+        db!(self.reach, {
+            sqlx::query(AssertSqlSafe(format!(
+                "SELECT {KV_COLUMNS} FROM kv WHERE cat = $1 AND id > $2 ORDER BY id LIMIT $3"
+            )))
+            .bind(cat)
+            .bind(after_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+        })?
+        .iter()
+        .map(decode_kv)
+        .collect()
+    }
+
+    async fn kv_create(&self, cat: &str, key: &str, value: &str, now: Millis) -> Result<bool> {
+        check_key("category", cat)?;
+        check_key("key", key)?;
+        check_text("value", value)?;
+        let done = db!(self.reach, {
+            sqlx::query(
+                "INSERT INTO kv (cat, k, v, version, create_time, update_time) VALUES ($1, $2, $3, 1, $4, $4) \
+                     ON CONFLICT (cat, k) DO NOTHING",
+            )
+            .bind(cat)
+            .bind(key)
+            .bind(value)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+        })?
+        .rows_affected();
+        Ok(done == 1)
+    }
+
+    async fn kv_update(&self, cat: &str, key: &str, value: &str, version: i64, now: Millis) -> Result<bool> {
+        check_text("value", value)?;
+        let done = db!(self.reach, {
+            sqlx::query(
+                "UPDATE kv SET v = $1, version = version + 1, update_time = $2 \
+                     WHERE cat = $3 AND k = $4 AND version = $5",
+            )
+            .bind(value)
+            .bind(now)
+            .bind(cat)
+            .bind(key)
+            .bind(version)
+            .execute(&self.pool)
+            .await
+        })?
+        .rows_affected();
+        Ok(done == 1)
+    }
+
+    async fn kv_delete(&self, cat: &str, key: &str) -> Result<bool> {
+        let done = db!(self.reach, {
+            sqlx::query("DELETE FROM kv WHERE cat = $1 AND k = $2")
+                .bind(cat)
+                .bind(key)
+                .execute(&self.pool)
+                .await
+        })?
+        .rows_affected();
+        Ok(done == 1)
+    }
+
+    async fn purge_finished(&self, before: Millis, limit: i64) -> Result<u64> {
+        let deleted: i64 = db!(self.reach, {
+            sqlx::query_scalar(AssertSqlSafe(format!(
+                "WITH victims AS (SELECT id, gid FROM trans_global WHERE status IN {FINISHED} \
+                     AND update_time < $1 ORDER BY update_time LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                     b AS (DELETE FROM trans_branch_op WHERE gid IN (SELECT gid FROM victims)), \
+                     g AS (DELETE FROM trans_global WHERE id IN (SELECT id FROM victims) RETURNING 1) \
+                     SELECT count(*) FROM g"
+            )))
+            .bind(before)
+            .bind(limit)
+            .fetch_one(&self.pool)
+            .await
+        })?;
+        Ok(deleted as u64)
+    }
+}

@@ -1,0 +1,183 @@
+//! What the PostgreSQL and MySQL stores share: error classification, retries of deadlocked
+//! writes, and a reachability tracker that makes calls fail fast while the database is gone.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::{Result, StoreError};
+
+/// How often a write that lost a deadlock or a serialization race is tried in all.
+const ATTEMPTS: usize = 4;
+
+/// Pause between reachability probes while the database is down.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What went wrong with a database call, as far as the caller is concerned.
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// The database cannot be reached (connection refused, reset, pool timeout).
+    Connectivity(StoreError),
+    /// A deadlock or serialization failure: the same write may simply be tried again.
+    Retry(StoreError),
+    /// Anything else.
+    Other(StoreError),
+}
+
+/// Classifies a driver error.
+pub(super) fn classify(error: sqlx::Error) -> Failure {
+    let text = error.to_string();
+    match &error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => Failure::Connectivity(StoreError::Unavailable(text)),
+        sqlx::Error::PoolClosed => Failure::Other(StoreError::Closed),
+        sqlx::Error::Database(db) => {
+            let state = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            if state.starts_with("08") || matches!(state.as_str(), "57P01" | "57P02" | "57P03") {
+                Failure::Connectivity(StoreError::Unavailable(text))
+            } else if matches!(state.as_str(), "40001" | "40P01") || text.contains("Lock wait timeout") {
+                Failure::Retry(StoreError::Unavailable(text))
+            } else if state.starts_with("22") || state.starts_with("23") {
+                Failure::Other(StoreError::Invalid(db.message().to_owned()))
+            } else {
+                Failure::Other(StoreError::Unavailable(text))
+            }
+        }
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
+            Failure::Other(StoreError::Corrupt(text))
+        }
+        _ => Failure::Other(StoreError::Unavailable(text)),
+    }
+}
+
+/// A boxed probe: one fresh connection and `SELECT 1`, true when it worked.
+pub(super) type Probe = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// Tracks whether the database answers. After a connectivity failure a background probe
+/// connects outside the pool until the database answers again; meanwhile every call fails at
+/// once with `Unavailable` instead of waiting for the pool's acquire timeout.
+pub(super) struct Reachability {
+    down: AtomicBool,
+    probing: AtomicBool,
+    last_error: Mutex<String>,
+    probe: Probe,
+    name: &'static str,
+}
+
+impl Reachability {
+    /// A tracker for a database reached through `probe`.
+    pub(super) fn new(name: &'static str, probe: Probe) -> Arc<Self> {
+        Arc::new(Reachability {
+            down: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
+            last_error: Mutex::new(String::new()),
+            probe,
+            name,
+        })
+    }
+
+    /// Fails fast while the database is known to be down.
+    pub(super) fn check(&self) -> Result<()> {
+        if self.down.load(Ordering::Acquire) {
+            let last = self.last_error.lock().map(|e| e.clone()).unwrap_or_default();
+            return Err(StoreError::Unavailable(format!(
+                "{} is unreachable ({last}); retry later",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn start_probe(self: &Arc<Self>, error: String) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = error;
+        }
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut reported = false;
+            loop {
+                match (this.probe)().await {
+                    Ok(()) => break,
+                    Err(error) => {
+                        if !reported {
+                            warn!(store = this.name, %error, "database unreachable; calls fail fast until it answers");
+                            reported = true;
+                        }
+                        if let Ok(mut last) = this.last_error.lock() {
+                            *last = error;
+                        }
+                        this.down.store(true, Ordering::Release);
+                        tokio::time::sleep(PROBE_INTERVAL).await;
+                    }
+                }
+            }
+            if this.down.swap(false, Ordering::AcqRel) {
+                info!(store = this.name, "database reachable again");
+            }
+            this.probing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Turns a failed attempt into the error to return, or `None` when attempt number
+    /// `attempt` lost a deadlock and may be tried again. Connectivity failures start the probe.
+    pub(super) fn failed(self: &Arc<Self>, error: sqlx::Error, attempt: usize) -> Option<StoreError> {
+        match classify(error) {
+            Failure::Retry(_) if attempt < ATTEMPTS => None,
+            Failure::Connectivity(error) => {
+                self.start_probe(error.to_string());
+                Some(error)
+            }
+            Failure::Retry(error) | Failure::Other(error) => Some(error),
+        }
+    }
+
+    /// A short random pause before a retried attempt.
+    pub(super) async fn backoff(&self) {
+        tokio::time::sleep(Duration::from_millis(rand::random_range(1..20))).await;
+    }
+}
+
+/// Runs a database call (an expression that may `.await` and use `?` on `sqlx::Error`): fails
+/// fast while the database is known to be down, retries deadlocks, and reports connectivity
+/// failures to the probe. Evaluates to `Result<T, StoreError>`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! db {
+    ($reach:expr, $body:expr) => {{
+        let reach = &$reach;
+        match reach.check() {
+            Err(error) => Err(error),
+            Ok(()) => {
+                let mut attempt = 1;
+                loop {
+                    let result: ::std::result::Result<_, ::sqlx::Error> = async { $body }.await;
+                    match result {
+                        Ok(value) => break Ok(value),
+                        Err(error) => match reach.failed(error, attempt) {
+                            Some(error) => break Err(error),
+                            None => {
+                                attempt += 1;
+                                reach.backoff().await;
+                            }
+                        },
+                    }
+                }
+            }
+        }
+    }};
+}
+
+/// `sqlx::Error` for a value the store itself refuses to decode.
+pub(super) fn corrupt(error: StoreError) -> sqlx::Error {
+    sqlx::Error::Decode(Box::new(error))
+}
