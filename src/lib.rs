@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod bank;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod driver;

@@ -1,0 +1,212 @@
+//! Figures of one run, the table, the JSON lines and the targets of issue 6.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Figures of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    /// `sqlite`, `postgres`, `mysql`, or `-` for the raw ceiling.
+    pub store: String,
+    /// Workload.
+    pub scenario: &'static str,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// How kubetx ran: `child`, `in-process` (CPU and memory then include the load generator
+    /// and the bank), `target`, or `none` for the raw ceiling.
+    pub kubetx: &'static str,
+    /// Length of the measured window in seconds.
+    pub window_s: f64,
+    /// Transactions whose last branch call reached the bank inside the window.
+    pub completed: u64,
+    /// `completed` per second.
+    pub tps: f64,
+    /// Submit latency percentiles in milliseconds (for raw: the request).
+    pub submit_p50_ms: Option<f64>,
+    /// 99th percentile of the submit latency.
+    pub submit_p99_ms: Option<f64>,
+    /// Submit (first request of the transaction) to last branch call, median, milliseconds.
+    pub e2e_p50_ms: Option<f64>,
+    /// 99th percentile of the end-to-end latency.
+    pub e2e_p99_ms: Option<f64>,
+    /// kubetx CPU seconds per completed transaction.
+    pub cpu_s_per_tx: Option<f64>,
+    /// kubetx CPU use over the window, in cores.
+    pub cpu_cores: Option<f64>,
+    /// kubetx resident memory before the load, MB.
+    pub rss_idle_mb: Option<f64>,
+    /// kubetx peak resident memory (VmHWM), MB.
+    pub rss_peak_mb: Option<f64>,
+    /// Branch calls received by the bank per second inside the window.
+    pub branch_calls_per_s: f64,
+    /// Requests sent to kubetx per second inside the window.
+    pub api_requests_per_s: f64,
+    /// (branch calls + API requests) per second over the raw ceiling's requests per second.
+    pub efficiency: Option<f64>,
+    /// Failed requests.
+    pub errors: u64,
+    /// First error, if any.
+    pub first_error: Option<String>,
+    /// Transactions still incomplete when the run was stopped after its drain.
+    pub unfinished: u64,
+}
+
+/// Percentile of sorted microsecond samples, in milliseconds.
+pub fn percentile_ms(sorted_us: &[u32], p: f64) -> Option<f64> {
+    if sorted_us.is_empty() {
+        return None;
+    }
+    let rank = ((p * sorted_us.len() as f64).ceil() as usize).clamp(1, sorted_us.len());
+    Some(f64::from(sorted_us[rank - 1]) / 1000.0)
+}
+
+fn opt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+/// The table of all runs.
+pub fn table(results: &[RunResult]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| store | scenario | clients | tx/s | submit p50/p99 ms | e2e p50/p99 ms | CPU ms/tx | CPU cores | RSS idle/peak MB | efficiency | errors |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in results {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.0} | {} / {} | {} / {} | {} | {} | {} / {} | {} | {} |",
+            r.store,
+            r.scenario,
+            r.clients,
+            r.tps,
+            opt(r.submit_p50_ms, 2),
+            opt(r.submit_p99_ms, 2),
+            opt(r.e2e_p50_ms, 2),
+            opt(r.e2e_p99_ms, 2),
+            opt(r.cpu_s_per_tx.map(|s| s * 1000.0), 3),
+            opt(r.cpu_cores, 2),
+            opt(r.rss_idle_mb, 1),
+            opt(r.rss_peak_mb, 1),
+            r.efficiency
+                .map_or_else(|| "-".to_owned(), |e| format!("{:.0}%", e * 100.0)),
+            r.errors,
+        );
+    }
+    out
+}
+
+fn find<'a>(results: &'a [RunResult], store: &str, scenario: &str, clients: usize) -> Option<&'a RunResult> {
+    results
+        .iter()
+        .find(|r| r.store == store && r.scenario == scenario && r.clients == clients)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+/// Each figure of issue 6 against its target, for every store measured.
+pub fn targets(results: &[RunResult]) -> String {
+    let mut out = String::new();
+    let mut stores: Vec<&str> = results.iter().map(|r| r.store.as_str()).filter(|s| *s != "-").collect();
+    stores.dedup();
+    for store in stores {
+        let floor = match store {
+            "sqlite" => 10_000.0,
+            "postgres" => 5_000.0,
+            _ => 3_000.0,
+        };
+        if let Some(saga) = find(results, store, "saga", 16) {
+            let _ = writeln!(
+                out,
+                "{store}: 2-step sagas at 16 clients {:.0}/s, target >= {floor:.0}: {}",
+                saga.tps,
+                verdict(saga.tps >= floor)
+            );
+            if store == "sqlite" {
+                if let Some(p50) = saga.e2e_p50_ms {
+                    let _ = writeln!(
+                        out,
+                        "{store}: e2e p50 {p50:.2} ms, target < 5 ms: {}",
+                        verdict(p50 < 5.0)
+                    );
+                }
+                if let Some(p99) = saga.e2e_p99_ms {
+                    let _ = writeln!(
+                        out,
+                        "{store}: e2e p99 {p99:.2} ms, target < 25 ms: {}",
+                        verdict(p99 < 25.0)
+                    );
+                }
+            }
+        }
+        for clients in [16, 64] {
+            let Some(saga) = find(results, store, "saga", clients) else {
+                continue;
+            };
+            if let Some(fail) = find(results, store, "saga-fail", clients) {
+                let ratio = fail.tps / saga.tps.max(f64::MIN_POSITIVE);
+                let _ = writeln!(
+                    out,
+                    "{store}: compensating sagas at {clients} clients {:.0}/s = {:.0}% of saga, target >= 50%: {}",
+                    fail.tps,
+                    ratio * 100.0,
+                    verdict(ratio >= 0.5)
+                );
+            }
+            for mode in ["msg", "tcc"] {
+                if let Some(run) = find(results, store, mode, clients) {
+                    let ratio = run.tps / saga.tps.max(f64::MIN_POSITIVE);
+                    let _ = writeln!(
+                        out,
+                        "{store}: {mode} at {clients} clients {:.0}/s = {:.0}% of saga, target >= 70%: {}",
+                        run.tps,
+                        ratio * 100.0,
+                        verdict(ratio >= 0.7)
+                    );
+                }
+            }
+        }
+        let peak = results
+            .iter()
+            .filter(|r| r.store == store && r.clients == 64)
+            .filter_map(|r| r.rss_peak_mb)
+            .fold(None, |max: Option<f64>, v| Some(max.map_or(v, |m| m.max(v))));
+        if let Some(peak) = peak {
+            let _ = writeln!(
+                out,
+                "{store}: peak RSS at 64 clients {peak:.1} MB, target < 150 MB: {}",
+                verdict(peak < 150.0)
+            );
+        }
+        let idle = results
+            .iter()
+            .filter(|r| r.store == store)
+            .filter_map(|r| r.rss_idle_mb)
+            .fold(None, |max: Option<f64>, v| Some(max.map_or(v, |m| m.max(v))));
+        if let Some(idle) = idle {
+            let _ = writeln!(
+                out,
+                "{store}: idle RSS {idle:.1} MB (largest before any run), target < 30 MB: {}",
+                verdict(idle < 30.0)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_the_rank() {
+        let samples: Vec<u32> = (1..=100).map(|ms| ms * 1000).collect();
+        assert_eq!(percentile_ms(&samples, 0.5), Some(50.0));
+        assert_eq!(percentile_ms(&samples, 0.99), Some(99.0));
+        assert_eq!(percentile_ms(&[7000], 0.99), Some(7.0));
+        assert_eq!(percentile_ms(&[], 0.5), None);
+    }
+}
