@@ -426,11 +426,6 @@ async fn scale_out(backend: Backend) {
     drop(ledger);
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "{report}");
-    let replicas = replicas.lock().await;
-    for replica in replicas.iter() {
-        let log = std::fs::read_to_string(&replica.log).unwrap_or_default();
-        assert!(!log.contains("panicked"), "{}: {log}", replica.log.display());
-    }
     check_logs_for_panics(dir.path());
 }
 
