@@ -251,6 +251,31 @@ mod tests {
     }
 
     #[test]
+    fn store_urls_are_checked_and_default_to_the_sqlite_path() {
+        let config = Config::default();
+        assert_eq!(
+            config.store_kind().ok(),
+            Some(StoreKind::Sqlite("./kubetx.db".to_owned()))
+        );
+        let config = Config {
+            store: "postgres://kubetx@db/app".to_owned(),
+            ..Config::default()
+        };
+        assert!(matches!(config.store_kind(), Ok(StoreKind::Postgres(_))));
+        let config = Config {
+            store: "redis://cache".to_owned(),
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+        assert!(Config::default().retention().max_age.is_some());
+        let keep = Config {
+            retention: 0,
+            ..Config::default()
+        };
+        assert_eq!(keep.retention().max_age, None);
+    }
+
+    #[test]
     fn ranges_are_checked() {
         let config = Config {
             lease: 2,

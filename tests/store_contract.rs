@@ -964,3 +964,100 @@ async fn large_values_round_trip(store: Arc<dyn Store>) {
     assert_eq!(branches[1].bin_data, rows[1].bin_data);
     assert_eq!(branches[1].url, rows[1].url);
 }
+
+/// The server's retention task deletes finished transactions once they are old enough (time
+/// moved by the injected clock), keeps unfinished ones, and `/readyz` reports the store.
+async fn retention_runs_in_the_server(backend: Backend) {
+    use kubetx::config::Config;
+    use kubetx::scheduler::OffsetClock;
+    use kubetx::server::Server;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = match backend {
+        Backend::Sqlite => None,
+        _ => Some(TestDb::create(backend).await),
+    };
+    let config = Config {
+        listen: "127.0.0.1:0".to_owned(),
+        store: db.as_ref().map(|db| db.url.clone()).unwrap_or_default(),
+        retention: 3_600,
+        retention_interval: 1,
+        retention_batch: 2,
+        sqlite: kubetx::config::SqliteConfig {
+            path: dir.path().join("kubetx.db").display().to_string(),
+            ..Default::default()
+        },
+        ..Config::default()
+    };
+    let clock = Arc::new(OffsetClock::default());
+    let server = Server::start(&config, clock.clone(), true)
+        .await
+        .expect("server starts");
+    let store = Arc::clone(server.coordinator.store());
+    let http = reqwest::Client::new();
+    let ready = http
+        .get(format!("http://{}/readyz", server.addr))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status().as_u16(), 200);
+
+    let now = clock_now(&server);
+    for i in 0..5 {
+        let mut g = global(&format!("r-{i}"), TransStatus::Succeed, now);
+        g.update_time = now;
+        store.create(&g, &saga_branches(&g.gid)).await.expect("create");
+    }
+    let open = global("r-open", TransStatus::Prepared, now + 86_400_000);
+    store.create(&open, &[]).await.expect("create");
+    // Not old enough yet.
+    assert!(store.find("r-0").await.expect("find").is_some());
+    clock.advance(Duration::from_secs(2 * 3_600));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut left = 0;
+        for i in 0..5 {
+            left += usize::from(store.find(&format!("r-{i}")).await.expect("find").is_some());
+        }
+        if left == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "retention never deleted them");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..5 {
+        assert!(store.branches(&format!("r-{i}")).await.expect("branches").is_empty());
+    }
+    assert!(
+        store.find("r-open").await.expect("find").is_some(),
+        "unfinished work is kept"
+    );
+    server.stop().await.expect("stops");
+}
+
+fn clock_now(server: &kubetx::server::Server) -> Millis {
+    server.coordinator.now()
+}
+
+mod retention_in_the_server {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite() {
+        retention_runs_in_the_server(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres() {
+        if common::db::available(Backend::Postgres, "the store contract suite") {
+            retention_runs_in_the_server(Backend::Postgres).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn mysql() {
+        if common::db::available(Backend::MySql, "the store contract suite") {
+            retention_runs_in_the_server(Backend::MySql).await;
+        }
+    }
+}
