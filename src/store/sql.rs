@@ -14,6 +14,9 @@ use super::{Result, StoreError};
 /// How often a write that lost a deadlock or a serialization race is tried in all.
 const ATTEMPTS: usize = 4;
 
+/// A pooled connection idle for longer than this is pinged before use.
+pub(super) const PING_IF_IDLE_FOR: Duration = Duration::from_millis(500);
+
 /// Pause between reachability probes while the database is down.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
