@@ -14,11 +14,11 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{AssertSqlSafe, Connection, MySql, MySqlConnection, QueryBuilder, Row};
 
 use super::sql::Reachability;
+use super::sql::db;
 use super::{
     AddBranches, Guard, KvEntry, Lease, ListQuery, Result, StatusChange, Store, StoreError, StoreOptions,
     check_branches, check_change, check_key, check_new, check_text,
 };
-use crate::db;
 use crate::engine::BranchUpdate;
 use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType};
 

@@ -13,11 +13,11 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, QueryBuilder, Row};
 
 use super::sql::Reachability;
+use super::sql::db;
 use super::{
     AddBranches, Guard, KvEntry, Lease, ListQuery, Result, StatusChange, Store, StoreError, StoreOptions,
     check_branches, check_change, check_key, check_new, check_text,
 };
-use crate::db;
 use crate::engine::BranchUpdate;
 use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType};
 

@@ -153,8 +153,6 @@ impl Reachability {
 /// Runs a database call (an expression that may `.await` and use `?` on `sqlx::Error`): fails
 /// fast while the database is known to be down, retries deadlocks, and reports connectivity
 /// failures to the probe. Evaluates to `Result<T, StoreError>`.
-#[macro_export]
-#[doc(hidden)]
 macro_rules! db {
     ($reach:expr, $body:expr) => {{
         let reach = &$reach;
@@ -179,6 +177,7 @@ macro_rules! db {
         }
     }};
 }
+pub(super) use db;
 
 /// `sqlx::Error` for a value the store itself refuses to decode.
 pub(super) fn corrupt(error: StoreError) -> sqlx::Error {
