@@ -424,14 +424,38 @@ async fn scale_out(backend: Backend) {
         ledger.duplicates,
     );
     drop(ledger);
+    // The replicas shared the work: each process's log counts the transactions it finished.
+    let finished = finishes_per_process(dir.path());
+    let first_three: usize = (0..3)
+        .map(|i| finished.get(&format!("replica-{i}")).copied().unwrap_or(0))
+        .sum();
+    // A process killed between a finishing write and its log line finished one more than it logged.
+    let logged: usize = finished.values().sum();
+    assert!(logged <= SAGAS, "no saga finished twice: {finished:?}");
+    assert!(
+        finished.values().filter(|n| **n > 0).count() >= 3,
+        "the load was shared: {finished:?}"
+    );
     use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "{report}");
-    check_logs_for_panics(dir.path());
+    let _ = writeln!(
+        std::io::stderr(),
+        "{report}; {logged} finishes logged, {first_three} by the first three processes, {} by restarted ones",
+        logged - first_three
+    );
 }
 
-fn check_logs_for_panics(dir: &Path) {
+/// Transactions finished per process (log file stem); fails on a panic in any log.
+fn finishes_per_process(dir: &Path) -> HashMap<String, usize> {
+    let mut finished = HashMap::new();
     for entry in std::fs::read_dir(dir).expect("log dir").flatten() {
         let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
         assert!(!log.contains("panicked"), "{}: {log}", entry.path().display());
+        let name = entry
+            .path()
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        finished.insert(name, log.matches("transaction finished").count());
     }
+    finished
 }
