@@ -54,6 +54,10 @@ impl Invoker {
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
+            // Branch calls are HTTP/1, where reqwest's default policy (protocol NACKs of HTTP/2
+            // and 3) never retries; without it no request is cloned for a retry that never comes.
+            // Retrying is the engine's job, with backoff.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()?;
         Ok(Invoker { client })
     }
@@ -85,19 +89,21 @@ impl Invoker {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .timeout(call.timeout);
         // `branch_headers` replace the defaults (a custom content-type is not sent twice).
-        let mut headers = reqwest::header::HeaderMap::new();
-        for (name, value) in call.headers {
-            match (
-                reqwest::header::HeaderName::from_bytes(name.as_bytes()),
-                reqwest::header::HeaderValue::from_str(value),
-            ) {
-                (Ok(name), Ok(value)) => {
-                    headers.insert(name, value);
+        if !call.headers.is_empty() {
+            let mut headers = reqwest::header::HeaderMap::with_capacity(call.headers.len());
+            for (name, value) in call.headers {
+                match (
+                    reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+                    reqwest::header::HeaderValue::from_str(value),
+                ) {
+                    (Ok(name), Ok(value)) => {
+                        headers.insert(name, value);
+                    }
+                    _ => return Outcome::Error(format!("invalid branch header {name:?}")),
                 }
-                _ => return Outcome::Error(format!("invalid branch header {name:?}")),
             }
+            request = request.headers(headers);
         }
-        request = request.headers(headers);
         if !call.body.is_empty() {
             request = request.body(call.body.to_vec());
         }

@@ -207,6 +207,20 @@ impl Coordinator {
         });
     }
 
+    /// Like [`Coordinator::spawn_pass`], over the transaction as the caller just wrote it (see
+    /// [`Coordinator::run_pass_from`]).
+    pub fn spawn_pass_from(self: &Arc<Self>, global: GlobalTrans, branches: Option<Vec<Branch>>) {
+        let this = Arc::clone(self);
+        self.tracker.spawn(async move {
+            // The semaphore is never closed, so acquiring only waits.
+            let _permit = this.permits.clone().acquire_owned().await;
+            let gid = global.gid.clone();
+            if let Err(error) = this.run_pass_from(global, branches).await {
+                warn!(%gid, %error, "pass failed; the transaction is retried when its lease expires");
+            }
+        });
+    }
+
     /// Claims the due transactions and runs their passes to completion. Returns how many ran.
     /// The background loop uses [`Coordinator::run`]; tests call this to step time by hand.
     pub async fn tick(&self) -> Result<usize, SchedulerError> {
@@ -302,10 +316,34 @@ impl Coordinator {
             .find(gid)
             .await?
             .ok_or_else(|| SchedulerError::NotFound(gid.to_owned()))?;
+        self.pass_over(global, None).await
+    }
+
+    /// Runs one pass over a transaction whose lease this process holds, starting from the state
+    /// the caller has just written (the API after a create or a status change): no read-back of
+    /// the transaction, nor of its branches when given. Every write of the pass is still guarded
+    /// by lease and status, so a concurrent change stops it exactly as with [`Coordinator::run_pass`].
+    pub async fn run_pass_from(
+        &self,
+        global: GlobalTrans,
+        branches: Option<Vec<Branch>>,
+    ) -> Result<PassReport, SchedulerError> {
+        self.metrics.passes.inc();
+        self.pass_over(global, branches).await
+    }
+
+    async fn pass_over(
+        &self,
+        global: GlobalTrans,
+        branches: Option<Vec<Branch>>,
+    ) -> Result<PassReport, SchedulerError> {
         if global.owner != self.owner {
             return Ok(self.lost(global, None));
         }
-        let branches = self.store.branches(gid).await?;
+        let branches = match branches {
+            Some(branches) => branches,
+            None => self.store.branches(&global.gid).await?,
+        };
         let clock = Arc::clone(&self.clock);
         let now = move || clock.now();
         let context = PassContext {

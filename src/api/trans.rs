@@ -12,7 +12,7 @@ use super::{ApiError, ApiResult, AppState, JsonBody, success};
 use crate::engine::{self, MsgTarget, SagaOrders, SagaStep, WorkflowCustom};
 use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, TransType};
 use crate::scheduler::{Coordinator, PassReport};
-use crate::store::{AddBranches, StatusChange};
+use crate::store::{AddBranches, StatusChange, StoreError};
 
 /// Category of topic records in the KV store.
 pub(super) const TOPICS: &str = "topics";
@@ -36,25 +36,20 @@ pub(super) async fn prepare(State(state): State<AppState>, JsonBody(req): JsonBo
         )));
     }
     for _ in 0..RACE_RETRIES {
-        match coordinator.store().find(gid).await? {
-            Some(existing) if existing.trans_type != trans_type && !existing.status.is_finished() => {
+        match create_first(coordinator, &req, trans_type, TransStatus::Prepared).await? {
+            Fresh::Created(..) => return success(),
+            Fresh::Exists(Some(existing)) if existing.trans_type != trans_type && !existing.status.is_finished() => {
                 return Err(type_mismatch(gid, existing.trans_type, trans_type));
             }
-            Some(existing) if existing.status == TransStatus::Prepared => return success(),
-            Some(existing) => {
+            Fresh::Exists(Some(existing)) if existing.status == TransStatus::Prepared => return success(),
+            Fresh::Exists(Some(existing)) => {
                 return Err(ApiError::Failure(format!(
                     "current status '{}', cannot prepare",
                     existing.status
                 )));
             }
-            None => {
-                let now = coordinator.now();
-                let branches = new_branches(coordinator, &req, trans_type, now).await?;
-                let global = new_global(coordinator, &req, trans_type, TransStatus::Prepared, now)?;
-                if coordinator.store().create(&global, &branches).await? {
-                    return success();
-                }
-            }
+            // Gone between the refused insert and the read (retention): try again.
+            Fresh::Exists(None) => {}
         }
     }
     Err(ApiError::Failure(format!(
@@ -73,20 +68,29 @@ pub(super) async fn submit(State(state): State<AppState>, JsonBody(req): JsonBod
     }
     for _ in 0..RACE_RETRIES {
         let now = coordinator.now();
-        match coordinator.store().find(gid).await? {
-            None => {
-                if matches!(trans_type, TransType::Tcc | TransType::Xa) {
-                    return Err(ApiError::NotFound(format!(
-                        "no transaction with gid {gid}: a {trans_type} must be prepared first"
-                    )));
+        // A saga is always new at its submit: insert at once. A msg is often prepared already,
+        // and a refused insert would cost a write: look first.
+        let existing = if trans_type == TransType::Saga {
+            match create_first(coordinator, &req, trans_type, TransStatus::Submitted).await? {
+                Fresh::Created(global, branches) => {
+                    return drive_created(coordinator, global, branches, req.wait_result).await;
                 }
-                let branches = new_branches(coordinator, &req, trans_type, now).await?;
-                let mut global = new_global(coordinator, &req, trans_type, TransStatus::Submitted, now)?;
-                let lease = coordinator.lease(now);
-                global.owner = lease.owner;
-                global.next_cron_time = lease.until;
-                if coordinator.store().create(&global, &branches).await? {
-                    return drive(coordinator, gid, req.wait_result).await;
+                Fresh::Exists(existing) => existing,
+            }
+        } else {
+            coordinator.store().find(gid).await?
+        };
+        match existing {
+            None if matches!(trans_type, TransType::Tcc | TransType::Xa) => {
+                return Err(ApiError::NotFound(format!(
+                    "no transaction with gid {gid}: a {trans_type} must be prepared first"
+                )));
+            }
+            None => {
+                if let Fresh::Created(global, branches) =
+                    create_first(coordinator, &req, trans_type, TransStatus::Submitted).await?
+                {
+                    return drive_created(coordinator, global, branches, req.wait_result).await;
                 }
             }
             Some(existing) if existing.trans_type != trans_type && !existing.status.is_finished() => {
@@ -103,7 +107,8 @@ pub(super) async fn submit(State(state): State<AppState>, JsonBody(req): JsonBod
                         change.custom_data = Some(custom_data);
                     }
                     if coordinator.store().change_status(&change).await? {
-                        return drive(coordinator, gid, req.wait_result || existing.options.wait_result).await;
+                        let wait_result = req.wait_result || existing.options.wait_result;
+                        return drive_changed(coordinator, existing, &change, wait_result, wait_answer).await;
                     }
                 }
                 TransStatus::Submitted => {
@@ -132,6 +137,117 @@ async fn drive(coordinator: &Arc<Coordinator>, gid: &str, wait_result: bool) -> 
     }
     let report = coordinator.run_pass(gid).await?;
     wait_answer(&report)
+}
+
+/// Runs the first pass of a transaction this request has just created, from memory.
+async fn drive_created(
+    coordinator: &Arc<Coordinator>,
+    global: GlobalTrans,
+    branches: Vec<Branch>,
+    wait_result: bool,
+) -> ApiResult {
+    if !wait_result {
+        coordinator.spawn_pass_from(global, Some(branches));
+        return success();
+    }
+    let report = coordinator.run_pass_from(global, Some(branches)).await?;
+    wait_answer(&report)
+}
+
+/// Runs the first pass after this request's status change took the lease: the transaction as
+/// the change left it is known, only its branches are read.
+async fn drive_changed(
+    coordinator: &Arc<Coordinator>,
+    existing: GlobalTrans,
+    change: &StatusChange,
+    wait_result: bool,
+    answer: fn(&PassReport) -> ApiResult,
+) -> ApiResult {
+    let global = changed(existing, change);
+    if !wait_result {
+        coordinator.spawn_pass_from(global, None);
+        return success();
+    }
+    let report = coordinator.run_pass_from(global, None).await?;
+    answer(&report)
+}
+
+/// A transaction as the store holds it after `change` succeeded on it (the fields of
+/// [`StatusChange`], applied as the store applies them).
+fn changed(mut global: GlobalTrans, change: &StatusChange) -> GlobalTrans {
+    global.status = change.to;
+    global.update_time = change.now;
+    if let Some(reason) = &change.rollback_reason {
+        global.rollback_reason.clone_from(reason);
+    }
+    if let Some(result) = &change.result {
+        global.result.clone_from(result);
+    }
+    if let Some(custom_data) = &change.custom_data {
+        global.custom_data.clone_from(custom_data);
+    }
+    if change.to.is_finished() {
+        global.owner.clear();
+    } else if let Some(lease) = &change.lease {
+        global.owner.clone_from(&lease.owner);
+        global.next_cron_time = lease.until;
+    }
+    match change.to {
+        TransStatus::Succeed => global.finish_time = Some(change.now),
+        TransStatus::Failed => global.rollback_time = Some(change.now),
+        _ => {}
+    }
+    global
+}
+
+/// What [`create_first`] found.
+enum Fresh {
+    /// This request created the transaction, as given.
+    Created(GlobalTrans, Vec<Branch>),
+    /// The gid exists: the stored transaction (`None` if it vanished since).
+    Exists(Option<GlobalTrans>),
+}
+
+/// Creates a new transaction without reading first: most requests that name a new gid are new,
+/// and the conditional insert tells an existing one. When the gid exists, or when the request is
+/// invalid for a new transaction, the stored transaction is read, so that the caller answers
+/// exactly as if it had looked first (an invalid request for an unknown gid gets its error). A
+/// `submitted` transaction is created with this process's lease, to be driven at once.
+async fn create_first(
+    coordinator: &Coordinator,
+    req: &TransRequest,
+    trans_type: TransType,
+    status: TransStatus,
+) -> Result<Fresh, ApiError> {
+    let gid = req.gid()?;
+    let now = coordinator.now();
+    let built = match new_branches(coordinator, req, trans_type, now).await {
+        Ok(branches) => new_global(coordinator, req, trans_type, status, now).map(|global| (global, branches)),
+        Err(error) => Err(error),
+    };
+    let (mut global, branches) = match built {
+        Ok(built) => built,
+        Err(error) => return existing_or(coordinator, gid, error).await,
+    };
+    if status == TransStatus::Submitted {
+        let lease = coordinator.lease(now);
+        global.owner = lease.owner;
+        global.next_cron_time = lease.until;
+    }
+    match coordinator.store().create(&global, &branches).await {
+        Ok(true) => Ok(Fresh::Created(global, branches)),
+        Ok(false) => Ok(Fresh::Exists(coordinator.store().find(gid).await?)),
+        Err(error @ StoreError::Invalid(_)) => existing_or(coordinator, gid, error.into()).await,
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// The stored transaction, or `error` when there is none.
+async fn existing_or(coordinator: &Coordinator, gid: &str, error: ApiError) -> Result<Fresh, ApiError> {
+    match coordinator.store().find(gid).await? {
+        None => Err(error),
+        existing => Ok(Fresh::Exists(existing)),
+    }
 }
 
 /// Runs the first rollback pass of an abort, like [`drive`].
@@ -263,7 +379,7 @@ pub(super) async fn abort(State(state): State<AppState>, JsonBody(req): JsonBody
                 change.rollback_reason = reason.clone();
                 change.lease = Some(coordinator.lease(now));
                 if coordinator.store().change_status(&change).await? {
-                    return drive_abort(coordinator, gid, wait_result).await;
+                    return drive_changed(coordinator, existing, &change, wait_result, abort_answer).await;
                 }
             }
             (TransType::Tcc | TransType::Xa, TransStatus::Aborting) => {
