@@ -19,6 +19,7 @@ use crate::operator::{DEFAULT_LEASE_DURATION, Operator, OperatorConfig, health};
 use crate::scheduler::Clock;
 use crate::scheduler::SystemClock;
 use crate::server::{ServeError, Server, shutdown_signal};
+use crate::store::StoreKind;
 use crate::store::Synchronous;
 
 /// Errors of a command.
@@ -298,8 +299,11 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("kubetx-{:08x}", rand::random::<u32>()));
+    // Service endpoints resolve under the configured domain: always allow it.
+    let mut allowed_hosts = args.allow_hosts.clone();
+    allowed_hosts.push(format!("*.{}", args.service_domain.trim_start_matches('.')));
     let allow_list =
-        AllowList::new(&args.allow_hosts, &args.allow_cidrs).map_err(|e| CliError::Config(ConfigError::Invalid(e)))?;
+        AllowList::new(&allowed_hosts, &args.allow_cidrs).map_err(|e| CliError::Config(ConfigError::Invalid(e)))?;
     let operator_config = OperatorConfig {
         namespaces: args.namespaces.iter().filter(|n| !n.is_empty()).cloned().collect(),
         leader: args.leader_election.then(|| LeaderConfig {
@@ -314,6 +318,11 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
             allow_list,
             default_ttl: Some(args.default_ttl).filter(|ttl| *ttl > 0),
             service_domain: args.service_domain.clone(),
+            // With PostgreSQL or MySQL, branch detail goes to SQL and the status keeps a summary.
+            store: match config.store_kind()? {
+                StoreKind::Postgres(_) | StoreKind::MySql(_) => Some(Arc::clone(server.coordinator.store())),
+                StoreKind::Sqlite(_) => None,
+            },
         },
         concurrency: args.concurrency,
         reporter: identity,

@@ -62,6 +62,7 @@ impl Env {
                 allow_list: AllowList::new(&[], &["127.0.0.0/8".to_owned()]).expect("valid"),
                 default_ttl: None,
                 service_domain: "svc".to_owned(),
+                store: None,
             },
             concurrency: 8,
             reporter: "test".to_owned(),
@@ -622,4 +623,76 @@ async fn with_leader_election_only_the_leader_calls_branches() {
     env.create("sagas", env.transfer("after-failover", "TransIn")).await;
     env.wait_phase("sagas", "after-failover", "Succeeded").await;
     standby.stop().await.expect("standby stops");
+}
+
+#[tokio::test]
+async fn with_a_sql_store_the_status_keeps_a_summary_in_three_writes() {
+    let env = Env::new().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = kubetx::store::open(&kubetx::store::StoreOptions {
+        kind: kubetx::store::StoreKind::Sqlite(dir.path().join("detail.db").display().to_string()),
+        synchronous: kubetx::store::Synchronous::Normal,
+        migrate: true,
+        max_connections: 4,
+        acquire_timeout: Duration::from_secs(2),
+    })
+    .await
+    .expect("store opens");
+    let mut config = env.config();
+    config.reconcile.store = Some(Arc::clone(&store));
+    let operator = env.start_with(config);
+    env.bank.script("TransIn", &[Reply::Failure]);
+    env.create("sagas", env.transfer("sql-ok", "TransOut")).await;
+    env.create("sagas", env.transfer("sql-rollback", "TransIn")).await;
+    let saga = env.wait_phase("sagas", "sql-ok", "Succeeded").await;
+    let rolled_back = env.wait_phase("sagas", "sql-rollback", "Failed").await;
+    for obj in [&saga, &rolled_back] {
+        assert!(
+            obj["status"].get("branches").is_none(),
+            "summary only: {}",
+            obj["status"]
+        );
+    }
+    assert_eq!(saga["status"]["progress"], "2/2");
+    // The detail is in SQL, under the gid the status names.
+    let detail = |gid: String| {
+        let store = Arc::clone(&store);
+        async move {
+            let global = store.find(&gid).await.expect("reads").expect("saved");
+            let rows: Vec<String> = store
+                .branches(&gid)
+                .await
+                .expect("reads")
+                .iter()
+                .map(|b| b.status.to_string())
+                .collect();
+            (global.status.to_string(), rows)
+        }
+    };
+    let gid = |obj: &Value| obj["status"]["gid"].as_str().expect("gid").to_owned();
+    assert_eq!(
+        detail(gid(&saga)).await,
+        (
+            "succeed".to_owned(),
+            vec!["prepared".into(), "succeed".into(), "prepared".into(), "succeed".into()]
+        )
+    );
+    assert_eq!(
+        detail(gid(&rolled_back)).await,
+        (
+            "failed".to_owned(),
+            vec!["succeed".into(), "succeed".into(), "succeed".into(), "failed".into()]
+        )
+    );
+    env.event_reasons(5).await;
+    operator.stop().await.expect("stops");
+    let ok_writes = env
+        .double
+        .count_writes(|w| w.name == "sql-ok" || (w.plural == "events" && w.name.starts_with("sql-ok")));
+    assert_eq!(
+        ok_writes,
+        3,
+        "create, status, Succeeded event: {:#?}",
+        env.double.writes()
+    );
 }

@@ -6,6 +6,7 @@ pub mod health;
 pub mod leader;
 pub mod outbound;
 pub mod reconcile;
+pub mod sql;
 pub mod transaction;
 
 use std::sync::Arc;
@@ -44,7 +45,7 @@ pub enum OperatorError {
 }
 
 /// Operator settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct OperatorConfig {
     /// Namespaces to watch; empty for all.
     pub namespaces: Vec<String>,

@@ -52,6 +52,9 @@ pub enum ReconcileError {
     /// A header's Secret or key is missing.
     #[error("{0}")]
     Secret(String),
+    /// The SQL store holding branch detail failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A bug: a patch this code built is malformed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -65,6 +68,7 @@ impl ReconcileError {
             ReconcileError::Timeout => "timeout",
             ReconcileError::Secret(_) => "secret",
             ReconcileError::Internal(_) => "internal",
+            ReconcileError::Store(_) => "store",
         }
     }
 }
@@ -83,7 +87,7 @@ async fn timed<T>(call: impl Future<Output = Result<T, kube::Error>>) -> Result<
 }
 
 /// Operator settings used while reconciling.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ReconcileConfig {
     /// Engine defaults (retry interval, backoff cap, default timeout).
     pub policy: Policy,
@@ -95,6 +99,8 @@ pub struct ReconcileConfig {
     pub default_ttl: Option<i64>,
     /// Cluster DNS domain suffix for Service endpoints (`svc` or `svc.cluster.local`).
     pub service_domain: String,
+    /// SQL store for branch detail; the status then keeps a summary.
+    pub store: Option<Arc<dyn crate::store::Store>>,
 }
 
 /// Shared state of the reconcilers.
@@ -197,7 +203,12 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
         now,
     );
     let shown = row_names(&layout);
-    let (mut global, branches) = engine_state(&*obj, layout, headers, now);
+    let (mut global, mut branches) = engine_state(&*obj, layout, headers, now);
+    let saved_status = match &ctx.config.store {
+        Some(store) => super::sql::load(store.as_ref(), &global.gid, &mut branches).await?,
+        None => None,
+    };
+    let loaded = branches.clone();
     // A Msg whose owner set `submitted` since the last pass: deliver now.
     let just_submitted =
         global.status == TransStatus::Prepared && obj.submitted() && global.trans_type == TransType::Msg;
@@ -240,7 +251,15 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
         // Written below before anything acts on it; due at once.
         apply_decision(&mut global, to, reason, now);
     }
-    let status = next_status(&old, &shown, &global, &branches, &tally, obj.meta().generation, now);
+    if let Some(store) = &ctx.config.store {
+        // The detail is durable before the summary that points at it.
+        super::sql::save(store.as_ref(), saved_status, &global, &branches, &loaded, now).await?;
+    }
+    let detailed = next_status(&old, &shown, &global, &branches, &tally, obj.meta().generation, now);
+    let mut status = detailed.clone();
+    if ctx.config.store.is_some() {
+        status.branches.clear();
+    }
     let finished = global.status.is_finished();
     let mut finalizer = finalizer;
     if !finished && !finalizer && !deleting {
@@ -249,7 +268,7 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
     }
     write_status(&api, &*obj, &old, &status, &ctx).await?;
     ctx.written.record(&*obj, &status, finalizer);
-    publish_transition(&*obj, &old, &status, &global, &ctx).await;
+    publish_transition(&*obj, &old, &detailed, &loaded, &global, &ctx).await;
     if finished {
         if finalizer {
             remove_finalizer(&api, &*obj).await?;
@@ -604,6 +623,7 @@ async fn publish_transition<K: Transactional>(
     obj: &K,
     old: &TransactionStatus,
     new: &TransactionStatus,
+    before: &[crate::model::Branch],
     global: &GlobalTrans,
     ctx: &Context,
 ) {
@@ -613,14 +633,9 @@ async fn publish_transition<K: Transactional>(
         let note = format!("{} started as transaction {}", K::KIND, global.gid);
         publish(obj, ctx, EventType::Normal, "Started", &note).await;
     }
-    let previously_failed: Vec<(&str, &str)> = old
-        .branches
-        .iter()
-        .filter(|b| b.state == "failed")
-        .map(|b| (b.branch_id.as_str(), b.op.as_str()))
-        .collect();
-    for row in new.branches.iter().filter(|b| b.state == "failed") {
-        if !previously_failed.contains(&(row.branch_id.as_str(), row.op.as_str())) {
+    // Rows and their states before the pass are aligned with the new status's rows.
+    for (row, previous) in new.branches.iter().zip(before) {
+        if row.state == "failed" && previous.status != crate::model::BranchStatus::Failed {
             let note = format!(
                 "{} {} failed: {}",
                 row.name,
