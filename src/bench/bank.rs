@@ -18,6 +18,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use tokio::net::TcpListener;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 /// Shards of the tracker's map: enough that 64 clients and the bank rarely meet on one lock.
@@ -28,11 +29,13 @@ const SUCCESS: &str = r#"{"dtm_result":"SUCCESS"}"#;
 /// Reply of a branch that refuses (DTM's FAILURE, HTTP 409).
 const FAILURE: &str = r#"{"dtm_result":"FAILURE"}"#;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Pending {
     started_us: u64,
     expected: u8,
     seen: u8,
+    /// The client's slot for an outstanding transaction, freed when it completes.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Debug, Default)]
@@ -97,8 +100,9 @@ impl Tracker {
         &self.shards[(seq % SHARDS as u64) as usize]
     }
 
-    /// Registers a transaction that completes after `expected` branch calls.
-    pub fn start(&self, seq: u64, started_us: u64, expected: u8) {
+    /// Registers a transaction that completes after `expected` branch calls; `slot` is released
+    /// when it completes (or is abandoned).
+    pub fn start(&self, seq: u64, started_us: u64, expected: u8, slot: Option<OwnedSemaphorePermit>) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut shard = self.shard(seq).lock().unwrap_or_else(|p| p.into_inner());
         shard.pending.insert(
@@ -107,6 +111,7 @@ impl Tracker {
                 started_us,
                 expected,
                 seen: 0,
+                _slot: slot,
             },
         );
     }
@@ -252,7 +257,7 @@ mod tests {
     fn a_transaction_completes_at_its_last_expected_call() {
         let tracker = Tracker::default();
         tracker.open_window();
-        tracker.start(1, tracker.now_us(), 2);
+        tracker.start(1, tracker.now_us(), 2, None);
         tracker.branch_called(Some(1));
         assert_eq!(tracker.completed_in_window(), 0);
         tracker.branch_called(Some(1));

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
+
 use super::bank::{Bank, Tracker};
 
 /// A workload.
@@ -80,6 +82,8 @@ pub struct Load {
     pub tracker: Arc<Tracker>,
     /// Set when the clients should stop.
     pub stop: AtomicBool,
+    /// Most transactions one client keeps submitted but not complete at the bank (0: no limit).
+    pub outstanding: usize,
     next_seq: AtomicU64,
 }
 
@@ -92,6 +96,7 @@ impl Load {
         bank: &Bank,
         tag: String,
         tracker: Arc<Tracker>,
+        outstanding: usize,
     ) -> Self {
         Load {
             scenario,
@@ -102,6 +107,7 @@ impl Load {
             tag,
             tracker,
             stop: AtomicBool::new(false),
+            outstanding,
             next_seq: AtomicU64::new(1),
         }
     }
@@ -112,12 +118,21 @@ impl Load {
         let submit_url = format!("{}/submit", self.dtm_url);
         let prepare_url = format!("{}/prepare", self.dtm_url);
         let register_url = format!("{}/registerBranch", self.dtm_url);
+        let slots = (self.outstanding > 0).then(|| Arc::new(Semaphore::new(self.outstanding)));
         while !self.stop.load(Ordering::Relaxed) {
+            let slot = match &slots {
+                Some(slots) => match tokio::time::timeout(SLOT_WAIT, Arc::clone(slots).acquire_owned()).await {
+                    Ok(Ok(slot)) => Some(slot),
+                    // Look at the stop flag again; the semaphore is never closed.
+                    _ => continue,
+                },
+                None => None,
+            };
             let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
             let gid = format!("bench-{}-{seq}", self.tag);
             let started = self.tracker.now_us();
             let counted = self.tracker.in_window(started);
-            self.tracker.start(seq, started, self.scenario.expected_calls());
+            self.tracker.start(seq, started, self.scenario.expected_calls(), slot);
             let result = match self.scenario {
                 Scenario::Raw => {
                     let url = format!("{}?gid={gid}&trans_type=saga&branch_id=01&op=action", self.ok_url);
@@ -213,6 +228,9 @@ impl Load {
         result
     }
 }
+
+/// How long a client waits for a free slot before it looks at the stop flag again.
+const SLOT_WAIT: Duration = Duration::from_millis(100);
 
 /// The body of every branch call.
 const PAYLOAD: &str = r#"{"amount":30}"#;

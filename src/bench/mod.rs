@@ -105,6 +105,11 @@ pub struct BenchArgs {
     /// SQLite durability of the started kubetx.
     #[arg(long, value_enum, default_value = "full")]
     pub sqlite_synchronous: Synchronous,
+    /// Transactions one client may keep submitted but not yet complete at the bank; it waits
+    /// for one to complete before submitting more. Without a bound, clients that do not wait
+    /// for results outrun any server and the measure becomes the growth of a backlog. 0: none.
+    #[arg(long, default_value_t = 4)]
+    pub outstanding: usize,
     /// Seconds to wait after a run for its last transactions to complete.
     #[arg(long, default_value_t = 10.0)]
     pub drain: f64,
@@ -299,7 +304,15 @@ async fn run_one(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle = kubetx.as_ref().and_then(Kubetx::stats);
     let dtm_url = kubetx.as_ref().map(|k| k.dtm_url.clone()).unwrap_or_default();
-    let load = Arc::new(Load::new(scenario, http, dtm_url, &bank, tag, Arc::clone(&tracker)));
+    let load = Arc::new(Load::new(
+        scenario,
+        http,
+        dtm_url,
+        &bank,
+        tag,
+        Arc::clone(&tracker),
+        args.outstanding,
+    ));
     let tasks: Vec<_> = (0..clients).map(|_| tokio::spawn(Arc::clone(&load).client())).collect();
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
     let before = kubetx.as_ref().and_then(Kubetx::stats);
