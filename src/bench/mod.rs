@@ -106,9 +106,11 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "full")]
     pub sqlite_synchronous: Synchronous,
     /// Transactions one client may keep submitted but not yet complete at the bank; it waits
-    /// for one to complete before submitting more. Without a bound, clients that do not wait
-    /// for results outrun any server and the measure becomes the growth of a backlog. 0: none.
-    #[arg(long, default_value_t = 4)]
+    /// for one to complete before submitting more. With 1 (the default), N clients keep N
+    /// transactions in flight whether or not they wait for results, which makes the figures
+    /// of the modes comparable; without a bound (0), clients that do not wait outrun any server
+    /// and the measure becomes the growth of a backlog.
+    #[arg(long, default_value_t = 1)]
     pub outstanding: usize,
     /// Seconds to wait after a run for its last transactions to complete.
     #[arg(long, default_value_t = 10.0)]
