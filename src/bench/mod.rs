@@ -361,7 +361,12 @@ async fn run_one(
     };
     let mb = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     Ok(RunResult {
-        store: store.map_or_else(|| "-".to_owned(), StoreSpec::name),
+        // A running kubetx's store is whatever it was started with.
+        store: match (store, launch) {
+            (None, _) => "-".to_owned(),
+            (Some(_), Launch::Target { .. }) => "target".to_owned(),
+            (Some(store), _) => store.name(),
+        },
         scenario: scenario.name(),
         clients,
         kubetx: mode,
