@@ -21,10 +21,12 @@ pub trait PassSink: Send {
     /// Error of the sink (store or API failure).
     type Error: Send;
 
-    /// The global status is about to change from `global.status` to `to`.
+    /// The global status is about to change from `global.status` to `to`, and `updates` (the
+    /// outcomes that caused it, possibly none) are to be recorded with it.
     fn transition(
         &mut self,
         global: &GlobalTrans,
+        updates: &[BranchUpdate],
         to: TransStatus,
         reason: Option<&str>,
         now: Millis,
@@ -106,12 +108,24 @@ pub async fn run_pass<S: PassSink>(
 ) -> Result<PassResult, S::Error> {
     let mut pass = Pass::default();
     let mut last_problem = None;
+    // Branch outcomes not yet handed to the sink. They wait for the next step of the pass so
+    // that, when they cause a transition (the last step succeeded, a step failed), outcome and
+    // transition are one write.
+    let mut unrecorded: Vec<BranchUpdate> = Vec::new();
     let completed = loop {
         let now = (context.now)();
-        match engine::plan(&global, &branches, &pass, now, context.policy) {
+        let plan = engine::plan(&global, &branches, &pass, now, context.policy);
+        if !unrecorded.is_empty() && !matches!(plan, Plan::Transition { .. }) {
+            if !sink.branches_updated(&global, &unrecorded, now).await? {
+                break false;
+            }
+            unrecorded.clear();
+        }
+        match plan {
             Plan::Finished => break true,
             Plan::Transition { to, reason } => {
-                if !sink.transition(&global, to, reason.as_deref(), now).await? {
+                let updates = std::mem::take(&mut unrecorded);
+                if !sink.transition(&global, &updates, to, reason.as_deref(), now).await? {
                     break false;
                 }
                 debug!(gid = %global.gid, from = %global.status, %to, "transition");
@@ -144,18 +158,14 @@ pub async fn run_pass<S: PassSink>(
                 }
                 let outcomes = join_all(calls.iter().map(|call| invoke(context, &global, call, timeout))).await;
                 let now = (context.now)();
-                let mut updates = Vec::new();
                 for (call, outcome) in calls.iter().zip(&outcomes) {
                     sink.call_made(call, outcome, now);
                     if !matches!(outcome, Outcome::Success) {
                         last_problem = Some(outcome.clone());
                     }
                     if let Some(update) = engine::absorb(&global, &mut branches, &mut pass, call, outcome, now) {
-                        updates.push(update);
+                        unrecorded.push(update);
                     }
-                }
-                if !updates.is_empty() && !sink.branches_updated(&global, &updates, now).await? {
-                    break false;
                 }
             }
             Plan::Park { at, interval } => {

@@ -459,6 +459,7 @@ impl PassSink for StoreSink<'_> {
     async fn transition(
         &mut self,
         global: &GlobalTrans,
+        updates: &[BranchUpdate],
         to: TransStatus,
         reason: Option<&str>,
         now: Millis,
@@ -466,6 +467,7 @@ impl PassSink for StoreSink<'_> {
         let mut change = StatusChange::new(&global.gid, global.status, to, now);
         change.owner = Some(self.owner.to_owned());
         change.rollback_reason = reason.map(str::to_owned);
+        change.branch_updates = updates.to_vec();
         Ok(self.store.change_status(&change).await?)
     }
 

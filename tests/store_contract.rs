@@ -105,6 +105,7 @@ contract!(
     change_status_is_conditional,
     add_branches_registers_idempotently_and_only_while_prepared,
     update_branches_requires_the_lease_and_the_status,
+    a_status_change_records_branch_outcomes_only_when_it_happens,
     claim_takes_parked_or_expired_only,
     claim_due_takes_due_work_earliest_first_under_a_lease,
     concurrent_claimers_never_get_the_same_gid,
@@ -485,6 +486,71 @@ async fn update_branches_requires_the_lease_and_the_status(store: Arc<dyn Store>
         (BranchStatus::Failed, Some(T0 + 6), None)
     );
     assert_eq!(get("01", "compensate").status, BranchStatus::Prepared);
+}
+
+async fn a_status_change_records_branch_outcomes_only_when_it_happens(store: Arc<dyn Store>) {
+    let mut g = global("sb", TransStatus::Submitted, T0 + 30_000);
+    g.owner = "a".to_owned();
+    store.create(&g, &saga_branches("sb")).await.expect("create");
+    let change = |owner: &str, from: TransStatus| {
+        let mut change = StatusChange::new("sb", from, TransStatus::Succeed, T0 + 9);
+        change.owner = Some(owner.to_owned());
+        change.branch_updates = vec![
+            update("01", "action", BranchStatus::Succeed, T0 + 5),
+            update("02", "action", BranchStatus::Succeed, T0 + 8),
+        ];
+        change
+    };
+    let statuses = || async {
+        let rows = store.branches("sb").await.expect("branches");
+        rows.iter()
+            .map(|b| (b.branch_id.clone(), b.op.clone(), b.status))
+            .collect::<Vec<_>>()
+    };
+    let before = statuses().await;
+    assert!(
+        !store
+            .change_status(&change("b", TransStatus::Submitted))
+            .await
+            .expect("wrong owner")
+    );
+    assert!(
+        !store
+            .change_status(&change("a", TransStatus::Aborting))
+            .await
+            .expect("wrong status")
+    );
+    assert_eq!(statuses().await, before, "a refused change records no outcome");
+
+    assert!(
+        store
+            .change_status(&change("a", TransStatus::Submitted))
+            .await
+            .expect("change")
+    );
+    let done = find(store.as_ref(), "sb").await;
+    assert_eq!((done.status, done.finish_time), (TransStatus::Succeed, Some(T0 + 9)));
+    let rows = store.branches("sb").await.expect("branches");
+    let get = |branch_id: &str, op: &str| {
+        rows.iter()
+            .find(|b| b.branch_id == branch_id && b.op == op)
+            .cloned()
+            .expect("row")
+    };
+    let step2 = get("02", "action");
+    assert_eq!(
+        (step2.status, step2.finish_time, step2.update_time),
+        (BranchStatus::Succeed, Some(T0 + 8), T0 + 9)
+    );
+    assert_eq!(get("01", "action").status, BranchStatus::Succeed);
+    assert_eq!(get("01", "compensate").status, BranchStatus::Prepared);
+    // Replaying the same change is refused and changes nothing.
+    assert!(
+        !store
+            .change_status(&change("a", TransStatus::Submitted))
+            .await
+            .expect("replay")
+    );
 }
 
 async fn claim_takes_parked_or_expired_only(store: Arc<dyn Store>) {

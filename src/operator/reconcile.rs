@@ -355,6 +355,7 @@ impl PassSink for StatusSink {
     async fn transition(
         &mut self,
         _global: &GlobalTrans,
+        _updates: &[BranchUpdate],
         to: TransStatus,
         reason: Option<&str>,
         _now: Millis,

@@ -93,6 +93,9 @@ pub struct StatusChange {
     pub result: Option<String>,
     /// Replace `custom_data` (e.g. a msg delay given only at submit).
     pub custom_data: Option<String>,
+    /// Branch outcomes to record in the same write, only if the change happens: the last step
+    /// of a pass and the transition it causes are one durable write, not two.
+    pub branch_updates: Vec<BranchUpdate>,
     /// When.
     pub now: Millis,
 }
@@ -109,6 +112,7 @@ impl StatusChange {
             rollback_reason: None,
             result: None,
             custom_data: None,
+            branch_updates: Vec::new(),
             now,
         }
     }
@@ -178,7 +182,8 @@ pub trait Store: Send + Sync + 'static {
     /// Loads a transaction's branches in insertion order.
     async fn branches(&self, gid: &str) -> Result<Vec<Branch>>;
 
-    /// Changes the status if it is still `change.from` (and the lease is held, when asked).
+    /// Changes the status if it is still `change.from` (and the lease is held, when asked), and
+    /// records `change.branch_updates` with it, atomically.
     async fn change_status(&self, change: &StatusChange) -> Result<bool>;
 
     /// Inserts branches of a `prepared` transaction (registerBranch).

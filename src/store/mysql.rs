@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::mysql::{MySqlArguments, MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{AssertSqlSafe, Connection, MySql, MySqlConnection, QueryBuilder, Row};
 
 use super::sql::Reachability;
@@ -339,6 +339,17 @@ async fn update_branches_tx(
         tx.rollback().await?;
         return Ok(false);
     }
+    record_branches(&mut tx, &guard.gid, updates, now).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+async fn record_branches(
+    tx: &mut sqlx::MySqlConnection,
+    gid: &str,
+    updates: &[BranchUpdate],
+    now: Millis,
+) -> Result<(), sqlx::Error> {
     for update in updates {
         sqlx::query(
             "UPDATE trans_branch_op SET update_time = ?, \
@@ -352,14 +363,61 @@ async fn update_branches_tx(
         .bind(update.status.as_str())
         .bind(update.at)
         .bind(update.status.as_str())
-        .bind(&guard.gid)
+        .bind(gid)
         .bind(&update.branch_id)
         .bind(&update.op)
         .execute(&mut *tx)
         .await?;
     }
+    Ok(())
+}
+
+/// Changes the status and, if it changed, records the branch outcomes with it, in one
+/// transaction (the status update's row lock orders it against a takeover).
+async fn change_status_tx(pool: &MySqlPool, change: &StatusChange) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let done = change_status_query(change).execute(&mut *tx).await?.rows_affected() == 1;
+    if done {
+        record_branches(&mut tx, &change.gid, &change.branch_updates, change.now).await?;
+    }
     tx.commit().await?;
-    Ok(true)
+    Ok(done)
+}
+
+/// The conditional status update of `change`.
+fn change_status_query(change: &StatusChange) -> sqlx::query::Query<'_, MySql, MySqlArguments> {
+    let (owner, next_cron_time) = match (&change.lease, change.to.is_finished()) {
+        (_, true) => (Some(String::new()), None),
+        (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
+        (None, false) => (None, None),
+    };
+    let to = change.to.as_str();
+    // MySQL assigns left to right; every CASE reads a parameter, never a column set earlier in
+    // the statement.
+    sqlx::query(
+        "UPDATE trans_global SET status = ?, update_time = ?, \
+         rollback_reason = COALESCE(?, rollback_reason), result = COALESCE(?, result), \
+         custom_data = COALESCE(?, custom_data), owner = COALESCE(?, owner), \
+         next_cron_time = COALESCE(?, next_cron_time), \
+         finish_time = CASE WHEN ? = 'succeed' THEN ? ELSE finish_time END, \
+         rollback_time = CASE WHEN ? = 'failed' THEN ? ELSE rollback_time END \
+         WHERE gid = ? AND status = ? AND (? IS NULL OR owner = ?)",
+    )
+    .bind(to)
+    .bind(change.now)
+    .bind(&change.rollback_reason)
+    .bind(&change.result)
+    .bind(&change.custom_data)
+    .bind(owner)
+    .bind(next_cron_time)
+    .bind(to)
+    .bind(change.now)
+    .bind(to)
+    .bind(change.now)
+    .bind(&change.gid)
+    .bind(change.from.as_str())
+    .bind(&change.owner)
+    .bind(&change.owner)
 }
 
 async fn claim_due_tx(pool: &MySqlPool, lease: &Lease, now: Millis, limit: i64) -> Result<Vec<String>, sqlx::Error> {
@@ -474,44 +532,11 @@ impl Store for MySqlStore {
 
     async fn change_status(&self, change: &StatusChange) -> Result<bool> {
         check_change(change)?;
-        let (owner, next_cron_time) = match (&change.lease, change.to.is_finished()) {
-            (_, true) => (Some(String::new()), None),
-            (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
-            (None, false) => (None, None),
-        };
-        let to = change.to.as_str();
-        let done = db!(self.reach, {
-            // MySQL assigns left to right; every CASE reads a parameter, never a column set
-            // earlier in the statement.
-            sqlx::query(
-                "UPDATE trans_global SET status = ?, update_time = ?, \
-                     rollback_reason = COALESCE(?, rollback_reason), result = COALESCE(?, result), \
-                     custom_data = COALESCE(?, custom_data), owner = COALESCE(?, owner), \
-                     next_cron_time = COALESCE(?, next_cron_time), \
-                     finish_time = CASE WHEN ? = 'succeed' THEN ? ELSE finish_time END, \
-                     rollback_time = CASE WHEN ? = 'failed' THEN ? ELSE rollback_time END \
-                     WHERE gid = ? AND status = ? AND (? IS NULL OR owner = ?)",
-            )
-            .bind(to)
-            .bind(change.now)
-            .bind(&change.rollback_reason)
-            .bind(&change.result)
-            .bind(&change.custom_data)
-            .bind(&owner)
-            .bind(next_cron_time)
-            .bind(to)
-            .bind(change.now)
-            .bind(to)
-            .bind(change.now)
-            .bind(&change.gid)
-            .bind(change.from.as_str())
-            .bind(&change.owner)
-            .bind(&change.owner)
-            .execute(&self.pool)
-            .await
-        })?
-        .rows_affected();
-        Ok(done == 1)
+        if change.branch_updates.is_empty() {
+            let done = db!(self.reach, change_status_query(change).execute(&self.pool).await)?;
+            return Ok(done.rows_affected() == 1);
+        }
+        db!(self.reach, change_status_tx(&self.pool, change).await)
     }
 
     async fn add_branches(&self, gid: &str, branches: &[Branch]) -> Result<AddBranches> {

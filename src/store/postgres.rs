@@ -298,6 +298,25 @@ async fn add_branches_tx(pool: &PgPool, gid: &str, branches: &[Branch]) -> Resul
     Ok(AddBranches::Added)
 }
 
+/// Branch outcomes as column arrays, for `UNNEST` (one statement whatever their number).
+struct OutcomeColumns<'a> {
+    branch_ids: Vec<&'a str>,
+    ops: Vec<&'a str>,
+    statuses: Vec<&'static str>,
+    ats: Vec<i64>,
+}
+
+impl<'a> OutcomeColumns<'a> {
+    fn new(updates: &'a [BranchUpdate]) -> Self {
+        OutcomeColumns {
+            branch_ids: updates.iter().map(|u| u.branch_id.as_str()).collect(),
+            ops: updates.iter().map(|u| u.op.as_str()).collect(),
+            statuses: updates.iter().map(|u| u.status.as_str()).collect(),
+            ats: updates.iter().map(|u| u.at).collect(),
+        }
+    }
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn ping(&self) -> Result<()> {
@@ -390,15 +409,24 @@ impl Store for PgStore {
             (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
             (None, false) => (None, None),
         };
-        let done = db!(self.reach, {
-            sqlx::query(
-                "UPDATE trans_global SET status = $1, update_time = $2, \
+        let updates = OutcomeColumns::new(&change.branch_updates);
+        // One statement: the branch rows change only when the status does.
+        let done: i64 = db!(self.reach, {
+            sqlx::query_scalar(
+                "WITH g AS (UPDATE trans_global SET status = $1, update_time = $2, \
                      rollback_reason = COALESCE($3, rollback_reason), result = COALESCE($4, result), \
                      custom_data = COALESCE($5, custom_data), owner = COALESCE($6, owner), \
                      next_cron_time = COALESCE($7, next_cron_time), \
                      finish_time = CASE WHEN $1 = 'succeed' THEN $2 ELSE finish_time END, \
                      rollback_time = CASE WHEN $1 = 'failed' THEN $2 ELSE rollback_time END \
-                     WHERE gid = $8 AND status = $9 AND ($10::text IS NULL OR owner = $10)",
+                     WHERE gid = $8 AND status = $9 AND ($10::text IS NULL OR owner = $10) RETURNING id), \
+                     u AS (UPDATE trans_branch_op b SET status = v.status, update_time = $2, \
+                     finish_time = CASE WHEN v.status = 'succeed' THEN v.at ELSE b.finish_time END, \
+                     rollback_time = CASE WHEN v.status = 'failed' THEN v.at ELSE b.rollback_time END \
+                     FROM UNNEST($11::text[], $12::text[], $13::text[], $14::int8[]) AS v(branch_id, op, status, at) \
+                     WHERE b.gid = $8 AND b.branch_id = v.branch_id AND b.op = v.op AND EXISTS (SELECT 1 FROM g) \
+                     RETURNING 1) \
+                     SELECT count(*) FROM g",
             )
             .bind(change.to.as_str())
             .bind(change.now)
@@ -410,10 +438,13 @@ impl Store for PgStore {
             .bind(&change.gid)
             .bind(change.from.as_str())
             .bind(&change.owner)
-            .execute(&self.pool)
+            .bind(&updates.branch_ids)
+            .bind(&updates.ops)
+            .bind(&updates.statuses)
+            .bind(&updates.ats)
+            .fetch_one(&self.pool)
             .await
-        })?
-        .rows_affected();
+        })?;
         Ok(done == 1)
     }
 
@@ -424,10 +455,7 @@ impl Store for PgStore {
     }
 
     async fn update_branches(&self, guard: &Guard, updates: &[BranchUpdate], now: Millis) -> Result<bool> {
-        let branch_ids: Vec<&str> = updates.iter().map(|u| u.branch_id.as_str()).collect();
-        let ops: Vec<&str> = updates.iter().map(|u| u.op.as_str()).collect();
-        let statuses: Vec<&str> = updates.iter().map(|u| u.status.as_str()).collect();
-        let ats: Vec<i64> = updates.iter().map(|u| u.at).collect();
+        let updates = OutcomeColumns::new(updates);
         // The shared lock on the global row orders this write against a takeover: a claim by
         // another process either commits first (then the guard fails) or waits for this one.
         let held: i64 = db!(self.reach, {
@@ -445,10 +473,10 @@ impl Store for PgStore {
             .bind(&guard.owner)
             .bind(guard.status.as_str())
             .bind(now)
-            .bind(&branch_ids)
-            .bind(&ops)
-            .bind(&statuses)
-            .bind(&ats)
+            .bind(&updates.branch_ids)
+            .bind(&updates.ops)
+            .bind(&updates.statuses)
+            .bind(&updates.ats)
             .fetch_one(&self.pool)
             .await
         })?;

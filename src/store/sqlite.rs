@@ -1,19 +1,24 @@
 //! The embedded store: one SQLite file in WAL mode.
 //!
-//! Reads go through a small pool. Writes go through one writer task that owns one connection
-//! and commits whatever is queued in a single transaction (group commit): under load, one
-//! fsync covers many state transitions, and SQLite's single-writer rule never makes two of our
-//! own writers wait on each other. Each queued write runs inside its own savepoint so that one
-//! failing write does not undo the others.
+//! Reads go through a small sqlx pool. Writes go through one writer thread that owns one
+//! connection and commits whatever is queued in a single transaction (group commit): under load,
+//! one fsync covers many state transitions, and SQLite's single-writer rule never makes two of
+//! our own writers wait on each other.
+//!
+//! The writer is a plain OS thread making synchronous SQLite calls (rusqlite, on the same SQLite
+//! library as sqlx) with cached prepared statements: a batch costs one thread wake-up, not two
+//! per statement as an async driver's worker-thread round trips would. Those round trips were
+//! the benchmark's bottleneck (BENCHMARKS.md).
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{AssertSqlSafe, Connection as _, QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -28,6 +33,12 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 /// Most writes committed together.
 const MAX_BATCH: usize = 512;
+
+/// How long a connection waits for a lock held by another process sharing the file.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Prepared statements the writer keeps (it uses about twenty distinct ones).
+const STATEMENT_CACHE: usize = 64;
 
 const UNFINISHED: &str = "('prepared', 'submitted', 'aborting')";
 
@@ -49,6 +60,21 @@ pub enum Synchronous {
     Full,
     /// fsync at checkpoints: survives process crashes, may lose the last commits on power loss.
     Normal,
+}
+
+impl Synchronous {
+    fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        StoreError::Unavailable(error.to_string())
+    }
 }
 
 /// The SQLite store.
@@ -105,21 +131,37 @@ impl SqliteStore {
                 Synchronous::Full => SqliteSynchronous::Full,
                 Synchronous::Normal => SqliteSynchronous::Normal,
             })
-            .busy_timeout(Duration::from_secs(10));
-        let mut writer = SqliteConnection::connect_with(&options).await?;
+            .busy_timeout(BUSY_TIMEOUT);
+        // The first connection creates the file, switches it to WAL and migrates it.
+        let mut setup = SqliteConnection::connect_with(&options).await?;
         if migrate {
             MIGRATOR
-                .run(&mut writer)
+                .run(&mut setup)
                 .await
                 .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
         }
+        let file = options.get_filename().to_path_buf();
+        setup.close().await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(BUSY_TIMEOUT)
             .connect_with(options)
             .await?;
         let (sender, receiver) = mpsc::channel(4096);
-        tokio::spawn(run_writer(writer, receiver));
+        let (opened, open_result) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("kubetx-sqlite-writer".to_owned())
+            .spawn(move || match open_writer(&file, synchronous) {
+                Ok(conn) => {
+                    let _ = opened.send(Ok(()));
+                    run_writer(&conn, receiver);
+                }
+                Err(error) => {
+                    let _ = opened.send(Err(error));
+                }
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
+        open_result.await.map_err(|_| StoreError::Closed)??;
         Ok(SqliteStore {
             readers,
             writer: sender,
@@ -143,90 +185,136 @@ impl SqliteStore {
     }
 }
 
-async fn run_writer(mut conn: SqliteConnection, mut jobs: mpsc::Receiver<Job>) {
+fn open_writer(file: &std::path::Path, synchronous: Synchronous) -> Result<Connection> {
+    // The connection never leaves its thread, so SQLite's own mutexes are not needed.
+    let conn = Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "synchronous", synchronous.pragma())?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+/// The writer thread: takes whatever is queued (at least one job), commits it, answers, repeats
+/// until every sender is gone. Writes that arrive during a commit form the next batch.
+fn run_writer(conn: &Connection, mut jobs: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let replies = commit_batch(&mut conn, &mut batch).await;
-        for (reply, result) in replies {
+    while let Some(job) = jobs.blocking_recv() {
+        batch.push(job);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        for (reply, result) in commit_batch(conn, &mut batch) {
             // The caller may have given up waiting; nothing to do then.
             let _ = reply.send(result);
         }
     }
 }
 
+type Answer = (oneshot::Sender<Result<Reply>>, Result<Reply>);
+
 /// Runs a batch in one transaction; every write gets its own result, or the commit's error.
-async fn commit_batch(
-    conn: &mut SqliteConnection,
-    batch: &mut Vec<Job>,
-) -> Vec<(oneshot::Sender<Result<Reply>>, Result<Reply>)> {
-    if let Err(error) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
-        let error = StoreError::from(error);
+fn commit_batch(conn: &Connection, batch: &mut Vec<Job>) -> Vec<Answer> {
+    if let Err(error) = run(conn, "BEGIN IMMEDIATE") {
         return batch.drain(..).map(|job| (job.reply, Err(error.clone()))).collect();
     }
-    let mut results = Vec::with_capacity(batch.len());
-    for job in batch.drain(..) {
-        let result = apply_in_savepoint(conn, job.write).await;
-        results.push((job.reply, result));
+    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+    let mut jobs = batch.drain(..);
+    for job in jobs.by_ref() {
+        match apply(conn, job.write) {
+            Err(error) if conn.is_autocommit() => {
+                // SQLite gave up the whole transaction (disk full, I/O error): nothing of this
+                // batch was written, and the rest must not run outside a transaction.
+                answers.push((job.reply, Err(error.clone())));
+                return fail_all(answers, jobs, &error);
+            }
+            result => answers.push((job.reply, result)),
+        }
     }
-    match sqlx::query("COMMIT").execute(&mut *conn).await {
-        Ok(_) => results,
+    drop(jobs);
+    match run(conn, "COMMIT") {
+        Ok(()) => answers,
         Err(error) => {
-            let error = StoreError::from(error);
             // Best effort: leave the connection usable for the next batch.
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            results
-                .into_iter()
-                .map(|(reply, _)| (reply, Err(error.clone())))
-                .collect()
+            let _ = run(conn, "ROLLBACK");
+            fail_all(answers, std::iter::empty(), &error)
         }
     }
 }
 
-async fn apply_in_savepoint(conn: &mut SqliteConnection, write: Write) -> Result<Reply> {
-    sqlx::query("SAVEPOINT w").execute(&mut *conn).await?;
-    let result = apply(conn, write).await;
-    let end = if result.is_ok() { "RELEASE w" } else { "ROLLBACK TO w" };
-    sqlx::query(end).execute(&mut *conn).await?;
-    if result.is_err() {
-        sqlx::query("RELEASE w").execute(&mut *conn).await?;
+fn fail_all(answers: Vec<Answer>, rest: impl Iterator<Item = Job>, error: &StoreError) -> Vec<Answer> {
+    answers
+        .into_iter()
+        .map(|(reply, _)| reply)
+        .chain(rest.map(|job| job.reply))
+        .map(|reply| (reply, Err(error.clone())))
+        .collect()
+}
+
+/// Runs one parameterless statement through the statement cache.
+fn run(conn: &Connection, sql: &str) -> Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// Runs a write of several statements all or nothing. (A single statement needs no savepoint:
+/// SQLite undoes a failed statement by itself and the batch goes on.)
+fn atomically<T>(conn: &Connection, write: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    run(conn, "SAVEPOINT w")?;
+    let result = write(conn);
+    if result.is_err()
+        && let Err(error) = run(conn, "ROLLBACK TO w")
+    {
+        // The write cannot be undone alone: give up the whole batch (the caller sees the
+        // connection back in autocommit mode and fails every write of it).
+        let _ = run(conn, "ROLLBACK");
+        return Err(error);
     }
+    run(conn, "RELEASE w")?;
     result
 }
 
-async fn apply(conn: &mut SqliteConnection, write: Write) -> Result<Reply> {
+fn apply(conn: &Connection, write: Write) -> Result<Reply> {
     match write {
         Write::Create(global, branches) => {
             let options = serde_json::to_string(&global.options).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let inserted = sqlx::query(
-                "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, custom_data, options, \
-                 create_time, update_time, finish_time, rollback_time, next_cron_time, next_cron_interval, owner, \
-                 result, rollback_reason, ext_data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (gid) DO NOTHING",
-            )
-            .bind(&global.gid)
-            .bind(global.trans_type.as_str())
-            .bind(global.status.as_str())
-            .bind(&global.query_prepared)
-            .bind(&global.protocol)
-            .bind(&global.custom_data)
-            .bind(options)
-            .bind(global.create_time)
-            .bind(global.update_time)
-            .bind(global.finish_time)
-            .bind(global.rollback_time)
-            .bind(global.next_cron_time)
-            .bind(global.next_cron_interval)
-            .bind(&global.owner)
-            .bind(&global.result)
-            .bind(&global.rollback_reason)
-            .bind(&global.ext_data)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected()
-                == 1;
-            if inserted {
-                insert_branches(conn, &branches).await?;
-            }
-            Ok(Reply::Flag(inserted))
+            atomically(conn, |conn| {
+                let inserted =
+                    conn.prepare_cached(
+                        "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, custom_data, \
+                         options, create_time, update_time, finish_time, rollback_time, next_cron_time, \
+                         next_cron_interval, owner, result, rollback_reason, ext_data) \
+                         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (gid) DO NOTHING",
+                    )?
+                    .execute(params![
+                        global.gid,
+                        global.trans_type.as_str(),
+                        global.status.as_str(),
+                        global.query_prepared,
+                        global.protocol,
+                        global.custom_data,
+                        options,
+                        global.create_time,
+                        global.update_time,
+                        global.finish_time,
+                        global.rollback_time,
+                        global.next_cron_time,
+                        global.next_cron_interval,
+                        global.owner,
+                        global.result,
+                        global.rollback_reason,
+                        global.ext_data,
+                    ])? == 1;
+                if inserted {
+                    insert_branches(conn, &branches)?;
+                }
+                Ok(Reply::Flag(inserted))
+            })
         }
         Write::ChangeStatus(change) => {
             let (owner, next_cron_time) = match (&change.lease, change.to.is_finished()) {
@@ -234,265 +322,239 @@ async fn apply(conn: &mut SqliteConnection, write: Write) -> Result<Reply> {
                 (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
                 (None, false) => (None, None),
             };
-            let done = sqlx::query(
-                "UPDATE trans_global SET status = ?1, update_time = ?2, \
-                 rollback_reason = COALESCE(?3, rollback_reason), result = COALESCE(?4, result), \
-                 custom_data = COALESCE(?5, custom_data), owner = COALESCE(?6, owner), \
-                 next_cron_time = COALESCE(?7, next_cron_time), \
-                 finish_time = CASE WHEN ?1 = 'succeed' THEN ?2 ELSE finish_time END, \
-                 rollback_time = CASE WHEN ?1 = 'failed' THEN ?2 ELSE rollback_time END \
-                 WHERE gid = ?8 AND status = ?9 AND (?10 IS NULL OR owner = ?10)",
-            )
-            .bind(change.to.as_str())
-            .bind(change.now)
-            .bind(&change.rollback_reason)
-            .bind(&change.result)
-            .bind(&change.custom_data)
-            .bind(owner)
-            .bind(next_cron_time)
-            .bind(&change.gid)
-            .bind(change.from.as_str())
-            .bind(&change.owner)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            Ok(Reply::Flag(done == 1))
+            let change_status = |conn: &Connection| -> Result<bool> {
+                let done = conn
+                    .prepare_cached(
+                        "UPDATE trans_global SET status = ?1, update_time = ?2, \
+                         rollback_reason = COALESCE(?3, rollback_reason), result = COALESCE(?4, result), \
+                         custom_data = COALESCE(?5, custom_data), owner = COALESCE(?6, owner), \
+                         next_cron_time = COALESCE(?7, next_cron_time), \
+                         finish_time = CASE WHEN ?1 = 'succeed' THEN ?2 ELSE finish_time END, \
+                         rollback_time = CASE WHEN ?1 = 'failed' THEN ?2 ELSE rollback_time END \
+                         WHERE gid = ?8 AND status = ?9 AND (?10 IS NULL OR owner = ?10)",
+                    )?
+                    .execute(params![
+                        change.to.as_str(),
+                        change.now,
+                        change.rollback_reason,
+                        change.result,
+                        change.custom_data,
+                        owner,
+                        next_cron_time,
+                        change.gid,
+                        change.from.as_str(),
+                        change.owner,
+                    ])?;
+                Ok(done == 1)
+            };
+            if change.branch_updates.is_empty() {
+                return Ok(Reply::Flag(change_status(conn)?));
+            }
+            atomically(conn, |conn| {
+                let done = change_status(conn)?;
+                if done {
+                    record_branches(conn, &change.gid, &change.branch_updates, change.now)?;
+                }
+                Ok(Reply::Flag(done))
+            })
         }
-        Write::AddBranches(gid, branches) => Ok(Reply::Added(add_branches(conn, &gid, &branches).await?)),
+        Write::AddBranches(gid, branches) => Ok(Reply::Added(atomically(conn, |conn| {
+            add_branches(conn, &gid, &branches)
+        })?)),
         Write::UpdateBranches(guard, updates, now) => {
-            if !guard_holds(conn, &guard).await? {
+            if !guard_holds(conn, &guard)? {
                 return Ok(Reply::Flag(false));
             }
-            for update in &updates {
-                sqlx::query(
-                    "UPDATE trans_branch_op SET status = ?1, update_time = ?2, \
-                     finish_time = CASE WHEN ?1 = 'succeed' THEN ?3 ELSE finish_time END, \
-                     rollback_time = CASE WHEN ?1 = 'failed' THEN ?3 ELSE rollback_time END \
-                     WHERE gid = ?4 AND branch_id = ?5 AND op = ?6",
-                )
-                .bind(update.status.as_str())
-                .bind(now)
-                .bind(update.at)
-                .bind(&guard.gid)
-                .bind(&update.branch_id)
-                .bind(&update.op)
-                .execute(&mut *conn)
-                .await?;
+            if updates.len() == 1 {
+                record_branches(conn, &guard.gid, &updates, now)?;
+            } else {
+                atomically(conn, |conn| record_branches(conn, &guard.gid, &updates, now))?;
             }
             Ok(Reply::Flag(true))
         }
         Write::Claim(gid, lease, now) => {
-            let done = sqlx::query(AssertSqlSafe(format!(
-                "UPDATE trans_global SET owner = ?1, next_cron_time = ?2, update_time = ?3 \
-                 WHERE gid = ?4 AND status IN {UNFINISHED} AND (owner = '' OR next_cron_time <= ?3)"
-            )))
-            .bind(&lease.owner)
-            .bind(lease.until)
-            .bind(now)
-            .bind(&gid)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
+            let done = conn
+                .prepare_cached(&format!(
+                    "UPDATE trans_global SET owner = ?1, next_cron_time = ?2, update_time = ?3 \
+                     WHERE gid = ?4 AND status IN {UNFINISHED} AND (owner = '' OR next_cron_time <= ?3)"
+                ))?
+                .execute(params![lease.owner, lease.until, now, gid])?;
             Ok(Reply::Flag(done == 1))
         }
         Write::ClaimDue(lease, now, limit) => {
-            let rows = sqlx::query(AssertSqlSafe(format!(
+            let mut statement = conn.prepare_cached(&format!(
                 "UPDATE trans_global SET owner = ?1, next_cron_time = ?2, update_time = ?3 \
                  WHERE id IN (SELECT id FROM trans_global WHERE status IN {UNFINISHED} AND next_cron_time <= ?3 \
                  ORDER BY next_cron_time LIMIT ?4) RETURNING gid"
-            )))
-            .bind(&lease.owner)
-            .bind(lease.until)
-            .bind(now)
-            .bind(limit)
-            .fetch_all(&mut *conn)
-            .await?;
-            let gids = rows
-                .iter()
-                .map(|row| row.try_get::<String, _>(0))
+            ))?;
+            let gids = statement
+                .query_map(params![lease.owner, lease.until, now, limit], |row| row.get(0))?
                 .collect::<Result<_, _>>()?;
             Ok(Reply::Gids(gids))
         }
         Write::ExtendLease(guard, until) => {
-            let done =
-                sqlx::query("UPDATE trans_global SET next_cron_time = ? WHERE gid = ? AND owner = ? AND status = ?")
-                    .bind(until)
-                    .bind(&guard.gid)
-                    .bind(&guard.owner)
-                    .bind(guard.status.as_str())
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
+            let done = conn
+                .prepare_cached(
+                    "UPDATE trans_global SET next_cron_time = ? WHERE gid = ? AND owner = ? AND status = ?",
+                )?
+                .execute(params![until, guard.gid, guard.owner, guard.status.as_str()])?;
             Ok(Reply::Flag(done == 1))
         }
         Write::Release(guard, next_cron_time, interval, now) => {
-            let done = sqlx::query(
-                "UPDATE trans_global SET owner = '', next_cron_time = ?, next_cron_interval = ?, update_time = ? \
-                 WHERE gid = ? AND owner = ? AND status = ?",
-            )
-            .bind(next_cron_time)
-            .bind(interval)
-            .bind(now)
-            .bind(&guard.gid)
-            .bind(&guard.owner)
-            .bind(guard.status.as_str())
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
+            let done = conn
+                .prepare_cached(
+                    "UPDATE trans_global SET owner = '', next_cron_time = ?, next_cron_interval = ?, \
+                     update_time = ? WHERE gid = ? AND owner = ? AND status = ?",
+                )?
+                .execute(params![
+                    next_cron_time,
+                    interval,
+                    now,
+                    guard.gid,
+                    guard.owner,
+                    guard.status.as_str()
+                ])?;
             Ok(Reply::Flag(done == 1))
         }
         Write::ResetNextCronTime(gid, now) => {
             // A leased transaction is being driven right now; making it due would invite a
             // second driver, so only parked ones move.
-            sqlx::query("UPDATE trans_global SET next_cron_time = ? WHERE gid = ? AND owner = ''")
-                .bind(now)
-                .bind(&gid)
-                .execute(&mut *conn)
-                .await?;
-            let exists = sqlx::query("SELECT 1 FROM trans_global WHERE gid = ?")
-                .bind(&gid)
-                .fetch_optional(&mut *conn)
-                .await?
-                .is_some();
+            conn.prepare_cached("UPDATE trans_global SET next_cron_time = ? WHERE gid = ? AND owner = ''")?
+                .execute(params![now, gid])?;
+            let exists = conn
+                .prepare_cached("SELECT 1 FROM trans_global WHERE gid = ?")?
+                .exists(params![gid])?;
             Ok(Reply::Flag(exists))
         }
         Write::ResetCronTimes(after, now, limit) => {
-            let done = sqlx::query(AssertSqlSafe(format!(
-                "UPDATE trans_global SET next_cron_time = ?1 WHERE id IN (SELECT id FROM trans_global \
-                 WHERE status IN {UNFINISHED} AND owner = '' AND next_cron_time > ?2 LIMIT ?3)"
-            )))
-            .bind(now)
-            .bind(after)
-            .bind(limit)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            Ok(Reply::Count(done))
+            let done = conn
+                .prepare_cached(&format!(
+                    "UPDATE trans_global SET next_cron_time = ?1 WHERE id IN (SELECT id FROM trans_global \
+                     WHERE status IN {UNFINISHED} AND owner = '' AND next_cron_time > ?2 LIMIT ?3)"
+                ))?
+                .execute(params![now, after, limit])?;
+            Ok(Reply::Count(done as u64))
         }
         Write::KvCreate(cat, key, value, now) => {
-            let done = sqlx::query(
-                "INSERT INTO kv (cat, k, v, version, create_time, update_time) VALUES (?, ?, ?, 1, ?, ?) \
-                 ON CONFLICT (cat, k) DO NOTHING",
-            )
-            .bind(&cat)
-            .bind(&key)
-            .bind(&value)
-            .bind(now)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
+            let done = conn
+                .prepare_cached(
+                    "INSERT INTO kv (cat, k, v, version, create_time, update_time) VALUES (?, ?, ?, 1, ?, ?) \
+                     ON CONFLICT (cat, k) DO NOTHING",
+                )?
+                .execute(params![cat, key, value, now, now])?;
             Ok(Reply::Flag(done == 1))
         }
         Write::KvUpdate(cat, key, value, version, now) => {
-            let done = sqlx::query(
-                "UPDATE kv SET v = ?, version = version + 1, update_time = ? WHERE cat = ? AND k = ? AND version = ?",
-            )
-            .bind(&value)
-            .bind(now)
-            .bind(&cat)
-            .bind(&key)
-            .bind(version)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
+            let done = conn
+                .prepare_cached(
+                    "UPDATE kv SET v = ?, version = version + 1, update_time = ? \
+                     WHERE cat = ? AND k = ? AND version = ?",
+                )?
+                .execute(params![value, now, cat, key, version])?;
             Ok(Reply::Flag(done == 1))
         }
-        Write::PurgeFinished(before, limit) => {
-            // One writer runs this batch alone, so both statements see the same victims.
+        Write::KvDelete(cat, key) => {
+            let done = conn
+                .prepare_cached("DELETE FROM kv WHERE cat = ? AND k = ?")?
+                .execute(params![cat, key])?;
+            Ok(Reply::Flag(done == 1))
+        }
+        Write::PurgeFinished(before, limit) => atomically(conn, |conn| {
+            // One writer runs this alone, so both statements see the same victims.
             let victims = format!(
                 "SELECT {{}} FROM trans_global WHERE status IN {FINISHED} AND update_time < ?1 \
                  ORDER BY update_time, id LIMIT ?2"
             );
-            sqlx::query(AssertSqlSafe(format!(
+            conn.prepare_cached(&format!(
                 "DELETE FROM trans_branch_op WHERE gid IN ({})",
                 victims.replace("{}", "gid")
-            )))
-            .bind(before)
-            .bind(limit)
-            .execute(&mut *conn)
-            .await?;
-            let deleted = sqlx::query(AssertSqlSafe(format!(
-                "DELETE FROM trans_global WHERE id IN ({})",
-                victims.replace("{}", "id")
-            )))
-            .bind(before)
-            .bind(limit)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            Ok(Reply::Count(deleted))
-        }
-        Write::KvDelete(cat, key) => {
-            let done = sqlx::query("DELETE FROM kv WHERE cat = ? AND k = ?")
-                .bind(&cat)
-                .bind(&key)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-            Ok(Reply::Flag(done == 1))
-        }
+            ))?
+            .execute(params![before, limit])?;
+            let deleted = conn
+                .prepare_cached(&format!(
+                    "DELETE FROM trans_global WHERE id IN ({})",
+                    victims.replace("{}", "id")
+                ))?
+                .execute(params![before, limit])?;
+            Ok(Reply::Count(deleted as u64))
+        }),
     }
 }
 
-async fn guard_holds(conn: &mut SqliteConnection, guard: &Guard) -> Result<bool> {
-    Ok(
-        sqlx::query("SELECT 1 FROM trans_global WHERE gid = ? AND status = ? AND owner = ?")
-            .bind(&guard.gid)
-            .bind(guard.status.as_str())
-            .bind(&guard.owner)
-            .fetch_optional(&mut *conn)
-            .await?
-            .is_some(),
-    )
+fn guard_holds(conn: &Connection, guard: &Guard) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM trans_global WHERE gid = ? AND status = ? AND owner = ?")?
+        .exists(params![guard.gid, guard.status.as_str(), guard.owner])?)
 }
 
-async fn insert_branches(conn: &mut SqliteConnection, branches: &[Branch]) -> Result<()> {
-    for branch in branches {
-        sqlx::query(
-            "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, create_time, update_time, \
-             finish_time, rollback_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&branch.gid)
-        .bind(&branch.url)
-        .bind(&branch.bin_data)
-        .bind(&branch.branch_id)
-        .bind(&branch.op)
-        .bind(branch.status.as_str())
-        .bind(branch.create_time)
-        .bind(branch.update_time)
-        .bind(branch.finish_time)
-        .bind(branch.rollback_time)
-        .execute(&mut *conn)
-        .await?;
+fn record_branches(conn: &Connection, gid: &str, updates: &[BranchUpdate], now: Millis) -> Result<()> {
+    let mut statement = conn.prepare_cached(
+        "UPDATE trans_branch_op SET status = ?1, update_time = ?2, \
+         finish_time = CASE WHEN ?1 = 'succeed' THEN ?3 ELSE finish_time END, \
+         rollback_time = CASE WHEN ?1 = 'failed' THEN ?3 ELSE rollback_time END \
+         WHERE gid = ?4 AND branch_id = ?5 AND op = ?6",
+    )?;
+    for update in updates {
+        statement.execute(params![
+            update.status.as_str(),
+            now,
+            update.at,
+            gid,
+            update.branch_id,
+            update.op
+        ])?;
     }
     Ok(())
 }
 
-async fn add_branches(conn: &mut SqliteConnection, gid: &str, branches: &[Branch]) -> Result<AddBranches> {
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM trans_global WHERE gid = ?")
-        .bind(gid)
-        .fetch_optional(&mut *conn)
-        .await?;
+fn insert_branches(conn: &Connection, branches: &[Branch]) -> Result<()> {
+    let mut statement = conn.prepare_cached(
+        "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, create_time, update_time, \
+         finish_time, rollback_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )?;
+    for branch in branches {
+        statement.execute(params![
+            branch.gid,
+            branch.url,
+            branch.bin_data,
+            branch.branch_id,
+            branch.op,
+            branch.status.as_str(),
+            branch.create_time,
+            branch.update_time,
+            branch.finish_time,
+            branch.rollback_time,
+        ])?;
+    }
+    Ok(())
+}
+
+fn add_branches(conn: &Connection, gid: &str, branches: &[Branch]) -> Result<AddBranches> {
+    let status: Option<String> = conn
+        .prepare_cached("SELECT status FROM trans_global WHERE gid = ?")?
+        .query_row(params![gid], |row| row.get(0))
+        .optional()?;
     let status = status.map(|s| parse_status(&s)).transpose()?;
     if status != Some(TransStatus::Prepared) {
         return Ok(AddBranches::WrongStatus(status));
     }
     let mut missing = Vec::new();
+    let mut existing = conn.prepare_cached(
+        "SELECT url, bin_data, status FROM trans_branch_op WHERE gid = ? AND branch_id = ? AND op = ?",
+    )?;
     for branch in branches {
-        let existing =
-            sqlx::query("SELECT url, bin_data, status FROM trans_branch_op WHERE gid = ? AND branch_id = ? AND op = ?")
-                .bind(gid)
-                .bind(&branch.branch_id)
-                .bind(&branch.op)
-                .fetch_optional(&mut *conn)
-                .await?;
-        match existing {
+        let row = existing
+            .query_row(params![gid, branch.branch_id, branch.op], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, Vec<u8>>(1)?,
+                    row.get::<_, String>(2)?,
+                ))
+            })
+            .optional()?;
+        match row {
             None => missing.push(branch.clone()),
-            Some(row) => {
-                let url: String = row.try_get(0)?;
-                let data: Vec<u8> = row.try_get(1)?;
-                let status: String = row.try_get(2)?;
+            Some((url, data, status)) => {
                 if url != branch.url || data != branch.bin_data || status != branch.status.as_str() {
                     return Ok(AddBranches::Conflict(format!(
                         "branch {} op {} is already registered with other content",
@@ -505,7 +567,7 @@ async fn add_branches(conn: &mut SqliteConnection, gid: &str, branches: &[Branch
     if missing.is_empty() {
         return Ok(AddBranches::AlreadyRegistered);
     }
-    insert_branches(conn, &missing).await?;
+    insert_branches(conn, &missing)?;
     Ok(AddBranches::Added)
 }
 
