@@ -1,24 +1,22 @@
 //! The embedded store: one SQLite file in WAL mode.
 //!
-//! Reads go through a small sqlx pool. Writes go through one writer thread that owns one
+//! Reads use connections of their own (see [`Readers`]). Writes go through one writer thread that owns one
 //! connection and commits whatever is queued in a single transaction (group commit): under load,
 //! one fsync covers many state transitions, and SQLite's single-writer rule never makes two of
 //! our own writers wait on each other.
 //!
-//! The writer is a plain OS thread making synchronous SQLite calls (rusqlite, on the same SQLite
-//! library as sqlx) with cached prepared statements: a batch costs one thread wake-up, not two
-//! per statement as an async driver's worker-thread round trips would. Those round trips were
-//! the benchmark's bottleneck (BENCHMARKS.md).
+//! All of it makes synchronous SQLite calls (rusqlite, on the same SQLite library as sqlx, which
+//! only creates and migrates the file) with cached prepared statements: a batch costs the writer
+//! one thread wake-up, not two per statement as an async driver's worker-thread round trips
+//! would. Those round trips were the benchmark's bottleneck (BENCHMARKS.md).
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
-use sqlx::{AssertSqlSafe, Connection as _, QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Connection as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -80,7 +78,7 @@ impl From<rusqlite::Error> for StoreError {
 /// The SQLite store.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    readers: SqlitePool,
+    readers: std::sync::Arc<Readers>,
     writer: mpsc::Sender<Job>,
 }
 
@@ -142,11 +140,10 @@ impl SqliteStore {
         }
         let file = options.get_filename().to_path_buf();
         setup.close().await?;
-        let readers = SqlitePoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(BUSY_TIMEOUT)
-            .connect_with(options)
-            .await?;
+        let readers = std::sync::Arc::new(Readers {
+            idle: std::sync::Mutex::new(vec![open_reader(&file)?]),
+            file: file.clone(),
+        });
         let (sender, receiver) = mpsc::channel(4096);
         let (opened, open_result) = oneshot::channel();
         std::thread::Builder::new()
@@ -575,71 +572,146 @@ fn parse_status(text: &str) -> Result<TransStatus> {
     TransStatus::parse(text).ok_or_else(|| StoreError::Corrupt(format!("unknown status {text:?}")))
 }
 
-fn decode_global(row: &SqliteRow) -> Result<GlobalTrans> {
-    let trans_type: String = row.try_get("trans_type")?;
-    let status: String = row.try_get("status")?;
-    let options: String = row.try_get("options")?;
-    Ok(GlobalTrans {
-        id: row.try_get("id")?,
-        gid: row.try_get("gid")?,
-        trans_type: TransType::parse(&trans_type)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown trans_type {trans_type:?}")))?,
-        status: parse_status(&status)?,
-        query_prepared: row.try_get("query_prepared")?,
-        protocol: row.try_get("protocol")?,
-        custom_data: row.try_get("custom_data")?,
-        options: if options.is_empty() {
-            TransOptions::default()
-        } else {
-            serde_json::from_str(&options).map_err(|e| StoreError::Corrupt(format!("options: {e}")))?
-        },
-        create_time: row.try_get("create_time")?,
-        update_time: row.try_get("update_time")?,
-        finish_time: row.try_get("finish_time")?,
-        rollback_time: row.try_get("rollback_time")?,
-        next_cron_time: row.try_get("next_cron_time")?,
-        next_cron_interval: row.try_get("next_cron_interval")?,
-        owner: row.try_get("owner")?,
-        result: row.try_get("result")?,
-        rollback_reason: row.try_get("rollback_reason")?,
-        ext_data: row.try_get("ext_data")?,
-    })
+fn decode_global(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<GlobalTrans>> {
+    let trans_type: String = row.get("trans_type")?;
+    let status: String = row.get("status")?;
+    let options: String = row.get("options")?;
+    let Some(trans_type) = TransType::parse(&trans_type) else {
+        return Ok(Err(StoreError::Corrupt(format!("unknown trans_type {trans_type:?}"))));
+    };
+    let status = match parse_status(&status) {
+        Ok(status) => status,
+        Err(error) => return Ok(Err(error)),
+    };
+    let options = if options.is_empty() {
+        TransOptions::default()
+    } else {
+        match serde_json::from_str(&options) {
+            Ok(options) => options,
+            Err(error) => return Ok(Err(StoreError::Corrupt(format!("options: {error}")))),
+        }
+    };
+    Ok(Ok(GlobalTrans {
+        id: row.get("id")?,
+        gid: row.get("gid")?,
+        trans_type,
+        status,
+        query_prepared: row.get("query_prepared")?,
+        protocol: row.get("protocol")?,
+        custom_data: row.get("custom_data")?,
+        options,
+        create_time: row.get("create_time")?,
+        update_time: row.get("update_time")?,
+        finish_time: row.get("finish_time")?,
+        rollback_time: row.get("rollback_time")?,
+        next_cron_time: row.get("next_cron_time")?,
+        next_cron_interval: row.get("next_cron_interval")?,
+        owner: row.get("owner")?,
+        result: row.get("result")?,
+        rollback_reason: row.get("rollback_reason")?,
+        ext_data: row.get("ext_data")?,
+    }))
 }
 
-fn decode_branch(row: &SqliteRow) -> Result<Branch> {
-    let status: String = row.try_get("status")?;
-    Ok(Branch {
-        id: row.try_get("id")?,
-        gid: row.try_get("gid")?,
-        url: row.try_get("url")?,
-        bin_data: row.try_get("bin_data")?,
-        branch_id: row.try_get("branch_id")?,
-        op: row.try_get("op")?,
-        status: BranchStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown branch status {status:?}")))?,
-        create_time: row.try_get("create_time")?,
-        update_time: row.try_get("update_time")?,
-        finish_time: row.try_get("finish_time")?,
-        rollback_time: row.try_get("rollback_time")?,
-    })
+fn decode_branch(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Branch>> {
+    let status: String = row.get("status")?;
+    let Some(status) = BranchStatus::parse(&status) else {
+        return Ok(Err(StoreError::Corrupt(format!("unknown branch status {status:?}"))));
+    };
+    Ok(Ok(Branch {
+        id: row.get("id")?,
+        gid: row.get("gid")?,
+        url: row.get("url")?,
+        bin_data: row.get("bin_data")?,
+        branch_id: row.get("branch_id")?,
+        op: row.get("op")?,
+        status,
+        create_time: row.get("create_time")?,
+        update_time: row.get("update_time")?,
+        finish_time: row.get("finish_time")?,
+        rollback_time: row.get("rollback_time")?,
+    }))
 }
 
-fn decode_kv(row: &SqliteRow) -> Result<KvEntry> {
-    Ok(KvEntry {
-        id: row.try_get("id")?,
-        cat: row.try_get("cat")?,
-        key: row.try_get("k")?,
-        value: row.try_get("v")?,
-        version: row.try_get("version")?,
-        create_time: row.try_get("create_time")?,
-        update_time: row.try_get("update_time")?,
-    })
+fn decode_kv(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<KvEntry>> {
+    Ok(Ok(KvEntry {
+        id: row.get("id")?,
+        cat: row.get("cat")?,
+        key: row.get("k")?,
+        value: row.get("v")?,
+        version: row.get("version")?,
+        create_time: row.get("create_time")?,
+        update_time: row.get("update_time")?,
+    }))
+}
+
+/// Runs a query and decodes every row (a decoder answers `Ok(Err(..))` for a row that is
+/// readable but not valid, e.g. an unknown status).
+fn query_all<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    decode: fn(&rusqlite::Row<'_>) -> rusqlite::Result<Result<T>>,
+) -> Result<Vec<T>> {
+    conn.prepare_cached(sql)?
+        .query_map(params, decode)?
+        .map(|row| row?)
+        .collect()
+}
+
+/// Reader connections. Point lookups (a transaction, its branches, a key) run on the caller's
+/// thread: in WAL mode a reader never waits for the writer, and a lookup in the page cache
+/// takes microseconds, less than handing it to another thread would. Scans go to the blocking
+/// pool. A connection is taken for one call and put back; there are at most as many as calls
+/// ever ran at once.
+#[derive(Debug)]
+struct Readers {
+    file: std::path::PathBuf,
+    idle: std::sync::Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    fn with<T>(&self, read: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let idle = self.idle.lock().map(|mut idle| idle.pop()).unwrap_or_default();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => open_reader(&self.file)?,
+        };
+        let result = read(&conn);
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
+fn open_reader(file: &std::path::Path) -> Result<Connection> {
+    // Read-write although it only reads: a read-only connection cannot open a WAL database
+    // whose shared-memory index does not exist yet.
+    let conn = Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Runs a read that may take a while (a scan) off the async threads.
+    async fn scan<T: Send + 'static>(&self, read: impl FnOnce(&Connection) -> Result<T> + Send + 'static) -> Result<T> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || readers.with(read))
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.readers).await?;
+        self.readers
+            .with(|conn| Ok(conn.prepare_cached("SELECT 1")?.exists([])?))?;
         Ok(())
     }
 
@@ -649,29 +721,27 @@ impl Store for SqliteStore {
     }
 
     async fn find(&self, gid: &str) -> Result<Option<GlobalTrans>> {
-        sqlx::query(AssertSqlSafe(format!(
-            "SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE gid = ?"
-        )))
-        .bind(gid)
-        .fetch_optional(&self.readers)
-        .await?
-        .as_ref()
-        .map(decode_global)
-        .transpose()
+        self.readers.with(|conn| {
+            Ok(query_all(
+                conn,
+                &format!("SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE gid = ?"),
+                [gid],
+                decode_global,
+            )?
+            .pop())
+        })
     }
 
     async fn branches(&self, gid: &str) -> Result<Vec<Branch>> {
-        sqlx::query(AssertSqlSafe(format!(
-            "SELECT {BRANCH_COLUMNS} FROM trans_branch_op WHERE gid = ? ORDER BY id"
-        )))
-        .bind(gid)
-        .fetch_all(&self.readers)
-        .await?
-        .iter()
-        .map(decode_branch)
-        .collect()
+        self.readers.with(|conn| {
+            query_all(
+                conn,
+                &format!("SELECT {BRANCH_COLUMNS} FROM trans_branch_op WHERE gid = ? ORDER BY id"),
+                [gid],
+                decode_branch,
+            )
+        })
     }
-
     async fn change_status(&self, change: &StatusChange) -> Result<bool> {
         check_change(change)?;
         self.write_flag(Write::ChangeStatus(change.clone())).await
@@ -715,30 +785,31 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<GlobalTrans>> {
-        let mut sql: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE 1 = 1"));
+        use rusqlite::types::Value;
+        let mut sql = format!("SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE 1 = 1");
+        let mut values: Vec<Value> = Vec::new();
+        let mut filter = |condition: &str, value: Value| {
+            sql.push_str(condition);
+            values.push(value);
+        };
         if let Some(before) = query.before_id {
-            sql.push(" AND id < ").push_bind(before);
+            filter(" AND id < ?", before.into());
         }
         if let Some(status) = query.status {
-            sql.push(" AND status = ").push_bind(status.as_str());
+            filter(" AND status = ?", status.as_str().to_owned().into());
         }
         if let Some(trans_type) = query.trans_type {
-            sql.push(" AND trans_type = ").push_bind(trans_type.as_str());
+            filter(" AND trans_type = ?", trans_type.as_str().to_owned().into());
         }
         if let Some(from) = query.created_from {
-            sql.push(" AND create_time >= ").push_bind(from);
+            filter(" AND create_time >= ?", from.into());
         }
         if let Some(to) = query.created_to {
-            sql.push(" AND create_time <= ").push_bind(to);
+            filter(" AND create_time <= ?", to.into());
         }
-        sql.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
-        sql.build()
-            .fetch_all(&self.readers)
-            .await?
-            .iter()
-            .map(decode_global)
-            .collect()
+        filter(" ORDER BY id DESC LIMIT ?", query.limit.into());
+        self.scan(move |conn| query_all(conn, &sql, rusqlite::params_from_iter(values), decode_global))
+            .await
     }
 
     async fn reset_next_cron_time(&self, gid: &str, now: Millis) -> Result<bool> {
@@ -753,29 +824,29 @@ impl Store for SqliteStore {
     }
 
     async fn kv_get(&self, cat: &str, key: &str) -> Result<Option<KvEntry>> {
-        sqlx::query("SELECT id, cat, k, v, version, create_time, update_time FROM kv WHERE cat = ? AND k = ?")
-            .bind(cat)
-            .bind(key)
-            .fetch_optional(&self.readers)
-            .await?
-            .as_ref()
-            .map(decode_kv)
-            .transpose()
+        self.readers.with(|conn| {
+            Ok(query_all(
+                conn,
+                "SELECT id, cat, k, v, version, create_time, update_time FROM kv WHERE cat = ? AND k = ?",
+                [cat, key],
+                decode_kv,
+            )?
+            .pop())
+        })
     }
 
     async fn kv_scan(&self, cat: &str, after_id: i64, limit: i64) -> Result<Vec<KvEntry>> {
-        sqlx::query(
-            "SELECT id, cat, k, v, version, create_time, update_time FROM kv WHERE cat = ? AND id > ? \
-             ORDER BY id LIMIT ?",
-        )
-        .bind(cat)
-        .bind(after_id)
-        .bind(limit)
-        .fetch_all(&self.readers)
-        .await?
-        .iter()
-        .map(decode_kv)
-        .collect()
+        let cat = cat.to_owned();
+        self.scan(move |conn| {
+            query_all(
+                conn,
+                "SELECT id, cat, k, v, version, create_time, update_time FROM kv WHERE cat = ? AND id > ? \
+                 ORDER BY id LIMIT ?",
+                params![cat, after_id, limit],
+                decode_kv,
+            )
+        })
+        .await
     }
 
     async fn kv_create(&self, cat: &str, key: &str, value: &str, now: Millis) -> Result<bool> {
