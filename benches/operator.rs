@@ -116,7 +116,11 @@ async fn run(args: Args) -> Result<(), String> {
         Some(url) => {
             let default = dir.path().join("detail.db").display().to_string();
             let kind = StoreKind::parse(if url == "sqlite" { "" } else { url }, &default).map_err(|e| e.to_string())?;
-            let label = kind.describe();
+            let label = if url == "sqlite" {
+                "sqlite".to_owned()
+            } else {
+                kind.describe()
+            };
             let store = kubetx::store::open(&StoreOptions {
                 kind,
                 synchronous: Synchronous::Full,
