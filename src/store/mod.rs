@@ -8,6 +8,7 @@
 //!   `next_cron_time` as the expiry), and every write made while driving names the owner, so a
 //!   process that lost its lease (it stalled, another took over) cannot write any more.
 
+mod decode;
 mod mysql;
 mod postgres;
 pub mod retention;
@@ -288,6 +289,44 @@ pub(crate) fn check_branches(branches: &[Branch]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A stored branch row as `registerBranch` compares it with a new registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredBranch {
+    branch_id: String,
+    op: String,
+    url: String,
+    bin_data: Vec<u8>,
+    status: String,
+}
+
+/// The branches of a registration that are not stored yet. `Err` answers the registration
+/// without a write: one is stored with other content (`Conflict`), or all are stored alike
+/// (`AlreadyRegistered`, an idempotent retry).
+pub(crate) fn branches_to_add(requested: &[Branch], stored: &[StoredBranch]) -> Result<Vec<Branch>, AddBranches> {
+    let mut missing = Vec::new();
+    for branch in requested {
+        match stored
+            .iter()
+            .find(|row| row.branch_id == branch.branch_id && row.op == branch.op)
+        {
+            None => missing.push(branch.clone()),
+            Some(row)
+                if row.url == branch.url && row.bin_data == branch.bin_data && row.status == branch.status.as_str() => {
+            }
+            Some(_) => {
+                return Err(AddBranches::Conflict(format!(
+                    "branch {} op {} is already registered with other content",
+                    branch.branch_id, branch.op
+                )));
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Err(AddBranches::AlreadyRegistered);
+    }
+    Ok(missing)
 }
 
 /// Checks the free-text fields of a status change.

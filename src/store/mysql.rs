@@ -10,17 +10,18 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::mysql::{MySqlArguments, MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::mysql::{MySqlArguments, MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, MySql, MySqlConnection, QueryBuilder, Row};
 
+use super::decode;
 use super::sql::Reachability;
 use super::sql::db;
 use super::{
     AddBranches, Guard, KvEntry, Lease, ListQuery, Result, StatusChange, Store, StoreError, StoreOptions,
-    check_branches, check_change, check_key, check_new, check_text,
+    branches_to_add, check_branches, check_change, check_key, check_new, check_text,
 };
 use crate::engine::BranchUpdate;
-use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType};
+use crate::model::{Branch, GlobalTrans, Millis, TransStatus};
 
 // Every dynamic SQL string below is assembled from constants of this file only, never from input.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
@@ -114,75 +115,6 @@ impl MySqlStore {
         );
         Ok(MySqlStore { pool, reach })
     }
-}
-
-/// A text column, also from a VARBINARY key column (which sqlx would not decode as a string).
-fn text(row: &MySqlRow, column: &str) -> Result<String> {
-    Ok(row.try_get_unchecked::<String, _>(column)?)
-}
-
-fn parse_status(text: &str) -> Result<TransStatus> {
-    TransStatus::parse(text).ok_or_else(|| StoreError::Corrupt(format!("unknown status {text:?}")))
-}
-
-fn decode_global(row: &MySqlRow) -> Result<GlobalTrans> {
-    let trans_type = text(row, "trans_type")?;
-    let options = text(row, "options")?;
-    Ok(GlobalTrans {
-        id: row.try_get("id")?,
-        gid: text(row, "gid")?,
-        trans_type: TransType::parse(&trans_type)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown trans_type {trans_type:?}")))?,
-        status: parse_status(&text(row, "status")?)?,
-        query_prepared: text(row, "query_prepared")?,
-        protocol: text(row, "protocol")?,
-        custom_data: text(row, "custom_data")?,
-        options: if options.is_empty() {
-            TransOptions::default()
-        } else {
-            serde_json::from_str(&options).map_err(|e| StoreError::Corrupt(format!("options: {e}")))?
-        },
-        create_time: row.try_get("create_time")?,
-        update_time: row.try_get("update_time")?,
-        finish_time: row.try_get("finish_time")?,
-        rollback_time: row.try_get("rollback_time")?,
-        next_cron_time: row.try_get("next_cron_time")?,
-        next_cron_interval: row.try_get("next_cron_interval")?,
-        owner: text(row, "owner")?,
-        result: text(row, "result")?,
-        rollback_reason: text(row, "rollback_reason")?,
-        ext_data: text(row, "ext_data")?,
-    })
-}
-
-fn decode_branch(row: &MySqlRow) -> Result<Branch> {
-    let status = text(row, "status")?;
-    Ok(Branch {
-        id: row.try_get("id")?,
-        gid: text(row, "gid")?,
-        url: text(row, "url")?,
-        bin_data: row.try_get("bin_data")?,
-        branch_id: text(row, "branch_id")?,
-        op: text(row, "op")?,
-        status: BranchStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown branch status {status:?}")))?,
-        create_time: row.try_get("create_time")?,
-        update_time: row.try_get("update_time")?,
-        finish_time: row.try_get("finish_time")?,
-        rollback_time: row.try_get("rollback_time")?,
-    })
-}
-
-fn decode_kv(row: &MySqlRow) -> Result<KvEntry> {
-    Ok(KvEntry {
-        id: row.try_get("id")?,
-        cat: text(row, "cat")?,
-        key: text(row, "k")?,
-        value: text(row, "v")?,
-        version: row.try_get("version")?,
-        create_time: row.try_get("create_time")?,
-        update_time: row.try_get("update_time")?,
-    })
 }
 
 fn is_duplicate(error: &sqlx::Error) -> bool {
@@ -279,41 +211,21 @@ async fn add_branches_tx(pool: &MySqlPool, gid: &str, branches: &[Branch]) -> Re
         tx.rollback().await?;
         return Ok(AddBranches::WrongStatus(status));
     }
-    let existing = sqlx::query("SELECT branch_id, op, url, bin_data, status FROM trans_branch_op WHERE gid = ?")
+    let stored = sqlx::query("SELECT branch_id, op, url, bin_data, status FROM trans_branch_op WHERE gid = ?")
         .bind(gid)
         .fetch_all(&mut *tx)
-        .await?;
-    let mut missing = Vec::new();
-    for branch in branches {
-        let mut found = None;
-        for row in &existing {
-            let branch_id: String = row.try_get_unchecked(0)?;
-            let op: String = row.try_get_unchecked(1)?;
-            if branch_id == branch.branch_id && op == branch.op {
-                found = Some(row);
-                break;
-            }
+        .await?
+        .iter()
+        .map(decode::stored_branch)
+        .collect::<Result<Vec<_>>>()
+        .map_err(super::sql::corrupt)?;
+    let missing = match branches_to_add(branches, &stored) {
+        Ok(missing) => missing,
+        Err(answer) => {
+            tx.rollback().await?;
+            return Ok(answer);
         }
-        match found {
-            None => missing.push(branch.clone()),
-            Some(row) => {
-                let url: String = row.try_get_unchecked(2)?;
-                let data: Vec<u8> = row.try_get(3)?;
-                let status: String = row.try_get_unchecked(4)?;
-                if url != branch.url || data != branch.bin_data || status != branch.status.as_str() {
-                    tx.rollback().await?;
-                    return Ok(AddBranches::Conflict(format!(
-                        "branch {} op {} is already registered with other content",
-                        branch.branch_id, branch.op
-                    )));
-                }
-            }
-        }
-    }
-    if missing.is_empty() {
-        tx.rollback().await?;
-        return Ok(AddBranches::AlreadyRegistered);
-    }
+    };
     insert_branches(&mut tx, gid, &missing).await?;
     tx.commit().await?;
     Ok(AddBranches::Added)
@@ -512,7 +424,7 @@ impl Store for MySqlStore {
             .await
         })?
         .as_ref()
-        .map(decode_global)
+        .map(decode::global)
         .transpose()
     }
 
@@ -526,7 +438,7 @@ impl Store for MySqlStore {
             .await
         })?
         .iter()
-        .map(decode_branch)
+        .map(decode::branch)
         .collect()
     }
 
@@ -636,28 +548,11 @@ impl Store for MySqlStore {
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<GlobalTrans>> {
         db!(self.reach, {
-            let mut sql: QueryBuilder<MySql> =
-                QueryBuilder::new(format!("SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE 1 = 1"));
-            if let Some(before) = query.before_id {
-                sql.push(" AND id < ").push_bind(before);
-            }
-            if let Some(status) = query.status {
-                sql.push(" AND status = ").push_bind(status.as_str());
-            }
-            if let Some(trans_type) = query.trans_type {
-                sql.push(" AND trans_type = ").push_bind(trans_type.as_str());
-            }
-            if let Some(from) = query.created_from {
-                sql.push(" AND create_time >= ").push_bind(from);
-            }
-            if let Some(to) = query.created_to {
-                sql.push(" AND create_time <= ").push_bind(to);
-            }
-            sql.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
+            let mut sql = super::sql::list_query::<MySql>(GLOBAL_COLUMNS, query);
             sql.build().fetch_all(&self.pool).await
         })?
         .iter()
-        .map(decode_global)
+        .map(decode::global)
         .collect()
     }
 
@@ -702,7 +597,7 @@ impl Store for MySqlStore {
             .await
         })?
         .as_ref()
-        .map(decode_kv)
+        .map(decode::kv)
         .transpose()
     }
 
@@ -718,7 +613,7 @@ impl Store for MySqlStore {
             .await
         })?
         .iter()
-        .map(decode_kv)
+        .map(decode::kv)
         .collect()
     }
 

@@ -9,17 +9,18 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, QueryBuilder, Row};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres};
 
+use super::decode;
 use super::sql::Reachability;
 use super::sql::db;
 use super::{
     AddBranches, Guard, KvEntry, Lease, ListQuery, Result, StatusChange, Store, StoreError, StoreOptions,
-    check_branches, check_change, check_key, check_new, check_text,
+    branches_to_add, check_branches, check_change, check_key, check_new, check_text,
 };
 use crate::engine::BranchUpdate;
-use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType};
+use crate::model::{Branch, GlobalTrans, Millis, TransStatus};
 
 // Every dynamic SQL string below is assembled from constants of this file only, never from input.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -160,71 +161,6 @@ impl PgStore {
     }
 }
 
-fn parse_status(text: &str) -> Result<TransStatus> {
-    TransStatus::parse(text).ok_or_else(|| StoreError::Corrupt(format!("unknown status {text:?}")))
-}
-
-fn decode_global(row: &PgRow) -> Result<GlobalTrans> {
-    let trans_type: String = row.try_get("trans_type")?;
-    let status: String = row.try_get("status")?;
-    let options: String = row.try_get("options")?;
-    Ok(GlobalTrans {
-        id: row.try_get("id")?,
-        gid: row.try_get("gid")?,
-        trans_type: TransType::parse(&trans_type)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown trans_type {trans_type:?}")))?,
-        status: parse_status(&status)?,
-        query_prepared: row.try_get("query_prepared")?,
-        protocol: row.try_get("protocol")?,
-        custom_data: row.try_get("custom_data")?,
-        options: if options.is_empty() {
-            TransOptions::default()
-        } else {
-            serde_json::from_str(&options).map_err(|e| StoreError::Corrupt(format!("options: {e}")))?
-        },
-        create_time: row.try_get("create_time")?,
-        update_time: row.try_get("update_time")?,
-        finish_time: row.try_get("finish_time")?,
-        rollback_time: row.try_get("rollback_time")?,
-        next_cron_time: row.try_get("next_cron_time")?,
-        next_cron_interval: row.try_get("next_cron_interval")?,
-        owner: row.try_get("owner")?,
-        result: row.try_get("result")?,
-        rollback_reason: row.try_get("rollback_reason")?,
-        ext_data: row.try_get("ext_data")?,
-    })
-}
-
-fn decode_branch(row: &PgRow) -> Result<Branch> {
-    let status: String = row.try_get("status")?;
-    Ok(Branch {
-        id: row.try_get("id")?,
-        gid: row.try_get("gid")?,
-        url: row.try_get("url")?,
-        bin_data: row.try_get("bin_data")?,
-        branch_id: row.try_get("branch_id")?,
-        op: row.try_get("op")?,
-        status: BranchStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown branch status {status:?}")))?,
-        create_time: row.try_get("create_time")?,
-        update_time: row.try_get("update_time")?,
-        finish_time: row.try_get("finish_time")?,
-        rollback_time: row.try_get("rollback_time")?,
-    })
-}
-
-fn decode_kv(row: &PgRow) -> Result<KvEntry> {
-    Ok(KvEntry {
-        id: row.try_get("id")?,
-        cat: row.try_get("cat")?,
-        key: row.try_get("k")?,
-        value: row.try_get("v")?,
-        version: row.try_get("version")?,
-        create_time: row.try_get("create_time")?,
-        update_time: row.try_get("update_time")?,
-    })
-}
-
 async fn add_branches_tx(pool: &PgPool, gid: &str, branches: &[Branch]) -> Result<AddBranches, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // Locking the global row orders registrations against each other and against the status
@@ -246,41 +182,21 @@ async fn add_branches_tx(pool: &PgPool, gid: &str, branches: &[Branch]) -> Resul
         tx.rollback().await?;
         return Ok(AddBranches::WrongStatus(status));
     }
-    let existing = sqlx::query("SELECT branch_id, op, url, bin_data, status FROM trans_branch_op WHERE gid = $1")
+    let stored = sqlx::query("SELECT branch_id, op, url, bin_data, status FROM trans_branch_op WHERE gid = $1")
         .bind(gid)
         .fetch_all(&mut *tx)
-        .await?;
-    let mut missing = Vec::new();
-    for branch in branches {
-        let mut found = None;
-        for row in &existing {
-            let branch_id: String = row.try_get(0)?;
-            let op: String = row.try_get(1)?;
-            if branch_id == branch.branch_id && op == branch.op {
-                found = Some(row);
-                break;
-            }
+        .await?
+        .iter()
+        .map(decode::stored_branch)
+        .collect::<Result<Vec<_>>>()
+        .map_err(super::sql::corrupt)?;
+    let missing = match branches_to_add(branches, &stored) {
+        Ok(missing) => missing,
+        Err(answer) => {
+            tx.rollback().await?;
+            return Ok(answer);
         }
-        match found {
-            None => missing.push(branch.clone()),
-            Some(row) => {
-                let url: String = row.try_get(2)?;
-                let data: Vec<u8> = row.try_get(3)?;
-                let status: String = row.try_get(4)?;
-                if url != branch.url || data != branch.bin_data || status != branch.status.as_str() {
-                    tx.rollback().await?;
-                    return Ok(AddBranches::Conflict(format!(
-                        "branch {} op {} is already registered with other content",
-                        branch.branch_id, branch.op
-                    )));
-                }
-            }
-        }
-    }
-    if missing.is_empty() {
-        tx.rollback().await?;
-        return Ok(AddBranches::AlreadyRegistered);
-    }
+    };
     let columns = BranchColumns::of(&missing);
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, create_time, update_time, \
@@ -390,7 +306,7 @@ impl Store for PgStore {
             .await
         })?
         .as_ref()
-        .map(decode_global)
+        .map(decode::global)
         .transpose()
     }
 
@@ -404,7 +320,7 @@ impl Store for PgStore {
             .await
         })?
         .iter()
-        .map(decode_branch)
+        .map(decode::branch)
         .collect()
     }
 
@@ -558,28 +474,11 @@ impl Store for PgStore {
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<GlobalTrans>> {
         db!(self.reach, {
-            let mut sql: QueryBuilder<Postgres> =
-                QueryBuilder::new(format!("SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE 1 = 1"));
-            if let Some(before) = query.before_id {
-                sql.push(" AND id < ").push_bind(before);
-            }
-            if let Some(status) = query.status {
-                sql.push(" AND status = ").push_bind(status.as_str());
-            }
-            if let Some(trans_type) = query.trans_type {
-                sql.push(" AND trans_type = ").push_bind(trans_type.as_str());
-            }
-            if let Some(from) = query.created_from {
-                sql.push(" AND create_time >= ").push_bind(from);
-            }
-            if let Some(to) = query.created_to {
-                sql.push(" AND create_time <= ").push_bind(to);
-            }
-            sql.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
+            let mut sql = super::sql::list_query::<Postgres>(GLOBAL_COLUMNS, query);
             sql.build().fetch_all(&self.pool).await
         })?
         .iter()
-        .map(decode_global)
+        .map(decode::global)
         .collect()
     }
 
@@ -626,7 +525,7 @@ impl Store for PgStore {
             .await
         })?
         .as_ref()
-        .map(decode_kv)
+        .map(decode::kv)
         .transpose()
     }
 
@@ -642,7 +541,7 @@ impl Store for PgStore {
             .await
         })?
         .iter()
-        .map(decode_kv)
+        .map(decode::kv)
         .collect()
     }
 

@@ -1,5 +1,6 @@
 //! What the PostgreSQL and MySQL stores share: error classification, retries of deadlocked
-//! writes, and a reachability tracker that makes calls fail fast while the database is gone.
+//! writes, a reachability tracker that makes calls fail fast while the database is gone, and
+//! the query of `/all`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,7 +10,9 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::{Result, StoreError};
+use sqlx::QueryBuilder;
+
+use super::{ListQuery, Result, StoreError};
 
 /// How often a write that lost a deadlock or a serialization race is tried in all.
 const ATTEMPTS: usize = 4;
@@ -182,4 +185,31 @@ pub(super) use db;
 /// `sqlx::Error` for a value the store itself refuses to decode.
 pub(super) fn corrupt(error: StoreError) -> sqlx::Error {
     sqlx::Error::Decode(Box::new(error))
+}
+
+/// `SELECT <columns> FROM trans_global` with the filters and the page of `/all`, newest first.
+pub(super) fn list_query<DB>(columns: &str, query: &ListQuery) -> QueryBuilder<DB>
+where
+    DB: sqlx::Database,
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    &'static str: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    let mut sql = QueryBuilder::new(format!("SELECT {columns} FROM trans_global WHERE 1 = 1"));
+    if let Some(before) = query.before_id {
+        sql.push(" AND id < ").push_bind(before);
+    }
+    if let Some(status) = query.status {
+        sql.push(" AND status = ").push_bind(status.as_str());
+    }
+    if let Some(trans_type) = query.trans_type {
+        sql.push(" AND trans_type = ").push_bind(trans_type.as_str());
+    }
+    if let Some(from) = query.created_from {
+        sql.push(" AND create_time >= ").push_bind(from);
+    }
+    if let Some(to) = query.created_to {
+        sql.push(" AND create_time <= ").push_bind(to);
+    }
+    sql.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
+    sql
 }

@@ -19,12 +19,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
+use super::decode;
 use super::{
-    AddBranches, Guard, KvEntry, Lease, ListQuery, Result, StatusChange, Store, StoreError, check_branches,
-    check_change, check_key, check_new, check_text,
+    AddBranches, Guard, KvEntry, Lease, ListQuery, Result, StatusChange, Store, StoreError, branches_to_add,
+    check_branches, check_change, check_key, check_new, check_text,
 };
 use crate::engine::BranchUpdate;
-use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType};
+use crate::model::{Branch, GlobalTrans, Millis, TransStatus};
 
 // Every dynamic SQL string below is assembled from constants of this file only, never from input.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -531,130 +532,33 @@ fn add_branches(conn: &Connection, gid: &str, branches: &[Branch]) -> Result<Add
         .prepare_cached("SELECT status FROM trans_global WHERE gid = ?")?
         .query_row(params![gid], |row| row.get(0))
         .optional()?;
-    let status = status.map(|s| parse_status(&s)).transpose()?;
+    let status = status.map(|s| decode::parse_status(&s)).transpose()?;
     if status != Some(TransStatus::Prepared) {
         return Ok(AddBranches::WrongStatus(status));
     }
-    let mut missing = Vec::new();
-    let mut existing = conn.prepare_cached(
-        "SELECT url, bin_data, status FROM trans_branch_op WHERE gid = ? AND branch_id = ? AND op = ?",
+    let stored = query_all(
+        conn,
+        "SELECT branch_id, op, url, bin_data, status FROM trans_branch_op WHERE gid = ?",
+        [gid],
+        |row| decode::stored_branch(row),
     )?;
-    for branch in branches {
-        let row = existing
-            .query_row(params![gid, branch.branch_id, branch.op], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, Vec<u8>>(1)?,
-                    row.get::<_, String>(2)?,
-                ))
-            })
-            .optional()?;
-        match row {
-            None => missing.push(branch.clone()),
-            Some((url, data, status)) => {
-                if url != branch.url || data != branch.bin_data || status != branch.status.as_str() {
-                    return Ok(AddBranches::Conflict(format!(
-                        "branch {} op {} is already registered with other content",
-                        branch.branch_id, branch.op
-                    )));
-                }
-            }
-        }
-    }
-    if missing.is_empty() {
-        return Ok(AddBranches::AlreadyRegistered);
-    }
+    let missing = match branches_to_add(branches, &stored) {
+        Ok(missing) => missing,
+        Err(answer) => return Ok(answer),
+    };
     insert_branches(conn, &missing)?;
     Ok(AddBranches::Added)
 }
 
-fn parse_status(text: &str) -> Result<TransStatus> {
-    TransStatus::parse(text).ok_or_else(|| StoreError::Corrupt(format!("unknown status {text:?}")))
-}
-
-fn decode_global(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<GlobalTrans>> {
-    let trans_type: String = row.get("trans_type")?;
-    let status: String = row.get("status")?;
-    let options: String = row.get("options")?;
-    let Some(trans_type) = TransType::parse(&trans_type) else {
-        return Ok(Err(StoreError::Corrupt(format!("unknown trans_type {trans_type:?}"))));
-    };
-    let status = match parse_status(&status) {
-        Ok(status) => status,
-        Err(error) => return Ok(Err(error)),
-    };
-    let options = if options.is_empty() {
-        TransOptions::default()
-    } else {
-        match serde_json::from_str(&options) {
-            Ok(options) => options,
-            Err(error) => return Ok(Err(StoreError::Corrupt(format!("options: {error}")))),
-        }
-    };
-    Ok(Ok(GlobalTrans {
-        id: row.get("id")?,
-        gid: row.get("gid")?,
-        trans_type,
-        status,
-        query_prepared: row.get("query_prepared")?,
-        protocol: row.get("protocol")?,
-        custom_data: row.get("custom_data")?,
-        options,
-        create_time: row.get("create_time")?,
-        update_time: row.get("update_time")?,
-        finish_time: row.get("finish_time")?,
-        rollback_time: row.get("rollback_time")?,
-        next_cron_time: row.get("next_cron_time")?,
-        next_cron_interval: row.get("next_cron_interval")?,
-        owner: row.get("owner")?,
-        result: row.get("result")?,
-        rollback_reason: row.get("rollback_reason")?,
-        ext_data: row.get("ext_data")?,
-    }))
-}
-
-fn decode_branch(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Branch>> {
-    let status: String = row.get("status")?;
-    let Some(status) = BranchStatus::parse(&status) else {
-        return Ok(Err(StoreError::Corrupt(format!("unknown branch status {status:?}"))));
-    };
-    Ok(Ok(Branch {
-        id: row.get("id")?,
-        gid: row.get("gid")?,
-        url: row.get("url")?,
-        bin_data: row.get("bin_data")?,
-        branch_id: row.get("branch_id")?,
-        op: row.get("op")?,
-        status,
-        create_time: row.get("create_time")?,
-        update_time: row.get("update_time")?,
-        finish_time: row.get("finish_time")?,
-        rollback_time: row.get("rollback_time")?,
-    }))
-}
-
-fn decode_kv(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<KvEntry>> {
-    Ok(Ok(KvEntry {
-        id: row.get("id")?,
-        cat: row.get("cat")?,
-        key: row.get("k")?,
-        value: row.get("v")?,
-        version: row.get("version")?,
-        create_time: row.get("create_time")?,
-        update_time: row.get("update_time")?,
-    }))
-}
-
-/// Runs a query and decodes every row (a decoder answers `Ok(Err(..))` for a row that is
-/// readable but not valid, e.g. an unknown status).
+/// Runs a query and decodes every row.
 fn query_all<T>(
     conn: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
-    decode: fn(&rusqlite::Row<'_>) -> rusqlite::Result<Result<T>>,
+    decode: fn(&rusqlite::Row<'_>) -> Result<T>,
 ) -> Result<Vec<T>> {
     conn.prepare_cached(sql)?
-        .query_map(params, decode)?
+        .query_map(params, |row| Ok(decode(row)))?
         .map(|row| row?)
         .collect()
 }
@@ -726,7 +630,7 @@ impl Store for SqliteStore {
                 conn,
                 &format!("SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE gid = ?"),
                 [gid],
-                decode_global,
+                |row| decode::global(row),
             )?
             .pop())
         })
@@ -738,7 +642,7 @@ impl Store for SqliteStore {
                 conn,
                 &format!("SELECT {BRANCH_COLUMNS} FROM trans_branch_op WHERE gid = ? ORDER BY id"),
                 [gid],
-                decode_branch,
+                |row| decode::branch(row),
             )
         })
     }
@@ -808,8 +712,12 @@ impl Store for SqliteStore {
             filter(" AND create_time <= ?", to.into());
         }
         filter(" ORDER BY id DESC LIMIT ?", query.limit.into());
-        self.scan(move |conn| query_all(conn, &sql, rusqlite::params_from_iter(values), decode_global))
-            .await
+        self.scan(move |conn| {
+            query_all(conn, &sql, rusqlite::params_from_iter(values), |row| {
+                decode::global(row)
+            })
+        })
+        .await
     }
 
     async fn reset_next_cron_time(&self, gid: &str, now: Millis) -> Result<bool> {
@@ -829,7 +737,7 @@ impl Store for SqliteStore {
                 conn,
                 "SELECT id, cat, k, v, version, create_time, update_time FROM kv WHERE cat = ? AND k = ?",
                 [cat, key],
-                decode_kv,
+                |row| decode::kv(row),
             )?
             .pop())
         })
@@ -843,7 +751,7 @@ impl Store for SqliteStore {
                 "SELECT id, cat, k, v, version, create_time, update_time FROM kv WHERE cat = ? AND id > ? \
                  ORDER BY id LIMIT ?",
                 params![cat, after_id, limit],
-                decode_kv,
+                |row| decode::kv(row),
             )
         })
         .await
