@@ -106,6 +106,7 @@ contract!(
     add_branches_registers_idempotently_and_only_while_prepared,
     update_branches_requires_the_lease_and_the_status,
     a_status_change_records_branch_outcomes_only_when_it_happens,
+    change_status_and_load_returns_the_changed_transaction_and_its_branches,
     claim_takes_parked_or_expired_only,
     claim_due_takes_due_work_earliest_first_under_a_lease,
     concurrent_claimers_never_get_the_same_gid,
@@ -551,6 +552,64 @@ async fn a_status_change_records_branch_outcomes_only_when_it_happens(store: Arc
             .await
             .expect("replay")
     );
+}
+
+async fn change_status_and_load_returns_the_changed_transaction_and_its_branches(store: Arc<dyn Store>) {
+    let mut g = global("cl", TransStatus::Prepared, T0 + 30_000);
+    g.trans_type = TransType::Msg;
+    store.create(&g, &saga_branches("cl")).await.expect("create");
+    let change = |trans_type: TransType, from: TransStatus| {
+        let mut change = StatusChange::new("cl", from, TransStatus::Submitted, T0 + 9);
+        change.trans_type = Some(trans_type);
+        change.lease = Some(lease("me", T0 + 60_000));
+        change.custom_data = Some(r#"{"delay":3}"#.to_owned());
+        change
+    };
+    assert_eq!(
+        store
+            .change_status_and_load(&change(TransType::Tcc, TransStatus::Prepared))
+            .await
+            .expect("wrong mode"),
+        None
+    );
+    assert_eq!(
+        store
+            .change_status_and_load(&change(TransType::Msg, TransStatus::Submitted))
+            .await
+            .expect("wrong status"),
+        None
+    );
+    assert_eq!(
+        find(store.as_ref(), "cl").await.status,
+        TransStatus::Prepared,
+        "refused: unchanged"
+    );
+
+    let (loaded, branches) = store
+        .change_status_and_load(&change(TransType::Msg, TransStatus::Prepared))
+        .await
+        .expect("change")
+        .expect("changed");
+    assert_eq!(loaded, find(store.as_ref(), "cl").await, "the row as stored");
+    assert_eq!(
+        (
+            loaded.status,
+            loaded.owner.as_str(),
+            loaded.next_cron_time,
+            loaded.custom_data.as_str()
+        ),
+        (TransStatus::Submitted, "me", T0 + 60_000, r#"{"delay":3}"#)
+    );
+    assert_eq!(
+        branches,
+        store.branches("cl").await.expect("branches"),
+        "every row, in order"
+    );
+    assert_eq!(branches.len(), saga_branches("cl").len());
+    // A plain status change names the mode too.
+    let mut wrong_mode = StatusChange::new("cl", TransStatus::Submitted, TransStatus::Succeed, T0 + 10);
+    wrong_mode.trans_type = Some(TransType::Saga);
+    assert!(!store.change_status(&wrong_mode).await.expect("wrong mode"));
 }
 
 async fn claim_takes_parked_or_expired_only(store: Arc<dyn Store>) {

@@ -66,6 +66,11 @@ pub(super) async fn submit(State(state): State<AppState>, JsonBody(req): JsonBod
     if trans_type == TransType::Workflow {
         return submit_workflow(coordinator, &req).await;
     }
+    if trans_type == TransType::Msg
+        && let Some(answer) = submit_prepared_msg(coordinator, &req).await?
+    {
+        return answer;
+    }
     for _ in 0..RACE_RETRIES {
         let now = coordinator.now();
         // A saga is always new at its submit: insert at once. A msg is often prepared already,
@@ -129,6 +134,33 @@ pub(super) async fn submit(State(state): State<AppState>, JsonBody(req): JsonBod
     )))
 }
 
+/// The usual msg `submit`, right after its `prepare`: one store call moves it from `prepared` to
+/// `submitted` under this process's lease and loads it with its branches. `None` when the msg is
+/// not a prepared one (or the request is not plain): the general path then answers, with its
+/// reads and its errors.
+async fn submit_prepared_msg(
+    coordinator: &Arc<Coordinator>,
+    req: &TransRequest,
+) -> Result<Option<ApiResult>, ApiError> {
+    let now = coordinator.now();
+    let mut change = StatusChange::new(req.gid()?, TransStatus::Prepared, TransStatus::Submitted, now);
+    change.trans_type = Some(TransType::Msg);
+    change.lease = Some(coordinator.lease(now));
+    // A msg delay given only at submit must survive retries (DTM loses it).
+    let custom_data = req.custom_data();
+    if !custom_data.is_empty() {
+        if wire::msg_custom(&custom_data).is_err() {
+            return Ok(None);
+        }
+        change.custom_data = Some(custom_data);
+    }
+    let Some((global, branches)) = coordinator.store().change_status_and_load(&change).await? else {
+        return Ok(None);
+    };
+    let wait_result = req.wait_result || global.options.wait_result;
+    Ok(Some(drive_created(coordinator, global, branches, wait_result).await))
+}
+
 /// Runs the first pass: in the background, or before answering when `wait_result` is set.
 async fn drive(coordinator: &Arc<Coordinator>, gid: &str, wait_result: bool) -> ApiResult {
     if !wait_result {
@@ -139,7 +171,7 @@ async fn drive(coordinator: &Arc<Coordinator>, gid: &str, wait_result: bool) -> 
     wait_answer(&report)
 }
 
-/// Runs the first pass of a transaction this request has just created, from memory.
+/// Runs the first pass from memory, on rows this request has just written or loaded.
 async fn drive_created(
     coordinator: &Arc<Coordinator>,
     global: GlobalTrans,

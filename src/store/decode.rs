@@ -47,6 +47,38 @@ columns!(MySqlRow, try_get, |row: &MySqlRow, column| row
 columns!(rusqlite::Row<'_>, get, |row: &rusqlite::Row<'_>, column| row
     .get::<_, String>(column));
 
+/// The columns of a row whose names carry a prefix (a joined table's columns, aliased).
+pub(super) struct Prefixed<'r, R> {
+    row: &'r R,
+    prefix: &'static str,
+}
+
+impl<'r, R: Columns> Prefixed<'r, R> {
+    /// Reads `column` of `row` as `<prefix><column>`.
+    pub(super) fn new(row: &'r R, prefix: &'static str) -> Self {
+        Prefixed { row, prefix }
+    }
+
+    fn name(&self, column: &str) -> String {
+        format!("{}{column}", self.prefix)
+    }
+}
+
+impl<R: Columns> Columns for Prefixed<'_, R> {
+    fn text(&self, column: &str) -> Result<String> {
+        self.row.text(&self.name(column))
+    }
+    fn int(&self, column: &str) -> Result<i64> {
+        self.row.int(&self.name(column))
+    }
+    fn opt_int(&self, column: &str) -> Result<Option<i64>> {
+        self.row.opt_int(&self.name(column))
+    }
+    fn bytes(&self, column: &str) -> Result<Vec<u8>> {
+        self.row.bytes(&self.name(column))
+    }
+}
+
 /// A stored transaction status.
 pub(super) fn parse_status(text: &str) -> Result<TransStatus> {
     TransStatus::parse(text).ok_or_else(|| StoreError::Corrupt(format!("unknown status {text:?}")))

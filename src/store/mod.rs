@@ -86,6 +86,8 @@ pub struct StatusChange {
     pub to: TransStatus,
     /// When set, the change also requires this process to hold the lease.
     pub owner: Option<String>,
+    /// When set, the change also requires the transaction to be of this mode.
+    pub trans_type: Option<TransType>,
     /// Take the lease in the same write (API calls that then drive the transaction).
     pub lease: Option<Lease>,
     /// Rollback reason to record.
@@ -109,6 +111,7 @@ impl StatusChange {
             from,
             to,
             owner: None,
+            trans_type: None,
             lease: None,
             rollback_reason: None,
             result: None,
@@ -187,6 +190,13 @@ pub trait Store: Send + Sync + 'static {
     /// records `change.branch_updates` with it, atomically.
     async fn change_status(&self, change: &StatusChange) -> Result<bool>;
 
+    /// Changes the status like [`Store::change_status`] and, when it changed, returns the
+    /// transaction as changed with its branch rows in insertion order (a msg `submit` needs both
+    /// to drive it). A store that can do it in one round trip overrides this.
+    async fn change_status_and_load(&self, change: &StatusChange) -> Result<Option<(GlobalTrans, Vec<Branch>)>> {
+        change_then_load(self, change).await
+    }
+
     /// Inserts branches of a `prepared` transaction (registerBranch).
     async fn add_branches(&self, gid: &str, branches: &[Branch]) -> Result<AddBranches>;
 
@@ -233,6 +243,22 @@ pub trait Store: Send + Sync + 'static {
     /// older than `before`, with their branches, oldest first. Returns how many were deleted.
     /// Each call is one short write that locks only the rows it deletes.
     async fn purge_finished(&self, before: Millis, limit: i64) -> Result<u64>;
+}
+
+/// [`Store::change_status_and_load`] in three calls: the change, then reads of the transaction
+/// and its branches.
+pub(crate) async fn change_then_load<S: Store + ?Sized>(
+    store: &S,
+    change: &StatusChange,
+) -> Result<Option<(GlobalTrans, Vec<Branch>)>> {
+    if !store.change_status(change).await? {
+        return Ok(None);
+    }
+    // The change took the lease (or finished the transaction): nobody else writes it now.
+    let Some(global) = store.find(&change.gid).await? else {
+        return Ok(None);
+    };
+    Ok(Some((global, store.branches(&change.gid).await?)))
 }
 
 /// Longest gid, branch id, op, KV category and KV key every store accepts (DTM's width).

@@ -313,7 +313,7 @@ fn change_status_query(change: &StatusChange) -> sqlx::query::Query<'_, MySql, M
          next_cron_time = COALESCE(?, next_cron_time), \
          finish_time = CASE WHEN ? = 'succeed' THEN ? ELSE finish_time END, \
          rollback_time = CASE WHEN ? = 'failed' THEN ? ELSE rollback_time END \
-         WHERE gid = ? AND status = ? AND (? IS NULL OR owner = ?)",
+         WHERE gid = ? AND status = ? AND (? IS NULL OR owner = ?) AND (? IS NULL OR trans_type = ?)",
     )
     .bind(to)
     .bind(change.now)
@@ -330,6 +330,8 @@ fn change_status_query(change: &StatusChange) -> sqlx::query::Query<'_, MySql, M
     .bind(change.from.as_str())
     .bind(&change.owner)
     .bind(&change.owner)
+    .bind(change.trans_type.map(|t| t.as_str()))
+    .bind(change.trans_type.map(|t| t.as_str()))
 }
 
 async fn claim_due_tx(pool: &MySqlPool, lease: &Lease, now: Millis, limit: i64) -> Result<Vec<String>, sqlx::Error> {

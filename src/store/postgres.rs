@@ -9,8 +9,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::query::Query;
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Row};
 
 use super::decode;
 use super::sql::Reachability;
@@ -35,6 +36,40 @@ const GLOBAL_COLUMNS: &str = "id, gid, trans_type, status, query_prepared, proto
 
 const BRANCH_COLUMNS: &str =
     "id, gid, url, bin_data, branch_id, op, status, create_time, update_time, finish_time, rollback_time";
+
+/// The conditional status change of a [`StatusChange`], bound by [`bind_change`] as `$1..$11`.
+const UPDATE_STATUS: &str = "UPDATE trans_global SET status = $1, update_time = $2, \
+    rollback_reason = COALESCE($3, rollback_reason), result = COALESCE($4, result), \
+    custom_data = COALESCE($5, custom_data), owner = COALESCE($6, owner), \
+    next_cron_time = COALESCE($7, next_cron_time), \
+    finish_time = CASE WHEN $1 = 'succeed' THEN $2 ELSE finish_time END, \
+    rollback_time = CASE WHEN $1 = 'failed' THEN $2 ELSE rollback_time END \
+    WHERE gid = $8 AND status = $9 AND ($10::text IS NULL OR owner = $10) \
+    AND ($11::text IS NULL OR trans_type = $11)";
+
+/// Binds the parameters of [`UPDATE_STATUS`].
+fn bind_change<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    change: &'q StatusChange,
+) -> Query<'q, Postgres, PgArguments> {
+    let (owner, next_cron_time) = match (&change.lease, change.to.is_finished()) {
+        (_, true) => (Some(String::new()), None),
+        (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
+        (None, false) => (None, None),
+    };
+    query
+        .bind(change.to.as_str())
+        .bind(change.now)
+        .bind(&change.rollback_reason)
+        .bind(&change.result)
+        .bind(&change.custom_data)
+        .bind(owner)
+        .bind(next_cron_time)
+        .bind(&change.gid)
+        .bind(change.from.as_str())
+        .bind(&change.owner)
+        .bind(change.trans_type.map(|t| t.as_str()))
+}
 
 const KV_COLUMNS: &str = "id, cat, k, v, version, create_time, update_time";
 
@@ -326,48 +361,66 @@ impl Store for PgStore {
 
     async fn change_status(&self, change: &StatusChange) -> Result<bool> {
         check_change(change)?;
-        let (owner, next_cron_time) = match (&change.lease, change.to.is_finished()) {
-            (_, true) => (Some(String::new()), None),
-            (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
-            (None, false) => (None, None),
-        };
         let updates = OutcomeColumns::new(&change.branch_updates);
         // One statement: the branch rows change only when the status does.
         let done: i64 = db!(self.reach, {
-            sqlx::query_scalar(
-                "WITH g AS (UPDATE trans_global SET status = $1, update_time = $2, \
-                     rollback_reason = COALESCE($3, rollback_reason), result = COALESCE($4, result), \
-                     custom_data = COALESCE($5, custom_data), owner = COALESCE($6, owner), \
-                     next_cron_time = COALESCE($7, next_cron_time), \
-                     finish_time = CASE WHEN $1 = 'succeed' THEN $2 ELSE finish_time END, \
-                     rollback_time = CASE WHEN $1 = 'failed' THEN $2 ELSE rollback_time END \
-                     WHERE gid = $8 AND status = $9 AND ($10::text IS NULL OR owner = $10) RETURNING id), \
+            bind_change(
+                sqlx::query(AssertSqlSafe(format!(
+                    "WITH g AS ({UPDATE_STATUS} RETURNING id), \
                      u AS (UPDATE trans_branch_op b SET status = v.status, update_time = $2, \
                      finish_time = CASE WHEN v.status = 'succeed' THEN v.at ELSE b.finish_time END, \
                      rollback_time = CASE WHEN v.status = 'failed' THEN v.at ELSE b.rollback_time END \
-                     FROM UNNEST($11::text[], $12::text[], $13::text[], $14::int8[]) AS v(branch_id, op, status, at) \
+                     FROM UNNEST($12::text[], $13::text[], $14::text[], $15::int8[]) AS v(branch_id, op, status, at) \
                      WHERE b.gid = $8 AND b.branch_id = v.branch_id AND b.op = v.op AND EXISTS (SELECT 1 FROM g) \
                      RETURNING 1) \
-                     SELECT count(*) FROM g",
+                     SELECT count(*) FROM g"
+                ))),
+                change,
             )
-            .bind(change.to.as_str())
-            .bind(change.now)
-            .bind(&change.rollback_reason)
-            .bind(&change.result)
-            .bind(&change.custom_data)
-            .bind(&owner)
-            .bind(next_cron_time)
-            .bind(&change.gid)
-            .bind(change.from.as_str())
-            .bind(&change.owner)
             .bind(&updates.branch_ids)
             .bind(&updates.ops)
             .bind(&updates.statuses)
             .bind(&updates.ats)
             .fetch_one(&self.pool)
             .await
-        })?;
+        })?
+        .try_get(0)?;
         Ok(done == 1)
+    }
+
+    async fn change_status_and_load(&self, change: &StatusChange) -> Result<Option<(GlobalTrans, Vec<Branch>)>> {
+        if !change.branch_updates.is_empty() {
+            return super::change_then_load(self, change).await;
+        }
+        check_change(change)?;
+        // One round trip: the changed row, joined with its branch rows (one result row each).
+        let rows = db!(self.reach, {
+            bind_change(
+                sqlx::query(AssertSqlSafe(format!(
+                    "WITH g AS ({UPDATE_STATUS} RETURNING {GLOBAL_COLUMNS}) \
+                     SELECT g.*, {} FROM g LEFT JOIN trans_branch_op b ON b.gid = g.gid ORDER BY b.id",
+                    BRANCH_COLUMNS
+                        .split(", ")
+                        .map(|c| format!("b.{c} AS b_{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+                change,
+            )
+            .fetch_all(&self.pool)
+            .await
+        })?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let global = decode::global(first)?;
+        let mut branches = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.try_get::<Option<i64>, _>("b_id")?.is_some() {
+                branches.push(decode::branch(&decode::Prefixed::new(row, "b_"))?);
+            }
+        }
+        Ok(Some((global, branches)))
     }
 
     async fn add_branches(&self, gid: &str, branches: &[Branch]) -> Result<AddBranches> {

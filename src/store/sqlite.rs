@@ -93,6 +93,7 @@ struct Job {
 enum Write {
     Create(GlobalTrans, Vec<Branch>),
     ChangeStatus(StatusChange),
+    ChangeStatusAndLoad(StatusChange),
     AddBranches(String, Vec<Branch>),
     UpdateBranches(Guard, Vec<BranchUpdate>, Millis),
     Claim(String, Lease, Millis),
@@ -113,6 +114,7 @@ enum Reply {
     Gids(Vec<String>),
     Added(AddBranches),
     Count(u64),
+    Loaded(Option<Box<(GlobalTrans, Vec<Branch>)>>),
 }
 
 impl SqliteStore {
@@ -314,47 +316,20 @@ fn apply(conn: &Connection, write: Write) -> Result<Reply> {
                 Ok(Reply::Flag(inserted))
             })
         }
-        Write::ChangeStatus(change) => {
-            let (owner, next_cron_time) = match (&change.lease, change.to.is_finished()) {
-                (_, true) => (Some(String::new()), None),
-                (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
-                (None, false) => (None, None),
-            };
-            let change_status = |conn: &Connection| -> Result<bool> {
-                let done = conn
-                    .prepare_cached(
-                        "UPDATE trans_global SET status = ?1, update_time = ?2, \
-                         rollback_reason = COALESCE(?3, rollback_reason), result = COALESCE(?4, result), \
-                         custom_data = COALESCE(?5, custom_data), owner = COALESCE(?6, owner), \
-                         next_cron_time = COALESCE(?7, next_cron_time), \
-                         finish_time = CASE WHEN ?1 = 'succeed' THEN ?2 ELSE finish_time END, \
-                         rollback_time = CASE WHEN ?1 = 'failed' THEN ?2 ELSE rollback_time END \
-                         WHERE gid = ?8 AND status = ?9 AND (?10 IS NULL OR owner = ?10)",
-                    )?
-                    .execute(params![
-                        change.to.as_str(),
-                        change.now,
-                        change.rollback_reason,
-                        change.result,
-                        change.custom_data,
-                        owner,
-                        next_cron_time,
-                        change.gid,
-                        change.from.as_str(),
-                        change.owner,
-                    ])?;
-                Ok(done == 1)
-            };
-            if change.branch_updates.is_empty() {
-                return Ok(Reply::Flag(change_status(conn)?));
+        Write::ChangeStatus(change) => Ok(Reply::Flag(change_status(conn, &change)?)),
+        Write::ChangeStatusAndLoad(change) => {
+            if !change_status(conn, &change)? {
+                return Ok(Reply::Loaded(None));
             }
-            atomically(conn, |conn| {
-                let done = change_status(conn)?;
-                if done {
-                    record_branches(conn, &change.gid, &change.branch_updates, change.now)?;
-                }
-                Ok(Reply::Flag(done))
-            })
+            let global = query_all(
+                conn,
+                &format!("SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE gid = ?"),
+                [&change.gid],
+                |row| decode::global(row),
+            )?
+            .pop();
+            let branches = load_branches(conn, &change.gid)?;
+            Ok(Reply::Loaded(global.map(|global| Box::new((global, branches)))))
         }
         Write::AddBranches(gid, branches) => Ok(Reply::Added(atomically(conn, |conn| {
             add_branches(conn, &gid, &branches)
@@ -477,6 +452,61 @@ fn apply(conn: &Connection, write: Write) -> Result<Reply> {
             Ok(Reply::Count(deleted as u64))
         }),
     }
+}
+
+/// A conditional status change, with the branch outcomes it records.
+fn change_status(conn: &Connection, change: &StatusChange) -> Result<bool> {
+    let (owner, next_cron_time) = match (&change.lease, change.to.is_finished()) {
+        (_, true) => (Some(String::new()), None),
+        (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
+        (None, false) => (None, None),
+    };
+    let update = |conn: &Connection| -> Result<bool> {
+        let done = conn
+            .prepare_cached(
+                "UPDATE trans_global SET status = ?1, update_time = ?2, \
+                 rollback_reason = COALESCE(?3, rollback_reason), result = COALESCE(?4, result), \
+                 custom_data = COALESCE(?5, custom_data), owner = COALESCE(?6, owner), \
+                 next_cron_time = COALESCE(?7, next_cron_time), \
+                 finish_time = CASE WHEN ?1 = 'succeed' THEN ?2 ELSE finish_time END, \
+                 rollback_time = CASE WHEN ?1 = 'failed' THEN ?2 ELSE rollback_time END \
+                 WHERE gid = ?8 AND status = ?9 AND (?10 IS NULL OR owner = ?10) \
+                 AND (?11 IS NULL OR trans_type = ?11)",
+            )?
+            .execute(params![
+                change.to.as_str(),
+                change.now,
+                change.rollback_reason,
+                change.result,
+                change.custom_data,
+                owner,
+                next_cron_time,
+                change.gid,
+                change.from.as_str(),
+                change.owner,
+                change.trans_type.map(|t| t.as_str()),
+            ])?;
+        Ok(done == 1)
+    };
+    if change.branch_updates.is_empty() {
+        return update(conn);
+    }
+    atomically(conn, |conn| {
+        let done = update(conn)?;
+        if done {
+            record_branches(conn, &change.gid, &change.branch_updates, change.now)?;
+        }
+        Ok(done)
+    })
+}
+
+fn load_branches(conn: &Connection, gid: &str) -> Result<Vec<Branch>> {
+    query_all(
+        conn,
+        &format!("SELECT {BRANCH_COLUMNS} FROM trans_branch_op WHERE gid = ? ORDER BY id"),
+        [gid],
+        |row| decode::branch(row),
+    )
 }
 
 fn guard_holds(conn: &Connection, guard: &Guard) -> Result<bool> {
@@ -637,18 +667,19 @@ impl Store for SqliteStore {
     }
 
     async fn branches(&self, gid: &str) -> Result<Vec<Branch>> {
-        self.readers.with(|conn| {
-            query_all(
-                conn,
-                &format!("SELECT {BRANCH_COLUMNS} FROM trans_branch_op WHERE gid = ? ORDER BY id"),
-                [gid],
-                |row| decode::branch(row),
-            )
-        })
+        self.readers.with(|conn| load_branches(conn, gid))
     }
     async fn change_status(&self, change: &StatusChange) -> Result<bool> {
         check_change(change)?;
         self.write_flag(Write::ChangeStatus(change.clone())).await
+    }
+
+    async fn change_status_and_load(&self, change: &StatusChange) -> Result<Option<(GlobalTrans, Vec<Branch>)>> {
+        check_change(change)?;
+        match self.write(Write::ChangeStatusAndLoad(change.clone())).await? {
+            Reply::Loaded(loaded) => Ok(loaded.map(|loaded| *loaded)),
+            other => Err(StoreError::Corrupt(format!("unexpected writer reply {other:?}"))),
+        }
     }
 
     async fn add_branches(&self, gid: &str, branches: &[Branch]) -> Result<AddBranches> {
