@@ -218,11 +218,12 @@ fn changed(mut global: GlobalTrans, change: &StatusChange) -> GlobalTrans {
     if let Some(custom_data) = &change.custom_data {
         global.custom_data.clone_from(custom_data);
     }
-    if change.to.is_finished() {
-        global.owner.clear();
-    } else if let Some(lease) = &change.lease {
-        global.owner.clone_from(&lease.owner);
-        global.next_cron_time = lease.until;
+    let (owner, expiry) = change.owner_and_expiry();
+    if let Some(owner) = owner {
+        global.owner = owner;
+    }
+    if let Some(expiry) = expiry {
+        global.next_cron_time = expiry;
     }
     match change.to {
         TransStatus::Succeed => global.finish_time = Some(change.now),

@@ -8,6 +8,24 @@ use sqlx::postgres::PgRow;
 use super::{KvEntry, Result, StoreError, StoredBranch};
 use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType};
 
+/// The statuses of unfinished transactions, as an SQL list.
+pub(super) const UNFINISHED: &str = "('prepared', 'submitted', 'aborting')";
+
+/// The statuses of finished transactions, as an SQL list.
+pub(super) const FINISHED: &str = "('succeed', 'failed')";
+
+/// The `trans_global` columns [`global`] reads.
+pub(super) const GLOBAL_COLUMNS: &str = "id, gid, trans_type, status, query_prepared, protocol, custom_data, options, \
+    create_time, update_time, finish_time, rollback_time, next_cron_time, next_cron_interval, owner, result, \
+    rollback_reason, ext_data";
+
+/// The `trans_branch_op` columns [`branch`] reads.
+pub(super) const BRANCH_COLUMNS: &str =
+    "id, gid, url, bin_data, branch_id, op, status, create_time, update_time, finish_time, rollback_time";
+
+/// The `kv` columns [`kv`] reads.
+pub(super) const KV_COLUMNS: &str = "id, cat, k, v, version, create_time, update_time";
+
 /// Named columns of a row, whatever the driver.
 pub(super) trait Columns {
     /// A text column.

@@ -120,6 +120,16 @@ impl StatusChange {
             now,
         }
     }
+
+    /// The `owner` and `next_cron_time` the change writes (`None`: unchanged). Finishing clears
+    /// the owner; taking a lease sets the owner and its expiry.
+    pub(crate) fn owner_and_expiry(&self) -> (Option<String>, Option<Millis>) {
+        match (&self.lease, self.to.is_finished()) {
+            (_, true) => (Some(String::new()), None),
+            (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
+            (None, false) => (None, None),
+        }
+    }
 }
 
 /// Result of inserting branches through `registerBranch`.

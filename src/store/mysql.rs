@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use sqlx::mysql::{MySqlArguments, MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, MySql, MySqlConnection, QueryBuilder, Row};
 
-use super::decode;
+use super::decode::{self, BRANCH_COLUMNS, GLOBAL_COLUMNS, KV_COLUMNS, UNFINISHED};
 use super::sql::Reachability;
 use super::sql::db;
 use super::{
@@ -23,19 +23,9 @@ use super::{
 use crate::engine::BranchUpdate;
 use crate::model::{Branch, GlobalTrans, Millis, TransStatus};
 
-// Every dynamic SQL string below is assembled from constants of this file only, never from input.
+// Every dynamic SQL string below is assembled from constants of this file and of `decode`, never
+// from input.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
-
-const UNFINISHED: &str = "('prepared', 'submitted', 'aborting')";
-
-const GLOBAL_COLUMNS: &str = "id, gid, trans_type, status, query_prepared, protocol, custom_data, options, \
-    create_time, update_time, finish_time, rollback_time, next_cron_time, next_cron_interval, owner, result, \
-    rollback_reason, ext_data";
-
-const BRANCH_COLUMNS: &str =
-    "id, gid, url, bin_data, branch_id, op, status, create_time, update_time, finish_time, rollback_time";
-
-const KV_COLUMNS: &str = "id, cat, k, v, version, create_time, update_time";
 
 /// Seconds a statement waits for a row lock before it gives up (and is retried).
 const LOCK_WAIT_SECONDS: u32 = 10;
@@ -94,24 +84,9 @@ impl MySqlStore {
                 .await
                 .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
         }
-        let timeout = options.acquire_timeout;
         let reach = Reachability::new(
             "mysql",
-            Arc::new(move || {
-                let connect = connect.clone();
-                Box::pin(async move {
-                    let attempt = async {
-                        let mut conn = MySqlConnection::connect_with(&connect).await?;
-                        sqlx::query("SELECT 1").execute(&mut conn).await?;
-                        conn.close().await
-                    };
-                    match tokio::time::timeout(timeout, attempt).await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(error)) => Err(error.to_string()),
-                        Err(_) => Err("connection attempt timed out".to_owned()),
-                    }
-                })
-            }),
+            super::sql::connect_probe::<MySqlConnection>(connect, options.acquire_timeout),
         );
         Ok(MySqlStore { pool, reach })
     }
@@ -298,11 +273,7 @@ async fn change_status_tx(pool: &MySqlPool, change: &StatusChange) -> Result<boo
 
 /// The conditional status update of `change`.
 fn change_status_query(change: &StatusChange) -> sqlx::query::Query<'_, MySql, MySqlArguments> {
-    let (owner, next_cron_time) = match (&change.lease, change.to.is_finished()) {
-        (_, true) => (Some(String::new()), None),
-        (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
-        (None, false) => (None, None),
-    };
+    let (owner, next_cron_time) = change.owner_and_expiry();
     let to = change.to.as_str();
     // MySQL assigns left to right; every CASE reads a parameter, never a column set earlier in
     // the statement.

@@ -6,14 +6,14 @@
 //! over a partial index of the unfinished transactions, so replicas never wait for each other.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Row};
 
-use super::decode;
+use super::decode::{self, BRANCH_COLUMNS, FINISHED, GLOBAL_COLUMNS, KV_COLUMNS, UNFINISHED};
 use super::sql::Reachability;
 use super::sql::db;
 use super::{
@@ -23,19 +23,9 @@ use super::{
 use crate::engine::BranchUpdate;
 use crate::model::{Branch, GlobalTrans, Millis, TransStatus};
 
-// Every dynamic SQL string below is assembled from constants of this file only, never from input.
+// Every dynamic SQL string below is assembled from constants of this file and of `decode`, never
+// from input.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
-const UNFINISHED: &str = "('prepared', 'submitted', 'aborting')";
-
-const FINISHED: &str = "('succeed', 'failed')";
-
-const GLOBAL_COLUMNS: &str = "id, gid, trans_type, status, query_prepared, protocol, custom_data, options, \
-    create_time, update_time, finish_time, rollback_time, next_cron_time, next_cron_interval, owner, result, \
-    rollback_reason, ext_data";
-
-const BRANCH_COLUMNS: &str =
-    "id, gid, url, bin_data, branch_id, op, status, create_time, update_time, finish_time, rollback_time";
 
 /// The conditional status change of a [`StatusChange`], bound by [`bind_change`] as `$1..$11`.
 const UPDATE_STATUS: &str = "UPDATE trans_global SET status = $1, update_time = $2, \
@@ -52,11 +42,7 @@ fn bind_change<'q>(
     query: Query<'q, Postgres, PgArguments>,
     change: &'q StatusChange,
 ) -> Query<'q, Postgres, PgArguments> {
-    let (owner, next_cron_time) = match (&change.lease, change.to.is_finished()) {
-        (_, true) => (Some(String::new()), None),
-        (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
-        (None, false) => (None, None),
-    };
+    let (owner, next_cron_time) = change.owner_and_expiry();
     query
         .bind(change.to.as_str())
         .bind(change.now)
@@ -70,8 +56,6 @@ fn bind_change<'q>(
         .bind(&change.owner)
         .bind(change.trans_type.map(|t| t.as_str()))
 }
-
-const KV_COLUMNS: &str = "id, cat, k, v, version, create_time, update_time";
 
 /// The PostgreSQL store.
 #[derive(Clone)]
@@ -173,24 +157,9 @@ impl PgStore {
                 .await
                 .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
         }
-        let timeout = options.acquire_timeout;
         let reach = Reachability::new(
             "postgres",
-            Arc::new(move || {
-                let connect = connect.clone();
-                Box::pin(async move {
-                    let attempt = async {
-                        let mut conn = PgConnection::connect_with(&connect).await?;
-                        sqlx::query("SELECT 1").execute(&mut conn).await?;
-                        conn.close().await
-                    };
-                    match tokio::time::timeout(timeout, attempt).await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(error)) => Err(error.to_string()),
-                        Err(_) => Err("connection attempt timed out".to_owned()),
-                    }
-                })
-            }),
+            super::sql::connect_probe::<PgConnection>(connect, options.acquire_timeout),
         );
         Ok(PgStore { pool, reach })
     }
@@ -394,21 +363,21 @@ impl Store for PgStore {
         }
         check_change(change)?;
         // One round trip: the changed row, joined with its branch rows (one result row each).
-        let rows = db!(self.reach, {
-            bind_change(
-                sqlx::query(AssertSqlSafe(format!(
-                    "WITH g AS ({UPDATE_STATUS} RETURNING {GLOBAL_COLUMNS}) \
-                     SELECT g.*, {} FROM g LEFT JOIN trans_branch_op b ON b.gid = g.gid ORDER BY b.id",
-                    BRANCH_COLUMNS
-                        .split(", ")
-                        .map(|c| format!("b.{c} AS b_{c}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))),
-                change,
+        static CHANGE_AND_LOAD: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH g AS ({UPDATE_STATUS} RETURNING {GLOBAL_COLUMNS}) \
+                 SELECT g.*, {} FROM g LEFT JOIN trans_branch_op b ON b.gid = g.gid ORDER BY b.id",
+                BRANCH_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("b.{c} AS b_{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
-            .fetch_all(&self.pool)
-            .await
+        });
+        let rows = db!(self.reach, {
+            bind_change(sqlx::query(AssertSqlSafe(CHANGE_AND_LOAD.as_str())), change)
+                .fetch_all(&self.pool)
+                .await
         })?;
         let Some(first) = rows.first() else {
             return Ok(None);

@@ -66,6 +66,29 @@ pub(super) fn classify(error: sqlx::Error) -> Failure {
 /// A boxed probe: one fresh connection and `SELECT 1`, true when it worked.
 pub(super) type Probe = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
+/// A probe that opens a connection of its own with `connect`, pings the server and closes the
+/// connection, all within `timeout` (the pool is not used: it is what is failing).
+pub(super) fn connect_probe<C>(connect: <C as sqlx::Connection>::Options, timeout: Duration) -> Probe
+where
+    C: sqlx::Connection,
+{
+    Arc::new(move || {
+        let connect = connect.clone();
+        Box::pin(async move {
+            let attempt = async {
+                let mut conn = C::connect_with(&connect).await?;
+                conn.ping().await?;
+                conn.close().await
+            };
+            match tokio::time::timeout(timeout, attempt).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err("connection attempt timed out".to_owned()),
+            }
+        })
+    })
+}
+
 /// Tracks whether the database answers. After a connectivity failure a background probe
 /// connects outside the pool until the database answers again; meanwhile every call fails at
 /// once with `Unavailable` instead of waiting for the pool's acquire timeout.

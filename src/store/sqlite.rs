@@ -19,7 +19,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
-use super::decode;
+use super::decode::{self, BRANCH_COLUMNS, FINISHED, GLOBAL_COLUMNS, UNFINISHED};
 use super::{
     AddBranches, Guard, KvEntry, Lease, ListQuery, Result, StatusChange, Store, StoreError, branches_to_add,
     check_branches, check_change, check_key, check_new, check_text,
@@ -27,7 +27,8 @@ use super::{
 use crate::engine::BranchUpdate;
 use crate::model::{Branch, GlobalTrans, Millis, TransStatus};
 
-// Every dynamic SQL string below is assembled from constants of this file only, never from input.
+// Every dynamic SQL string below is assembled from constants of this file and of `decode`, never
+// from input.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// Most writes committed together.
@@ -38,17 +39,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Prepared statements the writer keeps (it uses about twenty distinct ones).
 const STATEMENT_CACHE: usize = 64;
-
-const UNFINISHED: &str = "('prepared', 'submitted', 'aborting')";
-
-const FINISHED: &str = "('succeed', 'failed')";
-
-const GLOBAL_COLUMNS: &str = "id, gid, trans_type, status, query_prepared, protocol, custom_data, options, \
-    create_time, update_time, finish_time, rollback_time, next_cron_time, next_cron_interval, owner, result, \
-    rollback_reason, ext_data";
-
-const BRANCH_COLUMNS: &str =
-    "id, gid, url, bin_data, branch_id, op, status, create_time, update_time, finish_time, rollback_time";
 
 /// SQLite `synchronous` setting: how hard a commit waits for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -456,11 +446,7 @@ fn apply(conn: &Connection, write: Write) -> Result<Reply> {
 
 /// A conditional status change, with the branch outcomes it records.
 fn change_status(conn: &Connection, change: &StatusChange) -> Result<bool> {
-    let (owner, next_cron_time) = match (&change.lease, change.to.is_finished()) {
-        (_, true) => (Some(String::new()), None),
-        (Some(lease), false) => (Some(lease.owner.clone()), Some(lease.until)),
-        (None, false) => (None, None),
-    };
+    let (owner, next_cron_time) = change.owner_and_expiry();
     let update = |conn: &Connection| -> Result<bool> {
         let done = conn
             .prepare_cached(
