@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use common::{Bank, Reply};
+use common::{Bank, Reply, free_addr, transfer_saga};
 use futures::future::join_all;
 use kubetx::model::{Branch, GlobalTrans};
 use kubetx::store::{ListQuery, SqliteStore, Store as _, Synchronous};
@@ -149,20 +149,9 @@ impl Drop for Kubetx {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            let log = self.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(80).collect();
-            eprintln!("--- last lines of {} ---", self.log.display());
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
-            }
+            common::print_log_tail(&self.log, 80);
         }
     }
-}
-
-/// A free local port: bind to port 0, note the port, let it go.
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
 }
 
 fn saga_gid(i: usize) -> String {
@@ -174,16 +163,10 @@ fn tcc_gid(i: usize) -> String {
 }
 
 async fn submit_saga(k: &Kubetx, bank: &Bank, gid: &str) {
-    let body = json!({
-        "gid": gid,
-        "trans_type": "saga",
-        "steps": [
-            {"action": bank.url("TransOut"), "compensate": bank.url("TransOutRevert")},
-            {"action": bank.url("TransIn"), "compensate": bank.url("TransInRevert")},
-        ],
-        "payloads": ["{\"amount\":30}", "{\"amount\":30}"],
-    });
-    assert_eq!(k.post("submit", body).await, (200, json!({"dtm_result": "SUCCESS"})));
+    assert_eq!(
+        k.post("submit", transfer_saga(gid, bank)).await,
+        (200, json!({"dtm_result": "SUCCESS"}))
+    );
 }
 
 async fn run_tcc(k: &Kubetx, bank: &Bank, gid: &str) {

@@ -21,6 +21,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use common::db::{Backend, TestDb};
+use common::free_addr;
 use futures::StreamExt;
 use kubetx::model::TransStatus;
 use kubetx::store::{self, ListQuery, StoreKind, StoreOptions, Synchronous};
@@ -108,19 +109,9 @@ impl Drop for Replica {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            eprintln!("--- last lines of {} ---", self.log.display());
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
-            }
+            common::print_log_tail(&self.log, 30);
         }
     }
-}
-
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
 }
 
 /// One call the bank served, with when it started and ended.

@@ -335,3 +335,19 @@ pub fn transfer_saga(gid: &str, bank: &Bank) -> Value {
         "payloads": ["{\"amount\":30}", "{\"amount\":30}"],
     })
 }
+
+/// A free local port: bind to port 0, note the port, let it go.
+pub fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// Prints the last `lines` lines of a child process's log, for a test that is failing.
+pub fn print_log_tail(log: &std::path::Path, lines: usize) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    eprintln!("--- last lines of {} ---", log.display());
+    for line in tail.into_iter().rev() {
+        eprintln!("{line}");
+    }
+}
