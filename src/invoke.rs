@@ -48,8 +48,19 @@ pub struct Invoker {
 impl Invoker {
     /// Builds the shared client.
     pub fn new() -> Result<Self, InvokeError> {
+        Self::build(None)
+    }
+
+    /// A client whose branch calls leave from `source` (a node with several addresses, where
+    /// branch services tell replicas apart by address).
+    pub fn with_source_address(source: std::net::IpAddr) -> Result<Self, InvokeError> {
+        Self::build(Some(source))
+    }
+
+    fn build(source: Option<std::net::IpAddr>) -> Result<Self, InvokeError> {
         install_crypto_provider();
         let client = reqwest::Client::builder()
+            .local_address(source)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)

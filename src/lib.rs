@@ -12,6 +12,7 @@ pub mod config;
 pub mod driver;
 pub mod engine;
 pub mod invoke;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod operator;

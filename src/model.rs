@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 /// Milliseconds since the Unix epoch. Time is always passed in, never read here.
 pub type Millis = i64;
 
+/// `at` plus `seconds`, saturating: no duration a client or a resource gives can wrap a time.
+pub fn after_seconds(at: Millis, seconds: i64) -> Millis {
+    at.saturating_add(seconds.saturating_mul(1000))
+}
+
 /// Status of a global transaction (DTM's `trans_global.status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

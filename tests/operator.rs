@@ -17,7 +17,7 @@ use kubetx::metrics::Metrics;
 use kubetx::operator::crd::{Msg, Saga, Tcc};
 use kubetx::operator::leader::LeaderConfig;
 use kubetx::operator::outbound::AllowList;
-use kubetx::operator::reconcile::{FINALIZER, ReconcileConfig};
+use kubetx::operator::reconcile::{FINALIZER, RETRY_NOW, ReconcileConfig};
 use kubetx::operator::{Operator, OperatorConfig};
 use kubetx::scheduler::{Clock, OffsetClock};
 use serde_json::{Value, json};
@@ -74,14 +74,12 @@ impl Env {
     }
 
     fn start_with(&self, config: OperatorConfig) -> Operator {
+        self.start_on(self.double.client(), config, Invoker::new().expect("client"))
+    }
+
+    fn start_on(&self, client: kube::Client, config: OperatorConfig, invoker: Invoker) -> Operator {
         let clock: Arc<dyn Clock> = self.clock.clone();
-        Operator::start(
-            self.double.client(),
-            config,
-            clock,
-            Arc::clone(&self.metrics),
-            Invoker::new().expect("client"),
-        )
+        Operator::start(client, config, clock, Arc::clone(&self.metrics), invoker)
     }
 
     fn url(&self, route: &str) -> Value {
@@ -130,13 +128,12 @@ impl Env {
         self.double.events().iter().filter_map(|e| e.reason.clone()).collect()
     }
 
-    async fn wait_no_finalizer(&self, plural: &str, name: &str) {
-        self.double
-            .wait_for(plural, NS, name, WAIT, |o| {
-                o.is_some_and(|o| o["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty()))
-            })
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+    /// A finished resource keeps the finalizer until it is deleted (added before the first call,
+    /// removing it at the end would cost a write per transaction).
+    async fn wait_finalizer_kept(&self, plural: &str, name: &str) {
+        let obj = self.double.get_json(plural, NS, name).expect("exists");
+        let finalizers = obj["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
+        assert_eq!(finalizers, [json!(FINALIZER)]);
     }
 
     fn branch_states(obj: &Value) -> Vec<(String, String, String)> {
@@ -163,7 +160,7 @@ fn rows(expected: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
 }
 
 #[tokio::test]
-async fn a_two_step_saga_succeeds_within_three_api_writes() {
+async fn a_two_step_saga_succeeds_within_four_api_writes() {
     let env = Env::new().await;
     let operator = env.start();
     env.create("sagas", env.transfer("ok", "TransIn")).await;
@@ -185,12 +182,12 @@ async fn a_two_step_saga_succeeds_within_three_api_writes() {
         .and_then(|c| c.iter().find(|c| c["type"] == "Ready").cloned())
         .expect("Ready condition");
     assert_eq!(ready["status"], "True");
-    // Let the controller settle, then count every write: create, status, the Succeeded event.
+    // Let the controller settle, then count every write: create, the finalizer (added before the
+    // first branch call), status, the Succeeded event.
     assert_eq!(env.event_reasons(1).await, ["Succeeded"]);
     operator.stop().await.expect("stops");
     let writes = env.double.writes();
-    assert!(writes.len() <= 4, "{} writes: {writes:#?}", writes.len());
-    assert_eq!(writes.len(), 3, "{writes:#?}");
+    assert_eq!(writes.len(), 4, "{writes:#?}");
     let status_writes = writes.iter().filter(|w| w.is_status()).count();
     assert_eq!(status_writes, 1, "one status write for the whole saga");
 }
@@ -220,7 +217,7 @@ async fn a_failing_step_compensates_the_completed_ones() {
     assert!(message.contains("business refused"), "{message}");
     let reasons = env.event_reasons(4).await;
     assert_eq!(reasons, ["Started", "StepFailed", "Compensating", "Failed"]);
-    env.wait_no_finalizer("sagas", "rollback").await;
+    env.wait_finalizer_kept("sagas", "rollback").await;
     operator.stop().await.expect("stops");
 }
 
@@ -257,7 +254,7 @@ async fn a_branch_error_is_retried_with_backoff_and_counted() {
         (json!("action"), json!(3))
     );
     assert_eq!(saga["status"]["retries"], 2);
-    env.wait_no_finalizer("sagas", "flaky").await;
+    env.wait_finalizer_kept("sagas", "flaky").await;
     operator.stop().await.expect("stops");
 }
 
@@ -287,7 +284,7 @@ async fn a_concurrent_saga_follows_its_dag() {
 
 fn tcc(env: &Env, name: &str) -> Value {
     let branch = |n: &str| {
-        json!({"name": n, "try": env.url(&format!("{n}Try")), "confirm": env.url(&format!("{n}Confirm")),
+        json!({"name": n.to_lowercase(), "try": env.url(&format!("{n}Try")), "confirm": env.url(&format!("{n}Confirm")),
                "cancel": env.url(&format!("{n}Cancel")), "payload": {"amount": 5}})
     };
     json!({
@@ -421,6 +418,58 @@ async fn deleting_a_running_saga_compensates_it_first() {
 }
 
 #[tokio::test]
+async fn a_saga_deleted_during_its_first_pass_compensates() {
+    let env = Env::new().await;
+    let operator = env.start();
+    env.bank.script("TransOut", &[Reply::Slow(300)]);
+    env.bank.script("TransIn", &[Reply::Ongoing; 50]);
+    env.create("sagas", env.transfer("pruned", "TransIn")).await;
+    // Deleted while the first branch call is in flight, as a script or a GitOps prune would.
+    let calls = env.bank.wait_calls_on("TransOut", 1).await;
+    let api: Api<Saga> = Api::namespaced(env.double.client(), NS);
+    api.delete("pruned", &DeleteParams::default())
+        .await
+        .expect("delete accepted");
+    env.double
+        .wait_for("sagas", NS, "pruned", WAIT, |o| o.is_none())
+        .await
+        .expect("deleted after compensating");
+    let routes = env.bank.routes(&calls[0].gid);
+    assert!(routes.contains(&"TransOutRevert".to_owned()), "{routes:?}");
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn a_retry_now_annotation_makes_a_backed_off_saga_due_at_once() {
+    let env = Env::new().await;
+    let mut config = env.config();
+    config.reconcile.policy.retry_interval = 3600;
+    config.reconcile.policy.max_retry_interval = 3600;
+    let operator = env.start_with(config);
+    env.bank.script("TransIn", &[Reply::Error]);
+    env.create("sagas", env.transfer("stuck", "TransIn")).await;
+    let calls = env.bank.wait_calls_on("TransIn", 1).await;
+    env.double
+        .wait_for("sagas", NS, "stuck", WAIT, |o| {
+            o.is_some_and(|o| o["status"]["retries"].as_u64() == Some(1))
+        })
+        .await
+        .expect("backed off for an hour");
+    env.double
+        .patch_json(
+            "sagas",
+            NS,
+            "stuck",
+            json!({"metadata": {"annotations": {RETRY_NOW: "2026-12-01T12:00:00Z"}}}),
+        )
+        .expect("annotated");
+    let saga = env.wait_phase("sagas", "stuck", "Succeeded").await;
+    assert_eq!(saga["status"]["retryRequest"], "2026-12-01T12:00:00Z");
+    assert_eq!(env.bank.count(&calls[0].gid, "TransIn"), 2);
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
 async fn an_annotation_deletes_a_running_saga_without_compensating() {
     let env = Env::new().await;
     let operator = env.start();
@@ -504,7 +553,7 @@ async fn an_invalid_spec_fails_with_a_precise_message() {
         .create(&PostParams::default(), &duplicate)
         .await
         .expect_err("rejected");
-    assert!(error.to_string().contains("step names must be unique"), "{error}");
+    assert!(error.to_string().contains("Duplicate value"), "{error}");
     operator.stop().await.expect("stops");
 }
 
@@ -626,6 +675,86 @@ async fn with_leader_election_only_the_leader_calls_branches() {
 }
 
 #[tokio::test]
+async fn a_leader_cut_off_from_the_api_stops_before_the_standby_takes_over() {
+    let env = Env::new().await;
+    let elected = |identity: &str| {
+        let mut config = env.config();
+        config.leader = Some(LeaderConfig {
+            lease_name: "kubetx-operator".to_owned(),
+            namespace: NS.to_owned(),
+            identity: identity.to_owned(),
+            lease_duration: Duration::from_secs(3),
+        });
+        config
+    };
+    // The leader reaches the API server through a proxy the test can cut; each replica calls
+    // branches from its own address, so that the bank tells who called.
+    let proxy = common::FreezableProxy::start(env.double.addr()).await;
+    let mut proxied = kube::Config::new(format!("http://{}", proxy.addr).parse().expect("url"));
+    proxied.default_namespace = NS.to_owned();
+    let leader_ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let standby_ip: std::net::IpAddr = [127, 0, 0, 3].into();
+    let leader = env.start_on(
+        kube::Client::try_from(proxied).expect("client"),
+        elected("replica-a"),
+        Invoker::with_source_address(leader_ip).expect("invoker"),
+    );
+    env.double
+        .wait_until(WAIT, |_| leader.health.ready().then_some(()))
+        .await
+        .expect("leader ready");
+    let standby = env.start_on(
+        env.double.client(),
+        elected("replica-b"),
+        Invoker::with_source_address(standby_ip).expect("invoker"),
+    );
+    env.bank.script("TransIn", &[Reply::Ongoing; 1000]);
+    env.create("sagas", env.transfer("partitioned", "TransIn")).await;
+    env.double
+        .wait_until(WAIT, |_| {
+            let calls = env.bank.calls_on("TransIn");
+            calls.iter().any(|c| c.peer.ip() == leader_ip).then_some(())
+        })
+        .await
+        .expect("the leader drives the saga");
+    // Cut the leader off: it can neither renew its Lease nor write, and must stop calling.
+    proxy.freeze();
+    let leading = |operator: &Operator| operator.health.leading.load(std::sync::atomic::Ordering::SeqCst);
+    env.double
+        .wait_until(WAIT, |_| leading(&standby).then_some(()))
+        .await
+        .expect("the standby took the Lease over");
+    env.bank.unscript("TransIn");
+    let saga = env.wait_phase("sagas", "partitioned", "Succeeded").await;
+    // The old leader comes back: it must not write or call anything.
+    proxy.thaw();
+    let stopped = tokio::time::timeout(WAIT, leader.wait())
+        .await
+        .expect("the old leader stops");
+    assert!(stopped.is_err(), "it stopped because it lost the Lease");
+    let calls = env.bank.calls();
+    let first_by_standby = calls
+        .iter()
+        .filter(|c| c.peer.ip() == standby_ip)
+        .map(|c| c.at)
+        .min()
+        .expect("the standby called branches");
+    let late: Vec<_> = calls
+        .iter()
+        .filter(|c| c.peer.ip() == leader_ip && c.at >= first_by_standby)
+        .map(|c| &c.route)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the old leader called {late:?} after the new one started"
+    );
+    let now = env.double.get_json("sagas", NS, "partitioned").expect("saga");
+    assert_eq!(now["status"]["phase"], "Succeeded", "no status went backwards");
+    assert_eq!(now["status"]["gid"], saga["status"]["gid"]);
+    standby.stop().await.expect("standby stops");
+}
+
+#[tokio::test]
 async fn with_a_sql_store_the_status_keeps_a_summary_in_three_writes() {
     let env = Env::new().await;
     let dir = tempfile::tempdir().expect("temp dir");
@@ -691,8 +820,8 @@ async fn with_a_sql_store_the_status_keeps_a_summary_in_three_writes() {
         .count_writes(|w| w.name == "sql-ok" || (w.plural == "events" && w.name.starts_with("sql-ok")));
     assert_eq!(
         ok_writes,
-        3,
-        "create, status, Succeeded event: {:#?}",
+        4,
+        "create, finalizer, status, Succeeded event: {:#?}",
         env.double.writes()
     );
 }

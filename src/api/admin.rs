@@ -111,7 +111,7 @@ pub(super) async fn reset_cron_time(State(state): State<AppState>, Query(params)
     let now = coordinator.now();
     let count = coordinator
         .store()
-        .reset_cron_times(now + timeout * 1000, now, limit)
+        .reset_cron_times(crate::model::after_seconds(now, timeout), now, limit)
         .await?;
     if count > 0 {
         coordinator.wake();

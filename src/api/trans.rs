@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use super::wire::{self, TransRequest, branch_request, check_url};
 use super::{ApiError, ApiResult, AppState, JsonBody, success};
 use crate::engine::{self, MsgTarget, SagaOrders, SagaStep, WorkflowCustom};
-use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, TransType};
+use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, TransType, after_seconds};
 use crate::scheduler::{Coordinator, PassReport};
 use crate::store::{AddBranches, StatusChange, StoreError};
 
@@ -634,9 +634,9 @@ fn new_global(
     // workflow, after one interval (resume).
     global.next_cron_time = match engine::timeout_seconds(&global, policy) {
         // A workflow never times out: its timeout_to_fail must not postpone the first resume.
-        _ if trans_type == TransType::Workflow => now + global.next_cron_interval * 1000,
-        0 => now + global.next_cron_interval * 1000,
-        timeout => now + timeout * 1000,
+        _ if trans_type == TransType::Workflow => after_seconds(now, global.next_cron_interval),
+        0 => after_seconds(now, global.next_cron_interval),
+        timeout => after_seconds(now, timeout),
     };
     Ok(global)
 }

@@ -15,8 +15,10 @@ use crate::engine::{MsgCustom, null_default};
 use crate::model::{Branch, GlobalTrans, Millis, TransOptions, TransType};
 use crate::store::KvEntry;
 
-/// Longest gid accepted (DTM's column width).
-const MAX_GID_LEN: usize = 128;
+use crate::limits::{
+    self, MAX_CALL_TIMEOUT_SECONDS, MAX_GID_LEN, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_HEADERS,
+    MAX_RETRY_INTERVAL_SECONDS, MAX_RETRY_LIMIT, MAX_STEPS, MAX_TIMEOUT_SECONDS, MAX_URL_LEN,
+};
 
 /// Body of prepare / submit / abort / forceStop / prepareWorkflow / resetNextCronTime.
 #[derive(Debug, Default, Deserialize)]
@@ -87,19 +89,15 @@ impl TransRequest {
 
     /// The options to persist, checked.
     pub fn options(&self) -> Result<TransOptions, ApiError> {
-        for (name, value) in [
-            ("timeout_to_fail", self.timeout_to_fail),
-            ("retry_interval", self.retry_interval),
-            ("request_timeout", self.request_timeout),
+        for (name, value, max) in [
+            ("timeout_to_fail", self.timeout_to_fail, MAX_TIMEOUT_SECONDS),
+            ("retry_interval", self.retry_interval, MAX_RETRY_INTERVAL_SECONDS),
+            ("request_timeout", self.request_timeout, MAX_CALL_TIMEOUT_SECONDS),
+            ("retry_limit", self.retry_limit, MAX_RETRY_LIMIT),
         ] {
-            check_seconds(name, value)?;
+            limits::check_range(name, value, 0, max).map_err(ApiError::BadRequest)?;
         }
-        if self.retry_limit < 0 {
-            return Err(ApiError::BadRequest(format!(
-                "retry_limit must not be negative, got {}",
-                self.retry_limit
-            )));
-        }
+        limits::check_count("branch_headers", self.branch_headers.len(), MAX_HEADERS).map_err(ApiError::BadRequest)?;
         // An invalid header would make every call of every branch fail, forever; a framing
         // header would cut or garble every body (Go's DTM ignores those, the way net/http does).
         for (name, value) in &self.branch_headers {
@@ -108,6 +106,14 @@ impl TransRequest {
                     "branch_headers: {name:?} is derived from the payload and cannot be set"
                 )));
             }
+            limits::check_len("branch_headers: name", name, MAX_HEADER_NAME_LEN).map_err(ApiError::BadRequest)?;
+            let value_text = value.as_deref().unwrap_or_default();
+            limits::check_len(
+                &format!("branch_headers: the value of {name}"),
+                value_text,
+                MAX_HEADER_VALUE_LEN,
+            )
+            .map_err(ApiError::BadRequest)?;
             HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| ApiError::BadRequest(format!("branch_headers: {name:?} is not a valid header name")))?;
             HeaderValue::from_str(value.as_deref().unwrap_or_default()).map_err(|_| {
@@ -152,6 +158,8 @@ impl TransRequest {
                 _ => return Err(ApiError::BadRequest(format!("payloads[{index}] must be a string"))),
             });
         }
+        limits::check_count("steps", self.steps.len(), MAX_STEPS).map_err(ApiError::BadRequest)?;
+        limits::check_count("payloads", self.payloads.len(), MAX_STEPS).map_err(ApiError::BadRequest)?;
         let mut steps = Vec::new();
         for (index, step) in self.steps.iter().enumerate() {
             let Value::Object(fields) = step else {
@@ -180,23 +188,9 @@ impl TransRequest {
     }
 }
 
-/// Longest duration accepted in a request, in seconds (100 years): keeps every time computation
-/// (milliseconds since the epoch, doubled backoffs) far from overflowing.
-pub const MAX_SECONDS: i64 = 100 * 365 * 24 * 3600;
-
-/// Checks a duration in seconds: not negative, at most [`MAX_SECONDS`].
+/// Checks a duration in seconds: not negative, at most [`MAX_TIMEOUT_SECONDS`].
 pub fn check_seconds(name: &str, value: i64) -> Result<(), ApiError> {
-    if value < 0 {
-        return Err(ApiError::BadRequest(format!(
-            "{name} must not be negative, got {value}"
-        )));
-    }
-    if value > MAX_SECONDS {
-        return Err(ApiError::BadRequest(format!(
-            "{name} must be at most {MAX_SECONDS} seconds, got {value}"
-        )));
-    }
-    Ok(())
+    limits::check_range(name, value, 0, MAX_TIMEOUT_SECONDS).map_err(ApiError::BadRequest)
 }
 
 /// A msg's `custom_data`, checked.
@@ -219,9 +213,7 @@ pub fn check_gid(gid: &str) -> Result<(), ApiError> {
     if gid.is_empty() {
         return Err(ApiError::BadRequest("gid is required".to_owned()));
     }
-    if gid.len() > MAX_GID_LEN {
-        return Err(ApiError::BadRequest(format!("gid is longer than {MAX_GID_LEN} bytes")));
-    }
+    limits::check_len("gid", gid, MAX_GID_LEN).map_err(ApiError::BadRequest)?;
     if gid.chars().any(char::is_control) {
         return Err(ApiError::BadRequest(
             "gid must not contain control characters".to_owned(),
@@ -247,6 +239,7 @@ pub fn check_url(what: &str, url: &str) -> Result<(), ApiError> {
     if url.is_empty() {
         return Ok(());
     }
+    limits::check_len(what, url, MAX_URL_LEN).map_err(ApiError::BadRequest)?;
     let lower = url.to_ascii_lowercase();
     let rest = lower
         .strip_prefix("http://")

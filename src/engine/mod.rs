@@ -290,7 +290,7 @@ fn park_after_pass(global: &GlobalTrans, pass: &Pass, now: Millis, policy: &Poli
         base
     };
     Plan::Park {
-        at: now + interval * 1000,
+        at: crate::model::after_seconds(now, interval),
         interval,
     }
 }
@@ -318,7 +318,7 @@ pub fn timeout_seconds(global: &GlobalTrans, policy: &Policy) -> i64 {
 fn deadline(global: &GlobalTrans, policy: &Policy) -> Option<Millis> {
     match timeout_seconds(global, policy) {
         0 => None,
-        t => Some(global.create_time + t * 1000),
+        t => Some(crate::model::after_seconds(global.create_time, t)),
     }
 }
 

@@ -51,7 +51,7 @@ pub(super) fn plan(global: &GlobalTrans, branches: &[Branch], pass: &Pass, now: 
         }
         TransStatus::Submitted => {
             let delay = MsgCustom::parse(&global.custom_data).unwrap_or_default().delay;
-            let due = global.create_time + delay * 1000;
+            let due = crate::model::after_seconds(global.create_time, delay);
             if delay > 0 && now < due {
                 return park_until(global, due, policy);
             }

@@ -10,6 +10,21 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::limits::{
+    DNS_LABEL_PATTERN, HEADER_NAME_PATTERN, MAX_CALL_TIMEOUT_SECONDS, MAX_DEPENDS_ON, MAX_GID_LEN, MAX_HEADER_NAME_LEN,
+    MAX_HEADER_VALUE_LEN, MAX_HEADERS, MAX_NAME_LEN, MAX_OBJECT_NAME_LEN, MAX_RETRY_INTERVAL_SECONDS, MAX_RETRY_LIMIT,
+    MAX_STEPS, MAX_TIMEOUT_SECONDS, MAX_URL_LEN,
+};
+
+/// Longest Service path.
+const MAX_PATH_LEN: usize = 1024;
+/// Most status rows: three operations per Tcc branch.
+const MAX_STATUS_ROWS: usize = 3 * MAX_STEPS;
+/// Longest short text in the status (a time, a branch id, a state, a progress).
+const MAX_SHORT_TEXT: usize = 64;
+/// Longest message in the status (a condition's is 32 KiB in Kubernetes' own conditions).
+const MAX_MESSAGE_LEN: usize = 4096;
+
 /// API group of every kind.
 pub const GROUP: &str = "kubetx.io";
 /// API version of every kind.
@@ -27,6 +42,7 @@ fn any_json(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 pub struct Endpoint {
     /// Full http or https URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_URL_LEN))]
     #[x_kube(validation = kube::core::Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("url must start with http:// or https://"))]
     pub url: Option<String>,
     /// A Service, called at `http://<name>.<namespace>.svc:<port><path>`.
@@ -38,10 +54,12 @@ pub struct Endpoint {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceRef {
-    /// Service name.
+    /// Service name (a DNS label).
+    #[schemars(length(min = 1, max = MAX_NAME_LEN), pattern(DNS_LABEL_PATTERN))]
     pub name: String,
     /// Namespace; the resource's own when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN), pattern(DNS_LABEL_PATTERN))]
     pub namespace: Option<String>,
     /// Port; 80 when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -49,6 +67,7 @@ pub struct ServiceRef {
     pub port: Option<u16>,
     /// Path, starting with `/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_PATH_LEN), pattern("^/"))]
     pub path: Option<String>,
 }
 
@@ -57,10 +76,12 @@ pub struct ServiceRef {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("has(self.value) != has(self.valueFrom)").message("give exactly one of value or valueFrom"))]
 pub struct Header {
-    /// Header name.
+    /// Header name (an RFC 9110 token).
+    #[schemars(length(min = 1, max = MAX_HEADER_NAME_LEN), pattern(HEADER_NAME_PATTERN))]
     pub name: String,
     /// Inline value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_HEADER_VALUE_LEN))]
     pub value: Option<String>,
     /// Value read from a Secret in the resource's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -80,8 +101,10 @@ pub struct HeaderSource {
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Secret name.
+    #[schemars(length(min = 1, max = MAX_OBJECT_NAME_LEN))]
     pub name: String,
     /// Key inside the Secret.
+    #[schemars(length(min = 1, max = MAX_OBJECT_NAME_LEN), pattern("^[-._a-zA-Z0-9]+$"))]
     pub key: String,
 }
 
@@ -91,23 +114,23 @@ pub struct SecretKeyRef {
 pub struct TransactionOptions {
     /// Give up after this long: a saga compensates, a Tcc cancels, a prepared Msg is back-checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_TIMEOUT_SECONDS))]
     pub timeout_seconds: Option<i64>,
     /// Timeout of each branch call (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 3600))]
+    #[schemars(range(min = 1, max = MAX_CALL_TIMEOUT_SECONDS))]
     pub call_timeout_seconds: Option<i64>,
     /// First retry interval; doubled after every failed attempt (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_RETRY_INTERVAL_SECONDS))]
     pub retry_interval_seconds: Option<i64>,
     /// Cap of the retry interval (default: the controller's, 300).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_RETRY_INTERVAL_SECONDS))]
     pub max_retry_interval_seconds: Option<i64>,
     /// Saga: immediate retries of an action whose outcome is unknown before compensating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_RETRY_LIMIT))]
     pub retry_limit: Option<i64>,
 }
 
@@ -116,7 +139,7 @@ pub struct TransactionOptions {
 #[serde(rename_all = "camelCase")]
 pub struct SagaStep {
     /// Unique name of the step.
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN), pattern(DNS_LABEL_PATTERN))]
     pub name: String,
     /// Forward operation.
     pub action: Endpoint,
@@ -130,6 +153,8 @@ pub struct SagaStep {
     /// Steps that must succeed first. Any `dependsOn` makes the saga a DAG: steps without
     /// dependencies start at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_DEPENDS_ON), inner(length(min = 1, max = MAX_NAME_LEN)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub depends_on: Vec<String>,
 }
 
@@ -148,24 +173,26 @@ pub struct SagaStep {
     printcolumn = r#"{"name":"Retries","type":"integer","jsonPath":".status.retries"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":0}"#,
+    printcolumn = r#"{"name":"GID","type":"string","jsonPath":".status.gid","priority":1}"#,
     validation = kube::core::Rule::new("self.spec == oldSelf.spec").message("spec is immutable once the saga exists: create a new Saga instead")
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("self.steps.all(s, self.steps.exists_one(t, t.name == s.name))").message("step names must be unique"))]
-#[x_kube(validation = kube::core::Rule::new("self.steps.all(s, !has(s.dependsOn) || s.dependsOn.all(d, self.steps.exists(t, t.name == d)))").message("dependsOn must name steps of this saga"))]
 pub struct SagaSpec {
     /// The steps.
-    #[schemars(length(min = 1, max = 100))]
+    #[schemars(length(min = 1, max = MAX_STEPS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub steps: Vec<SagaStep>,
     /// Headers sent on every call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_HEADERS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub headers: Vec<Header>,
     /// Timeouts and retries.
     #[serde(default, skip_serializing_if = "is_default")]
     pub options: TransactionOptions,
     /// Delete the resource this long after it finished (default: the controller's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_TIMEOUT_SECONDS))]
     pub ttl_seconds_after_finished: Option<i64>,
 }
 
@@ -174,7 +201,7 @@ pub struct SagaSpec {
 #[serde(rename_all = "camelCase")]
 pub struct TccBranch {
     /// Unique name of the branch.
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN), pattern(DNS_LABEL_PATTERN))]
     pub name: String,
     /// Reserve resources.
     #[serde(rename = "try")]
@@ -205,23 +232,26 @@ pub struct TccBranch {
     printcolumn = r#"{"name":"Retries","type":"integer","jsonPath":".status.retries"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":0}"#,
+    printcolumn = r#"{"name":"GID","type":"string","jsonPath":".status.gid","priority":1}"#,
     validation = kube::core::Rule::new("self.spec == oldSelf.spec").message("spec is immutable once the transaction exists: create a new Tcc instead")
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("self.branches.all(b, self.branches.exists_one(o, o.name == b.name))").message("branch names must be unique"))]
 pub struct TccSpec {
     /// The branches, tried in order; confirmed or cancelled last to first.
-    #[schemars(length(min = 1, max = 100))]
+    #[schemars(length(min = 1, max = MAX_STEPS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub branches: Vec<TccBranch>,
     /// Headers sent on every call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_HEADERS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub headers: Vec<Header>,
     /// Timeouts and retries.
     #[serde(default, skip_serializing_if = "is_default")]
     pub options: TransactionOptions,
     /// Delete the resource this long after it finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_TIMEOUT_SECONDS))]
     pub ttl_seconds_after_finished: Option<i64>,
 }
 
@@ -230,7 +260,7 @@ pub struct TccSpec {
 #[serde(rename_all = "camelCase")]
 pub struct MsgStep {
     /// Unique name of the step.
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN), pattern(DNS_LABEL_PATTERN))]
     pub name: String,
     /// Endpoint that receives the message.
     pub action: Endpoint,
@@ -256,15 +286,16 @@ pub struct MsgStep {
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
     printcolumn = r#"{"name":"Retries","type":"integer","jsonPath":".status.retries"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":0}"#
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":0}"#,
+    printcolumn = r#"{"name":"GID","type":"string","jsonPath":".status.gid","priority":1}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("self.steps.all(s, self.steps.exists_one(t, t.name == s.name))").message("step names must be unique"))]
 #[x_kube(validation = kube::core::Rule::new("self.submitted || has(self.queryPrepared)").message("a msg that is not submitted needs queryPrepared for the back-check"))]
 #[x_kube(validation = kube::core::Rule::new("!oldSelf.submitted || self.submitted").message("a submitted msg cannot be un-submitted"))]
 pub struct MsgSpec {
     /// Destinations, delivered in order (or all at once with `concurrent`).
-    #[schemars(length(min = 1, max = 100))]
+    #[schemars(length(min = 1, max = MAX_STEPS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("steps are immutable"))]
     pub steps: Vec<MsgStep>,
     /// False while the owner's local transaction runs; set it to true to deliver.
@@ -276,20 +307,22 @@ pub struct MsgSpec {
     pub query_prepared: Option<Endpoint>,
     /// Deliver no earlier than this long after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_TIMEOUT_SECONDS))]
     pub delay_seconds: Option<i64>,
     /// Deliver to all steps at once.
     #[serde(default)]
     pub concurrent: bool,
     /// Headers sent on every call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_HEADERS))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub headers: Vec<Header>,
     /// Timeouts and retries (`timeoutSeconds`: when an unsubmitted msg is back-checked).
     #[serde(default, skip_serializing_if = "is_default")]
     pub options: TransactionOptions,
     /// Delete the resource this long after it finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_TIMEOUT_SECONDS))]
     pub ttl_seconds_after_finished: Option<i64>,
 }
 
@@ -330,21 +363,27 @@ impl Phase {
 #[serde(rename_all = "camelCase")]
 pub struct BranchState {
     /// Step or branch name.
+    #[schemars(length(max = MAX_NAME_LEN))]
     pub name: String,
     /// DTM branch id ("01", "02", ...), sent as `branch_id`.
+    #[schemars(length(max = MAX_SHORT_TEXT))]
     pub branch_id: String,
     /// Operation: action, compensate, try, confirm, cancel.
+    #[schemars(length(max = MAX_SHORT_TEXT))]
     pub op: String,
     /// prepared (not done or unknown), succeed, failed.
+    #[schemars(length(max = MAX_SHORT_TEXT))]
     pub state: String,
     /// Calls made so far.
     #[serde(default)]
     pub attempts: u32,
     /// Last error, shortened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_MESSAGE_LEN))]
     pub last_error: Option<String>,
     /// When it finished (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_SHORT_TEXT))]
     pub finished_at: Option<String>,
 }
 
@@ -354,15 +393,20 @@ pub struct BranchState {
 pub struct Condition {
     /// `Ready` (finished successfully), `Progressing` or `Failed`.
     #[serde(rename = "type")]
+    #[schemars(length(min = 1, max = MAX_SHORT_TEXT))]
     pub type_: String,
     /// "True", "False" or "Unknown".
+    #[schemars(length(max = MAX_SHORT_TEXT))]
     pub status: String,
     /// PascalCase reason.
+    #[schemars(length(max = MAX_SHORT_TEXT))]
     pub reason: String,
     /// Human-readable detail.
     #[serde(default)]
+    #[schemars(length(max = MAX_MESSAGE_LEN))]
     pub message: String,
     /// When the status last changed (RFC 3339).
+    #[schemars(length(max = MAX_SHORT_TEXT))]
     pub last_transition_time: String,
     /// Generation the condition was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -378,18 +422,22 @@ pub struct TransactionStatus {
     pub phase: Option<Phase>,
     /// Transaction id, sent to branches as `gid`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_GID_LEN))]
     pub gid: Option<String>,
     /// Forward operations done over their total, e.g. `1/2`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_SHORT_TEXT))]
     pub progress: Option<String>,
     /// Failed attempts so far, all branches together.
     #[serde(default)]
     pub retries: u32,
     /// One entry per branch operation, in call order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_STATUS_ROWS))]
     pub branches: Vec<BranchState>,
     /// Conditions, keyed by type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Generation of the spec this status describes.
@@ -397,18 +445,27 @@ pub struct TransactionStatus {
     pub observed_generation: Option<i64>,
     /// Next retry (RFC 3339), while unfinished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_SHORT_TEXT))]
     pub next_retry_time: Option<String>,
     /// Current retry interval in seconds (grows with backoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = MAX_RETRY_INTERVAL_SECONDS))]
     pub retry_interval_seconds: Option<i64>,
     /// When processing started (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_SHORT_TEXT))]
     pub start_time: Option<String>,
     /// When it finished (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_SHORT_TEXT))]
     pub finish_time: Option<String>,
+    /// The last `kubetx.io/retry-now` annotation value served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_SHORT_TEXT))]
+    pub retry_request: Option<String>,
     /// Why it failed, or what it waits for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_MESSAGE_LEN))]
     pub message: Option<String>,
 }
 

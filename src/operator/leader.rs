@@ -48,6 +48,12 @@ impl LeaderElector {
         self.config.lease_duration / 3
     }
 
+    /// How long after a renewal this replica may still act: two thirds of the lease, so that it
+    /// has stopped (and its calls have been cancelled) before another replica may take over.
+    pub fn renew_deadline(&self) -> Duration {
+        self.config.lease_duration * 2 / 3
+    }
+
     /// One attempt to become or stay leader. True when this replica holds the Lease now.
     pub async fn try_acquire_or_renew(&self, now: Millis) -> Result<bool, kube::Error> {
         let duration_secs = self.config.lease_duration.as_secs().max(1) as i32;

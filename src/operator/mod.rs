@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use self::crd::{Msg, Saga, Tcc};
 use self::health::Health;
 use self::leader::{LeaderConfig, LeaderElector};
-use self::reconcile::{Context, ReconcileConfig, error_policy, reconcile};
+use self::reconcile::{Context, Fence, ReconcileConfig, error_policy, reconcile};
 use self::transaction::Transactional;
 use crate::invoke::Invoker;
 use crate::metrics::Metrics;
@@ -85,6 +85,10 @@ impl Operator {
                 instance: Some(config.reporter.clone()),
             },
         );
+        let fence = Arc::new(match config.leader {
+            Some(_) => Fence::closed(Arc::clone(&clock)),
+            None => Fence::open(Arc::clone(&clock)),
+        });
         let context = Arc::new(Context {
             client: client.clone(),
             invoker,
@@ -93,6 +97,7 @@ impl Operator {
             config: config.reconcile.clone(),
             clock: Arc::clone(&clock),
             written: Default::default(),
+            fence,
         });
         let task = tokio::spawn(run(
             client,
@@ -136,10 +141,15 @@ async fn run(
         return Ok(());
     };
     let elector = Arc::new(LeaderElector::new(client.clone(), leader));
+    let fence = Arc::clone(&context.fence);
     // Stand by until the Lease is ours.
     loop {
-        match elector.try_acquire_or_renew(clock.now()).await {
-            Ok(true) => break,
+        let attempt = clock.now();
+        match elector.try_acquire_or_renew(attempt).await {
+            Ok(true) => {
+                fence.extend(attempt.saturating_add(elector.renew_deadline().as_millis() as i64));
+                break;
+            }
             Ok(false) => health.standby.store(true, Ordering::SeqCst),
             Err(error) => warn!(%error, "leader election failed; retrying"),
         }
@@ -151,10 +161,11 @@ async fn run(
     health.standby.store(false, Ordering::SeqCst);
     health.leading.store(true, Ordering::SeqCst);
     let lost = shutdown.child_token();
-    let renewer = tokio::spawn(renew(Arc::clone(&elector), clock, lost.clone()));
+    let renewer = tokio::spawn(renew(Arc::clone(&elector), clock, Arc::clone(&fence), lost.clone()));
     run_controllers(&client, &config, context, &health, lost.clone()).await;
     health.leading.store(false, Ordering::SeqCst);
     renewer.abort();
+    fence.close();
     if shutdown.is_cancelled() {
         elector.release().await;
         return Ok(());
@@ -162,32 +173,39 @@ async fn run(
     Err(OperatorError::LeadershipLost)
 }
 
-/// Renews the Lease; cancels `lost` when another replica holds it or renewal keeps failing for
-/// longer than the Lease lasts.
-async fn renew(elector: Arc<LeaderElector>, clock: Arc<dyn Clock>, lost: CancellationToken) {
-    let mut last_renewal = clock.now();
-    let limit = (elector.renew_interval() * 3).as_millis() as i64;
+/// Renews the Lease, extending the fence to the renew deadline after each renewal; closes the
+/// fence and cancels `lost` when another replica holds the Lease or the deadline passes without a
+/// renewal. In-flight passes stop when the fence lapses, before the Lease can expire.
+async fn renew(elector: Arc<LeaderElector>, clock: Arc<dyn Clock>, fence: Arc<Fence>, lost: CancellationToken) {
+    let deadline = elector.renew_deadline().as_millis() as i64;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(elector.renew_interval()) => {}
             _ = lost.cancelled() => return,
+            () = fence.lapsed() => {
+                warn!("leader lease not renewed before its renew deadline; stopping");
+                break;
+            }
         }
-        let now = clock.now();
-        match elector.try_acquire_or_renew(now).await {
-            Ok(true) => last_renewal = now,
-            Ok(false) => {
+        // The Lease runs from when the renewal was sent, not from when it was answered.
+        let attempt = clock.now();
+        let renewal = tokio::time::timeout(elector.renew_interval(), elector.try_acquire_or_renew(attempt)).await;
+        match renewal {
+            Ok(Ok(true)) => fence.extend(attempt.saturating_add(deadline)),
+            Ok(Ok(false)) => {
                 warn!("another replica holds the leader lease; stopping");
-                lost.cancel();
-                return;
+                break;
             }
-            Err(error) if now - last_renewal < limit => warn!(%error, "cannot renew the leader lease; retrying"),
-            Err(error) => {
-                warn!(%error, "leader lease expired without renewal; stopping");
-                lost.cancel();
-                return;
-            }
+            Ok(Err(error)) => warn!(%error, "cannot renew the leader lease; retrying"),
+            Err(_) => warn!("renewing the leader lease timed out; retrying"),
+        }
+        if !fence.holds() {
+            warn!("leader lease not renewed before its renew deadline; stopping");
+            break;
         }
     }
+    fence.close();
+    lost.cancel();
 }
 
 async fn run_controllers(

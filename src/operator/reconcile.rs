@@ -37,6 +37,11 @@ pub const FIELD_MANAGER: &str = "kubetx";
 pub const FINALIZER: &str = "kubetx.io/transaction";
 /// Annotation that, set to "true" on a resource being deleted, removes it without rolling back.
 pub const SKIP_COMPENSATION: &str = "kubetx.io/skip-compensation";
+/// Annotation that makes an unfinished resource due at once with its backoff reset. Any new
+/// value (a timestamp, say) asks again; the status records the last value served.
+pub const RETRY_NOW: &str = "kubetx.io/retry-now";
+/// Longest `kubetx.io/retry-now` value served (the status field's bound).
+pub const MAX_RETRY_REQUEST_LEN: usize = 64;
 /// Timeout of every Kubernetes API call.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,6 +63,9 @@ pub enum ReconcileError {
     /// A bug: a patch this code built is malformed.
     #[error("internal error: {0}")]
     Internal(String),
+    /// This replica no longer holds the leader Lease: it stops acting.
+    #[error("not the leader any more")]
+    Fenced,
 }
 
 impl ReconcileError {
@@ -69,6 +77,7 @@ impl ReconcileError {
             ReconcileError::Secret(_) => "secret",
             ReconcileError::Internal(_) => "internal",
             ReconcileError::Store(_) => "store",
+            ReconcileError::Fenced => "fenced",
         }
     }
 }
@@ -119,22 +128,91 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     /// What this controller last wrote, per object.
     pub written: Written,
+    /// Whether this replica may act (it holds the leader Lease).
+    pub fence: Arc<Fence>,
+}
+
+/// Until when this replica may act: renewed with the leader Lease, never past its renew deadline
+/// (shorter than the Lease), so that a replica cut off from the API server stops calling branches
+/// and writing before another one can take the Lease over.
+pub struct Fence {
+    valid_until: std::sync::atomic::AtomicI64,
+    clock: Arc<dyn Clock>,
+}
+
+impl Fence {
+    /// A fence that always holds (no leader election: this is the only replica).
+    pub fn open(clock: Arc<dyn Clock>) -> Self {
+        Fence {
+            valid_until: std::sync::atomic::AtomicI64::new(Millis::MAX),
+            clock,
+        }
+    }
+
+    /// A fence that holds only once [`Fence::extend`] is called.
+    pub fn closed(clock: Arc<dyn Clock>) -> Self {
+        Fence {
+            valid_until: std::sync::atomic::AtomicI64::new(Millis::MIN),
+            clock,
+        }
+    }
+
+    /// Lets this replica act until `until`.
+    pub fn extend(&self, until: Millis) {
+        self.valid_until.store(until, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Stops this replica acting at once.
+    pub fn close(&self) {
+        self.extend(Millis::MIN);
+    }
+
+    /// True while this replica may act.
+    pub fn holds(&self) -> bool {
+        self.clock.now() < self.valid_until.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once the fence no longer holds. Polls, because the clock may be moved.
+    pub async fn lapsed(&self) {
+        loop {
+            let left = self.valid_until.load(std::sync::atomic::Ordering::SeqCst) - self.clock.now();
+            if left <= 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(left.clamp(1, 100) as u64)).await;
+        }
+    }
 }
 
 /// What this controller last wrote per object (by uid). The watch cache a reconcile starts from
 /// can lag behind our own writes; acting on a stale status would repeat a decision already taken
 /// (or worse, undo one), so until the cache catches up the last written state wins.
 #[derive(Debug, Default)]
-pub struct Written(std::sync::Mutex<HashMap<String, (TransactionStatus, bool)>>);
+pub struct Written(std::sync::Mutex<HashMap<String, Seen>>);
+
+/// The state a reconcile acts on: the status, whether our finalizer is on, and the
+/// resourceVersion they were read or written at (every write is conditional on it).
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    status: TransactionStatus,
+    finalizer: bool,
+    version: Option<String>,
+}
 
 impl Written {
-    /// The status and finalizer presence to act on.
-    fn view<K: Transactional>(&self, obj: &K) -> (TransactionStatus, bool) {
-        let cached = (obj.tx_status().cloned().unwrap_or_default(), has_finalizer(obj));
+    /// The state to act on.
+    fn view<K: Transactional>(&self, obj: &K) -> Seen {
+        let cached = Seen {
+            status: obj.tx_status().cloned().unwrap_or_default(),
+            finalizer: has_finalizer(obj),
+            version: obj.meta().resource_version.clone(),
+        };
         let uid = obj.meta().uid.clone().unwrap_or_default();
         let mut memo = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match memo.get(&uid) {
-            Some(written) if *written != cached => written.clone(),
+            Some(written) if (&written.status, written.finalizer) != (&cached.status, cached.finalizer) => {
+                written.clone()
+            }
             Some(_) => {
                 // The cache caught up.
                 memo.remove(&uid);
@@ -144,14 +222,21 @@ impl Written {
         }
     }
 
-    fn record<K: Resource>(&self, obj: &K, status: &TransactionStatus, finalizer: bool) {
+    fn record<K: Resource>(&self, obj: &K, seen: &Seen) {
         let uid = obj.meta().uid.clone().unwrap_or_default();
         let mut memo = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        memo.insert(uid, (status.clone(), finalizer));
+        memo.insert(uid, seen.clone());
+    }
+
+    /// Forgets what was written for `obj`: after a conflict, the API server's state wins.
+    fn forget<K: Resource>(&self, obj: &K) {
+        let uid = obj.meta().uid.clone().unwrap_or_default();
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
     }
 }
 
-/// Reconciles one resource of any transactional kind.
+/// Reconciles one resource of any transactional kind. Stops at once, without another call or
+/// write, when this replica loses the leader Lease.
 pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     ctx.metrics
         .reconciles
@@ -159,51 +244,86 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
             kind: K::KIND.to_owned(),
         })
         .inc();
+    if !ctx.fence.holds() {
+        return Err(ReconcileError::Fenced);
+    }
+    let fence = Arc::clone(&ctx.fence);
+    let result = tokio::select! {
+        result = reconcile_fenced(Arc::clone(&obj), Arc::clone(&ctx)) => result,
+        () = fence.lapsed() => Err(ReconcileError::Fenced),
+    };
+    if let Err(ReconcileError::Kube(error)) = &result
+        && matches!(&**error, kube::Error::Api(s) if s.code == 409)
+    {
+        // Someone else wrote since our view: re-read and re-plan from what the server holds.
+        ctx.written.forget(&*obj);
+        return Ok(Action::requeue(Duration::ZERO));
+    }
+    result
+}
+
+async fn reconcile_fenced<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let now = ctx.clock.now();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    let (old, finalizer) = ctx.written.view(&*obj);
+    let mut seen = ctx.written.view(&*obj);
     let deleting = obj.meta().deletion_timestamp.is_some();
 
-    if old.phase.is_some_and(Phase::is_finished) {
-        if finalizer {
+    if seen.status.phase.is_some_and(Phase::is_finished) {
+        if seen.finalizer && deleting {
             remove_finalizer(&api, &*obj).await?;
-            ctx.written.record(&*obj, &old, false);
         }
-        return expire(&api, &*obj, &old, &ctx, now).await;
+        return expire(&api, &*obj, &seen.status, &ctx, now).await;
     }
+    if let Some(rejection) = check_spec(&*obj, &ctx) {
+        let (reason, message) = rejection;
+        return reject(&api, &obj, &ctx, reason, &message, now).await;
+    }
+    if deleting && obj.annotations().get(SKIP_COMPENSATION).is_some_and(|v| v == "true") {
+        warn!(kind = K::KIND, object = %object_key(&*obj), "deleted with {SKIP_COMPENSATION}: not rolling back");
+        if seen.finalizer {
+            remove_finalizer(&api, &*obj).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if !seen.finalizer && !deleting {
+        // Before any branch call: a delete from now on waits for the rollback.
+        seen.version = add_finalizer(&api, &*obj, seen.version.as_deref()).await?;
+        seen.finalizer = true;
+        ctx.written.record(&*obj, &seen);
+    }
+    run_and_record(&api, &obj, &ctx, seen, deleting, now).await
+}
+
+/// Why a spec is refused before any call: invalid, or an endpoint outside the allow-list.
+fn check_spec<K: Transactional>(obj: &K, ctx: &Context) -> Option<(&'static str, String)> {
     if let Err(problem) = obj.validate() {
-        return reject(
-            &api,
-            &obj,
-            &ctx,
-            "InvalidSpec",
-            &format!("invalid spec: {problem}"),
-            now,
-        )
-        .await;
+        return Some(("InvalidSpec", format!("invalid spec: {problem}")));
     }
-    for endpoint in obj.endpoints() {
-        let url = resolve(endpoint, &*obj, &ctx.config.service_domain);
-        if let Err(problem) = ctx.config.allow_list.check(&url) {
-            return reject(
-                &api,
-                &obj,
-                &ctx,
-                "EndpointRefused",
-                &format!("endpoint refused: {problem}"),
-                now,
-            )
-            .await;
-        }
-    }
-    let headers = headers(&*obj, &ctx.client).await?;
+    obj.endpoints().into_iter().find_map(|endpoint| {
+        let url = resolve(endpoint, obj, &ctx.config.service_domain);
+        let problem = ctx.config.allow_list.check(&url).err()?;
+        Some(("EndpointRefused", format!("endpoint refused: {problem}")))
+    })
+}
+
+/// One processing pass and its single status write.
+async fn run_and_record<K: Transactional>(
+    api: &Api<K>,
+    obj: &Arc<K>,
+    ctx: &Context,
+    seen: Seen,
+    deleting: bool,
+    now: Millis,
+) -> Result<Action, ReconcileError> {
+    let old = seen.status.clone();
+    let headers = headers(&**obj, &ctx.client).await?;
     let layout = obj.layout(
-        &super::transaction::gid_of(&*obj),
-        &|e| resolve(e, &*obj, &ctx.config.service_domain),
+        &super::transaction::gid_of(&**obj),
+        &|e| resolve(e, &**obj, &ctx.config.service_domain),
         now,
     );
     let shown = row_names(&layout);
-    let (mut global, mut branches) = engine_state(&*obj, layout, headers, now);
+    let (mut global, mut branches) = engine_state(&**obj, layout, headers, now);
     let saved_status = match &ctx.config.store {
         Some(store) => super::sql::load(store.as_ref(), &global.gid, &mut branches).await?,
         None => None,
@@ -215,14 +335,18 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
     if just_submitted {
         global.status = TransStatus::Submitted;
     }
-    let mut decided: Option<(TransStatus, Option<String>)> = None;
-    if deleting && obj.annotations().get(SKIP_COMPENSATION).is_some_and(|v| v == "true") {
-        warn!(kind = K::KIND, object = %object_key(&*obj), "deleted with {SKIP_COMPENSATION}: not rolling back");
-        if finalizer {
-            remove_finalizer(&api, &*obj).await?;
-        }
-        return Ok(Action::await_change());
+    // A value too long for the status could never be recorded as served: ignored.
+    let retry_request = obj
+        .annotations()
+        .get(RETRY_NOW)
+        .filter(|v| v.len() <= MAX_RETRY_REQUEST_LEN && old.retry_request.as_ref() != Some(*v))
+        .cloned();
+    if retry_request.is_some() {
+        // Due at once, backoff from the start.
+        global.next_cron_time = now;
+        global.next_cron_interval = 0;
     }
+    let mut decided: Option<(TransStatus, Option<String>)> = None;
     if deleting && obj.abort_on_delete(global.status) {
         decided = Some(match global.trans_type {
             TransType::Msg => (TransStatus::Failed, Some("deleted before it was submitted".to_owned())),
@@ -240,7 +364,7 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
     let (mut global, branches) = match decided {
         Some(_) => (global, branches),
         None => {
-            let (global, branches, pass_tally, decision) = run_engine(&*obj, &ctx, global, branches).await;
+            let (global, branches, pass_tally, decision) = run_engine(&**obj, ctx, global, branches).await;
             tally = pass_tally;
             decided = decision;
             (global, branches)
@@ -255,26 +379,28 @@ pub async fn reconcile<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> Resu
         // The detail is durable before the summary that points at it.
         super::sql::save(store.as_ref(), saved_status, &global, &branches, &loaded, now).await?;
     }
-    let detailed = next_status(&old, &shown, &global, &branches, &tally, obj.meta().generation, now);
+    let mut detailed = next_status(&old, &shown, &global, &branches, &tally, obj.meta().generation, now);
+    detailed.retry_request = retry_request.or_else(|| old.retry_request.clone());
     let mut status = detailed.clone();
     if ctx.config.store.is_some() {
         status.branches.clear();
     }
+    let version = write_status(api, &**obj, &seen, &status, ctx).await?;
     let finished = global.status.is_finished();
-    let mut finalizer = finalizer;
-    if !finished && !finalizer && !deleting {
-        add_finalizer(&api, &*obj).await?;
-        finalizer = true;
-    }
-    write_status(&api, &*obj, &old, &status, &ctx).await?;
-    ctx.written.record(&*obj, &status, finalizer);
-    publish_transition(&*obj, &old, &detailed, &loaded, &global, &ctx).await;
+    ctx.written.record(
+        &**obj,
+        &Seen {
+            status: status.clone(),
+            finalizer: seen.finalizer,
+            version,
+        },
+    );
+    publish_transition(&**obj, &old, &detailed, &loaded, &global, ctx).await;
     if finished {
-        if finalizer {
-            remove_finalizer(&api, &*obj).await?;
-            ctx.written.record(&*obj, &status, false);
+        if deleting && seen.finalizer {
+            remove_finalizer(api, &**obj).await?;
         }
-        return expire(&api, &*obj, &status, &ctx, now).await;
+        return expire(api, &**obj, &status, ctx, now).await;
     }
     Ok(Action::requeue(until(global.next_cron_time, now)))
 }
@@ -308,7 +434,11 @@ async fn run_engine<K: Transactional>(
         now: &now,
         metrics: &ctx.metrics,
     };
-    let mut sink = StatusSink::default();
+    let mut sink = StatusSink {
+        fence: Arc::clone(&ctx.fence),
+        tally: CallTally::default(),
+        decision: None,
+    };
     let result = match driver::run_pass(global, branches, &context, &mut sink).await {
         Ok(result) => result,
         Err(never) => match never {},
@@ -343,8 +473,8 @@ fn apply_decision(global: &mut GlobalTrans, to: TransStatus, reason: Option<Stri
 
 /// Collects the pass in memory. A decision (any transition short of the end) stops the pass so
 /// that it is written before it is acted on.
-#[derive(Default)]
 struct StatusSink {
+    fence: Arc<Fence>,
     tally: CallTally,
     decision: Option<(TransStatus, Option<String>)>,
 }
@@ -368,7 +498,8 @@ impl PassSink for StatusSink {
     }
 
     async fn before_calls(&mut self, _: &GlobalTrans, _: Millis, _: Millis) -> Result<bool, Self::Error> {
-        Ok(true)
+        // No call once this replica may have lost the Lease (a paused process wakes up here).
+        Ok(self.fence.holds())
     }
 
     async fn branches_updated(&mut self, _: &GlobalTrans, _: &[BranchUpdate], _: Millis) -> Result<bool, Self::Error> {
@@ -479,7 +610,8 @@ async fn reject<K: Transactional>(
     message: &str,
     now: Millis,
 ) -> Result<Action, ReconcileError> {
-    let (old, finalizer) = ctx.written.view(&**obj);
+    let seen = ctx.written.view(&**obj);
+    let old = &seen.status;
     let mut status = TransactionStatus {
         phase: Some(Phase::Failed),
         message: Some(message.to_owned()),
@@ -490,6 +622,7 @@ async fn reject<K: Transactional>(
         progress: old.progress.clone(),
         retries: old.retries,
         branches: old.branches.clone(),
+        retry_request: old.retry_request.clone(),
         ..TransactionStatus::default()
     };
     status.conditions = vec![super::crd::Condition {
@@ -500,62 +633,115 @@ async fn reject<K: Transactional>(
         last_transition_time: time_text(now),
         observed_generation: obj.meta().generation,
     }];
-    if finalizer {
+    if seen.finalizer {
         remove_finalizer(api, &**obj).await?;
     }
-    let changed = write_status(api, &**obj, &old, &status, ctx).await?;
-    ctx.written.record(&**obj, &status, false);
+    let changed = old.phase.is_none() || *old != status;
+    let version = write_status(api, &**obj, &seen, &status, ctx).await?;
+    ctx.written.record(
+        &**obj,
+        &Seen {
+            status,
+            finalizer: false,
+            version,
+        },
+    );
     if changed {
         publish(&**obj, ctx, EventType::Warning, reason, message).await;
     }
     Ok(Action::await_change())
 }
 
-/// Writes the status with server-side apply unless it is unchanged. Returns whether it wrote.
+/// Writes the status with server-side apply unless it is unchanged, conditional on the
+/// resourceVersion it was computed from (a conflict means someone else decided since: the caller
+/// re-reads and re-plans). Returns the resourceVersion the object has now.
 async fn write_status<K: Transactional>(
     api: &Api<K>,
     obj: &K,
-    old: &TransactionStatus,
+    seen: &Seen,
     status: &TransactionStatus,
     ctx: &Context,
-) -> Result<bool, ReconcileError> {
+) -> Result<Option<String>, ReconcileError> {
     let labels = KindLabels {
         kind: K::KIND.to_owned(),
     };
-    if old.phase.is_some() && old == status {
+    if seen.status.phase.is_some() && seen.status == *status {
         ctx.metrics.status_skips.get_or_create(&labels).inc();
-        return Ok(false);
+        return Ok(seen.version.clone());
     }
-    let patch = json!({
+    if !ctx.fence.holds() {
+        return Err(ReconcileError::Fenced);
+    }
+    let written = match apply_status(api, obj, seen.version.as_deref(), status).await {
+        Err(ReconcileError::Kube(error)) if matches!(&*error, kube::Error::Api(s) if s.code == 409) => {
+            // Something changed since our view. If it is not the status (an annotation, a label,
+            // the deletion mark), no newer decision exists: write ours on the current version.
+            // Otherwise the caller re-reads and re-plans.
+            let current = timed(api.get_status(&obj.name_any())).await?;
+            if current.tx_status().cloned().unwrap_or_default() != seen.status {
+                return Err(ReconcileError::Kube(error));
+            }
+            apply_status(api, obj, current.meta().resource_version.as_deref(), status).await?
+        }
+        other => other?,
+    };
+    ctx.metrics.status_writes.get_or_create(&labels).inc();
+    Ok(written.meta().resource_version.clone())
+}
+
+/// One server-side apply of the status, conditional on `version` when given.
+async fn apply_status<K: Transactional>(
+    api: &Api<K>,
+    obj: &K,
+    version: Option<&str>,
+    status: &TransactionStatus,
+) -> Result<K, ReconcileError> {
+    let mut patch = json!({
         "apiVersion": format!("{GROUP}/{VERSION}"),
         "kind": K::KIND,
         "status": status,
     });
+    if let Some(version) = version {
+        patch["metadata"] = json!({ "resourceVersion": version });
+    }
     timed(api.patch_status(
         &obj.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     ))
-    .await?;
-    ctx.metrics.status_writes.get_or_create(&labels).inc();
-    Ok(true)
+    .await
 }
 
 fn has_finalizer<K: Resource>(obj: &K) -> bool {
     obj.finalizers().iter().any(|f| f == FINALIZER)
 }
 
-async fn add_finalizer<K: Transactional>(api: &Api<K>, obj: &K) -> Result<(), ReconcileError> {
+/// Adds our finalizer, conditional on `version` (the view the pass starts from). Returns the
+/// resourceVersion after the write.
+async fn add_finalizer<K: Transactional>(
+    api: &Api<K>,
+    obj: &K,
+    version: Option<&str>,
+) -> Result<Option<String>, ReconcileError> {
     // JSON patch with a `test`: fails (and is retried) rather than overwrite a list that changed.
-    let patch = if obj.finalizers().is_empty() {
-        json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": null},
-            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
-        ])
+    let mut patch = if obj.finalizers().is_empty() {
+        vec![
+            json!({"op": "test", "path": "/metadata/finalizers", "value": null}),
+            json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}),
+        ]
     } else {
-        json!([{"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}])
+        vec![json!({"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER})]
     };
-    patch_json(api, &obj.name_any(), patch).await
+    if let Some(version) = version {
+        patch.insert(
+            0,
+            json!({"op": "test", "path": "/metadata/resourceVersion", "value": version}),
+        );
+    }
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(patch))
+        .map_err(|e| ReconcileError::Internal(format!("bad patch: {e}")))?;
+    let written = timed(api.patch(&obj.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))).await?;
+    Ok(written.meta().resource_version.clone())
 }
 
 async fn remove_finalizer<K: Transactional>(api: &Api<K>, obj: &K) -> Result<(), ReconcileError> {
@@ -603,7 +789,7 @@ async fn expire<K: Transactional>(
         .as_deref()
         .and_then(super::transaction::parse_time)
         .unwrap_or(now);
-    let due = finished + ttl * 1000;
+    let due = crate::model::after_seconds(finished, ttl);
     if now < due {
         return Ok(Action::requeue(until(due, now)));
     }

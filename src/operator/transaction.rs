@@ -12,13 +12,21 @@ use serde::de::DeserializeOwned;
 use super::crd::{
     BranchState, Condition, Endpoint, Header, Msg, Phase, Saga, Tcc, TransactionOptions, TransactionStatus,
 };
+use sha2::{Digest, Sha256};
+
 use crate::engine::{self, MsgTarget, SagaOrders, SagaStep};
+use crate::limits::{
+    self, MAX_CALL_TIMEOUT_SECONDS, MAX_DEPENDS_ON, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_HEADERS,
+    MAX_NAME_LEN, MAX_RETRY_INTERVAL_SECONDS, MAX_RETRY_LIMIT, MAX_STEPS, MAX_TIMEOUT_SECONDS, MAX_URL_LEN,
+};
 use crate::model::{
     Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType, branch_id_for, op,
 };
 
 /// Longest error text kept in a branch's status.
 const MAX_ERROR_CHARS: usize = 200;
+/// Longest message in the status, in characters (its schema allows 4,096 bytes).
+pub const MAX_MESSAGE_CHARS: usize = 1000;
 
 /// The engine's layout of a resource: its mode, rows and the names to show for them.
 #[derive(Debug, Clone)]
@@ -116,6 +124,15 @@ impl Transactional for Saga {
     }
 
     fn validate(&self) -> Result<(), String> {
+        let names: Vec<&str> = self.spec.steps.iter().map(|s| s.name.as_str()).collect();
+        check_common(self, "steps", &names)?;
+        for step in &self.spec.steps {
+            limits::check_count(
+                &format!("steps[{}].dependsOn", step.name),
+                step.depends_on.len(),
+                MAX_DEPENDS_ON,
+            )?;
+        }
         let orders = saga_orders(self)?;
         orders.validate(self.spec.steps.len())
     }
@@ -186,10 +203,12 @@ fn saga_orders(saga: &Saga) -> Result<SagaOrders, String> {
             .depends_on
             .iter()
             .map(|name| {
-                index
-                    .get(name.as_str())
-                    .copied()
-                    .ok_or_else(|| format!("step {} depends on unknown step {name}", step.name))
+                index.get(name.as_str()).copied().ok_or_else(|| {
+                    format!(
+                        "dependsOn must name steps of this saga: step {} depends on unknown step {name}",
+                        step.name
+                    )
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         orders.insert(i.to_string(), before);
@@ -216,7 +235,8 @@ impl Transactional for Tcc {
     }
 
     fn validate(&self) -> Result<(), String> {
-        Ok(())
+        let names: Vec<&str> = self.spec.branches.iter().map(|b| b.name.as_str()).collect();
+        check_common(self, "branches", &names)
     }
 
     fn layout(&self, gid: &str, resolve: &dyn Fn(&Endpoint) -> String, now: Millis) -> Layout {
@@ -261,7 +281,14 @@ impl Transactional for Msg {
     }
 
     fn validate(&self) -> Result<(), String> {
-        Ok(())
+        let names: Vec<&str> = self.spec.steps.iter().map(|s| s.name.as_str()).collect();
+        check_common(self, "steps", &names)?;
+        limits::check_range(
+            "delaySeconds",
+            self.spec.delay_seconds.unwrap_or(0),
+            0,
+            MAX_TIMEOUT_SECONDS,
+        )
     }
 
     fn layout(&self, gid: &str, resolve: &dyn Fn(&Endpoint) -> String, now: Millis) -> Layout {
@@ -307,15 +334,111 @@ impl Transactional for Msg {
     }
 }
 
-/// The gid of a resource: readable and unique per object (its uid).
+/// The gid of a resource: readable and unique per object (its uid), at most
+/// [`MAX_GID_LEN`](limits::MAX_GID_LEN) bytes so that DTM's barrier tables at the branches accept
+/// it. A longer `namespace-name-uid` keeps its head and replaces the tail with a hash of the whole.
 pub fn gid_of<K: Resource>(obj: &K) -> String {
     let uid = obj.meta().uid.clone().unwrap_or_default();
-    format!(
+    let full = format!(
         "{}-{}-{}",
         obj.meta().namespace.clone().unwrap_or_default(),
         obj.meta().name.clone().unwrap_or_default(),
         uid.get(..8).unwrap_or(&uid)
-    )
+    );
+    if full.len() <= limits::MAX_GID_LEN {
+        return full;
+    }
+    let digest = Sha256::digest(full.as_bytes());
+    let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    // Namespaces and names are ASCII (DNS names), so any byte index is a char boundary; the
+    // check keeps that true for any input.
+    let mut head = limits::MAX_GID_LEN - hash.len() - 1;
+    while !full.is_char_boundary(head) {
+        head -= 1;
+    }
+    format!("{}-{hash}", &full[..head])
+}
+
+/// The checks every kind shares: names, counts and lengths within [`limits`], as the CRD schema
+/// states them (a server that skipped the schema cannot make the controller exceed them).
+fn check_common<K: Transactional>(obj: &K, list: &str, names: &[&str]) -> Result<(), String> {
+    limits::check_count(list, names.len(), MAX_STEPS)?;
+    let mut seen = std::collections::HashSet::new();
+    for name in names {
+        if !limits::is_dns_label(name) {
+            return Err(format!(
+                "{list}: name {name:?} must be a DNS label of at most {MAX_NAME_LEN} characters"
+            ));
+        }
+        if !seen.insert(*name) {
+            return Err(format!("{list}: names must be unique: {name} appears twice"));
+        }
+    }
+    for endpoint in obj.endpoints() {
+        check_endpoint(endpoint)?;
+    }
+    let headers = obj.headers();
+    limits::check_count("headers", headers.len(), MAX_HEADERS)?;
+    for header in headers {
+        if !limits::is_token(&header.name) {
+            return Err(format!("headers: {:?} is not a valid header name", header.name));
+        }
+        limits::check_len("headers: name", &header.name, MAX_HEADER_NAME_LEN)?;
+        limits::check_len(
+            &format!("headers: the value of {}", header.name),
+            header.value.as_deref().unwrap_or_default(),
+            MAX_HEADER_VALUE_LEN,
+        )?;
+    }
+    let options = obj.options();
+    for (what, value, min, max) in [
+        ("timeoutSeconds", options.timeout_seconds, 1, MAX_TIMEOUT_SECONDS),
+        (
+            "callTimeoutSeconds",
+            options.call_timeout_seconds,
+            1,
+            MAX_CALL_TIMEOUT_SECONDS,
+        ),
+        (
+            "retryIntervalSeconds",
+            options.retry_interval_seconds,
+            1,
+            MAX_RETRY_INTERVAL_SECONDS,
+        ),
+        (
+            "maxRetryIntervalSeconds",
+            options.max_retry_interval_seconds,
+            1,
+            MAX_RETRY_INTERVAL_SECONDS,
+        ),
+        ("retryLimit", options.retry_limit, 0, MAX_RETRY_LIMIT),
+        ("ttlSecondsAfterFinished", obj.ttl(), 0, MAX_TIMEOUT_SECONDS),
+    ] {
+        if let Some(value) = value {
+            limits::check_range(what, value, min, max)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_endpoint(endpoint: &Endpoint) -> Result<(), String> {
+    if let Some(url) = &endpoint.url {
+        limits::check_len("url", url, MAX_URL_LEN)?;
+    }
+    if let Some(service) = &endpoint.service {
+        for (what, value) in [
+            ("service.name", Some(&service.name)),
+            ("service.namespace", service.namespace.as_ref()),
+        ] {
+            if let Some(value) = value.filter(|v| !limits::is_dns_label(v)) {
+                return Err(format!(
+                    "{what} {value:?} must be a DNS label of at most {MAX_NAME_LEN} characters"
+                ));
+            }
+        }
+        limits::check_len("service.path", service.path.as_deref().unwrap_or_default(), MAX_URL_LEN)?;
+    }
+    Ok(())
 }
 
 /// Engine status of a phase.
@@ -472,7 +595,9 @@ pub fn next_status(
     let finished = global.status.is_finished();
     let message = match phase {
         Phase::Succeeded => None,
-        Phase::Failed | Phase::Compensating => Some(global.rollback_reason.clone()).filter(|m| !m.is_empty()),
+        Phase::Failed | Phase::Compensating => {
+            Some(shorten_to(&global.rollback_reason, MAX_MESSAGE_CHARS)).filter(|m| !m.is_empty())
+        }
         _ => last_error_message(&rows),
     };
     TransactionStatus {
@@ -492,6 +617,7 @@ pub fn next_status(
             None
         },
         message,
+        retry_request: None,
     }
 }
 
@@ -504,11 +630,17 @@ fn last_error_message(rows: &[BranchState]) -> Option<String> {
 }
 
 fn shorten(text: &str) -> String {
+    shorten_to(text, MAX_ERROR_CHARS)
+}
+
+/// At most `max` characters of `text`, trimmed, with an ellipsis when cut. A status message must
+/// fit its schema's `maxLength` (4 KiB), and a character is at most 4 bytes.
+pub fn shorten_to(text: &str, max: usize) -> String {
     let text = text.trim();
-    if text.chars().count() <= MAX_ERROR_CHARS {
+    if text.chars().count() <= max {
         return text.to_owned();
     }
-    let cut: String = text.chars().take(MAX_ERROR_CHARS).collect();
+    let cut: String = text.chars().take(max).collect();
     format!("{cut}…")
 }
 

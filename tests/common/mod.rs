@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -182,6 +182,10 @@ pub struct Received {
     pub headers: HeaderMap,
     /// Every query parameter of the call.
     pub query: HashMap<String, String>,
+    /// Where the call came from.
+    pub peer: SocketAddr,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -207,12 +211,19 @@ impl Bank {
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind bank");
         let addr = listener.local_addr().expect("bank addr");
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        tokio::spawn(
+            async move { axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await },
+        );
         Bank { addr, state }
     }
 
     pub fn url(&self, route: &str) -> String {
         format!("http://{}/api/{}", self.addr, route)
+    }
+
+    /// Drops the replies still queued for a route: it answers SUCCESS from now on.
+    pub fn unscript(&self, route: &str) {
+        self.state.lock().expect("bank lock").script.remove(route);
     }
 
     /// Queues replies for a route; once used up the route answers SUCCESS again.
@@ -279,6 +290,7 @@ impl Bank {
 
 async fn handle(
     State(state): State<Arc<Mutex<BankState>>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(route): Path<String>,
     method: Method,
     Query(query): Query<HashMap<String, String>>,
@@ -296,6 +308,8 @@ async fn handle(
         body: String::from_utf8_lossy(&body).into_owned(),
         headers,
         query: query.clone(),
+        peer,
+        at: std::time::Instant::now(),
     };
     let reply = {
         let mut bank = state.lock().expect("bank lock");
@@ -349,5 +363,60 @@ pub fn print_log_tail(log: &std::path::Path, lines: usize) {
     eprintln!("--- last lines of {} ---", log.display());
     for line in tail.into_iter().rev() {
         eprintln!("{line}");
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 that can be frozen: while frozen it accepts connections but forwards
+/// nothing in either direction, as a network partition does; thawed, it forwards what it held.
+pub struct FreezableProxy {
+    pub addr: SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+}
+
+impl FreezableProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (frozen, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    tokio::join!(pump(in_read, out_write, watch.clone()), pump(out_read, in_write, watch));
+                });
+            }
+        });
+        FreezableProxy { addr, frozen }
+    }
+
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
     }
 }
