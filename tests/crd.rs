@@ -5,7 +5,7 @@ use std::path::Path;
 
 use kube::CustomResourceExt;
 use kube::core::cel::validate_cel_update;
-use kubetx::operator::crd::{Msg, Saga, Tcc, crd_files};
+use kubetx::operator::crd::{Msg, Saga, Tcc, all_crds, crd_files};
 use serde_json::{Value, json};
 
 #[test]
@@ -58,7 +58,19 @@ fn crds_have_group_version_names_columns_and_status() {
                 ("Retries", ".status.retries"),
                 ("Age", ".metadata.creationTimestamp"),
                 ("Message", ".status.message"),
+                ("GID", ".status.gid"),
             ]
+        );
+        let priorities: Vec<i32> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.priority.unwrap_or(0))
+            .collect();
+        assert_eq!(
+            priorities,
+            [0, 0, 0, 0, 0, 1],
+            "only GID is hidden from the default view"
         );
         let schema = serde_json::to_value(&version.schema).expect("schema");
         let conditions = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
@@ -89,11 +101,10 @@ fn cel_rules_reject_invalid_sagas_with_precise_messages() {
     let valid = saga(json!({"steps": [step("out", &[]), step("in", &["out"])]}));
     assert!(validate_cel_update(&valid, &valid).is_ok());
 
-    let duplicate = saga(json!({"steps": [step("out", &[]), step("out", &[])]}));
-    assert!(rejection(validate_cel_update(&duplicate, &duplicate)).contains("step names must be unique"));
-
+    // Unique names and dangling `dependsOn` are no CEL rules (they would be quadratic): the
+    // list types below and the controller refuse them.
     let dangling = saga(json!({"steps": [step("out", &["nowhere"])]}));
-    assert!(rejection(validate_cel_update(&dangling, &dangling)).contains("dependsOn must name steps"));
+    assert!(validate_cel_update(&dangling, &dangling).is_ok());
 
     let ftp = saga(json!({"steps": [{"name": "a", "action": {"url": "ftp://bank/a"}}]}));
     assert!(rejection(validate_cel_update(&ftp, &ftp)).contains("url must start with http:// or https://"));
@@ -121,17 +132,45 @@ fn msg_may_only_go_from_prepared_to_submitted() {
     assert!(rejection(validate_cel_update(&msg(false), &msg(true))).contains("cannot be un-submitted"));
 }
 
+/// The schema node at `path` (property names; `[]` steps into `items`) of a CRD's
+/// `openAPIV3Schema`.
+fn schema_at(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    path: &[&str],
+) -> Value {
+    let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("schema");
+    let mut node = &schema["openAPIV3Schema"];
+    for key in path {
+        node = if *key == "[]" {
+            &node["items"]
+        } else {
+            &node["properties"][key]
+        };
+    }
+    assert!(node.is_object(), "{}: no schema at {path:?}", crd.spec.names.kind);
+    node.clone()
+}
+
 #[test]
-fn tcc_branch_names_are_unique() {
-    let branch = json!({"name": "a", "try": {"url": "http://bank/try"}, "confirm": {"url": "http://bank/c"},
-                        "cancel": {"url": "http://bank/x"}});
-    let tcc: Tcc = serde_json::from_value(json!({
-        "apiVersion": "kubetx.io/v1alpha1", "kind": "Tcc",
-        "metadata": {"name": "t", "namespace": "default"},
-        "spec": {"branches": [branch.clone(), branch]},
-    }))
-    .expect("tcc parses");
-    assert!(rejection(validate_cel_update(&tcc, &tcc)).contains("branch names must be unique"));
+fn names_are_unique_by_list_type_and_depends_on_is_a_set() {
+    for (crd, lists) in [
+        (Saga::crd(), ["steps", "headers"]),
+        (Tcc::crd(), ["branches", "headers"]),
+        (Msg::crd(), ["steps", "headers"]),
+    ] {
+        for list in lists {
+            let node = schema_at(&crd, &["spec", list]);
+            let kind = &crd.spec.names.kind;
+            assert_eq!(node["x-kubernetes-list-type"], "map", "{kind} {list}");
+            assert_eq!(node["x-kubernetes-list-map-keys"], json!(["name"]), "{kind} {list}");
+            // A map key must be required (or defaulted) for the API server to accept the CRD.
+            let required = node["items"]["required"].as_array().cloned().unwrap_or_default();
+            assert!(required.contains(&json!("name")), "{kind} {list}: name is not required");
+        }
+    }
+    let depends_on = schema_at(&Saga::crd(), &["spec", "steps", "[]", "dependsOn"]);
+    assert_eq!(depends_on["x-kubernetes-list-type"], "set");
+    assert_eq!(depends_on["items"]["type"], "string");
 }
 
 #[test]
@@ -164,4 +203,244 @@ fn example_manifests_are_valid_resources() {
         checked += 1;
     }
     assert_eq!(checked, 5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounds and CEL cost: a real API server refuses a CRD whose rules may cost more than its budget
+// ---------------------------------------------------------------------------------------------
+
+/// The `openAPIV3Schema` of every CRD, by kind.
+fn schemas() -> Vec<(String, Value)> {
+    all_crds()
+        .iter()
+        .map(|crd| {
+            let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("schema");
+            (crd.spec.names.kind.clone(), schema["openAPIV3Schema"].clone())
+        })
+        .collect()
+}
+
+/// The children of a schema node, with the path suffix of each; `metadata`, `apiVersion` and
+/// `kind` at the root are the API server's, not the schema's.
+fn children(schema: &Value, root: bool) -> Vec<(String, &Value)> {
+    let mut out: Vec<(String, &Value)> = schema["properties"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(key, _)| !(root && matches!(key.as_str(), "metadata" | "apiVersion" | "kind")))
+        .map(|(key, sub)| (format!(".{key}"), sub))
+        .collect();
+    out.extend(schema.get("items").map(|items| ("[*]".to_owned(), items)));
+    out.extend(
+        schema
+            .get("additionalProperties")
+            .filter(|a| a.is_object())
+            .map(|a| ("{*}".to_owned(), a)),
+    );
+    out
+}
+
+/// A typeless `x-kubernetes-preserve-unknown-fields` node (a payload): the API server does not
+/// declare it to CEL at all, so no rule can read it.
+fn invisible_to_cel(schema: &Value) -> bool {
+    schema["x-kubernetes-preserve-unknown-fields"] == true && schema.get("type").is_none()
+}
+
+fn unbounded(schema: &Value, path: &str, root: bool, found: &mut Vec<String>) {
+    if invisible_to_cel(schema) {
+        return;
+    }
+    let missing = match schema["type"].as_str() {
+        Some("array") if schema.get("maxItems").is_none() => Some("maxItems"),
+        Some("string") if schema.get("maxLength").is_none() && schema.get("enum").is_none() => Some("maxLength"),
+        _ if schema["additionalProperties"].is_object() && schema.get("maxProperties").is_none() => {
+            Some("maxProperties")
+        }
+        _ => None,
+    };
+    found.extend(missing.map(|m| format!("{path}: no {m}")));
+    for (suffix, child) in children(schema, root) {
+        unbounded(child, &format!("{path}{suffix}"), false, found);
+    }
+}
+
+#[test]
+fn every_list_string_and_map_in_the_schemas_is_bounded() {
+    // The walk finds what it must, and lets payloads and the API server's fields be.
+    let mut found = Vec::new();
+    let synthetic = json!({"type": "object", "properties": {
+        "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
+        "spec": {"type": "object", "properties": {
+            "names": {"type": "array", "items": {"type": "string", "maxLength": 63}},
+            "phase": {"type": "string", "enum": ["A", "B"]},
+            "at": {"type": "string", "format": "date-time"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 63}},
+            "payload": {"x-kubernetes-preserve-unknown-fields": true},
+        }},
+    }});
+    unbounded(&synthetic, "X", true, &mut found);
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            "X.spec.at: no maxLength",
+            "X.spec.labels: no maxProperties",
+            "X.spec.names: no maxItems"
+        ]
+    );
+
+    found.clear();
+    for (kind, schema) in schemas() {
+        unbounded(&schema, &kind, true, &mut found);
+    }
+    assert!(found.is_empty(), "unbounded in the CRD schemas:\n{}", found.join("\n"));
+}
+
+/// Cost limit of one CEL expression in a real API server (k8s.io/apiserver/pkg/apis/cel
+/// `PerCallLimit`).
+const PER_CALL_LIMIT: f64 = 1_000_000.0;
+/// Cost per byte of a string compared or traversed (cel-go's `StringTraversalCostFactor`).
+const COST_PER_BYTE: f64 = 0.1;
+/// Keys of a map without `propertyNames.maxLength`: a Kubernetes name at most.
+const MAP_KEY_BOUND: f64 = 253.0;
+
+/// Largest size in bytes of a value of this schema as CEL sees it (infinite when unbounded).
+fn max_size(schema: &Value) -> f64 {
+    if invisible_to_cel(schema) {
+        return 0.0;
+    }
+    let number = |field: &str| schema[field].as_f64().unwrap_or(f64::INFINITY);
+    match schema["type"].as_str() {
+        Some("string") => match schema["enum"].as_array() {
+            Some(values) if schema.get("maxLength").is_none() => {
+                values.iter().map(|v| v.to_string().len() as f64).fold(0.0, f64::max)
+            }
+            _ => number("maxLength"),
+        },
+        Some("integer" | "number" | "boolean") => 20.0,
+        Some("array") => number("maxItems") * (max_size(&schema["items"]) + 1.0),
+        _ => {
+            let fields: f64 = schema["properties"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(key, sub)| key.len() as f64 + 3.0 + max_size(sub))
+                .sum();
+            let map = match schema.get("additionalProperties").filter(|a| a.is_object()) {
+                Some(values) => {
+                    let key = schema["propertyNames"]["maxLength"].as_f64().unwrap_or(MAP_KEY_BOUND);
+                    number("maxProperties") * (key + 3.0 + max_size(values))
+                }
+                None => 0.0,
+            };
+            fields + map
+        }
+    }
+}
+
+/// Most elements of any list (or entries of any map) CEL can see in this subtree; 1 if none.
+fn max_collection(schema: &Value) -> f64 {
+    if invisible_to_cel(schema) {
+        return 1.0;
+    }
+    let own = match schema["type"].as_str() {
+        Some("array") => schema["maxItems"].as_f64().unwrap_or(f64::INFINITY),
+        _ if schema["additionalProperties"].is_object() => schema["maxProperties"].as_f64().unwrap_or(f64::INFINITY),
+        _ => 1.0,
+    };
+    children(schema, false)
+        .into_iter()
+        .map(|(_, child)| max_collection(child))
+        .fold(own, f64::max)
+}
+
+/// What a rule at `node` can read: the fields it names as `self.<field>` / `oldSelf.<field>`
+/// when it only ever reaches through a field of an object, else the whole node.
+fn visible<'a>(node: &'a Value, rule: &str) -> Vec<&'a Value> {
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut fields = std::collections::BTreeMap::new();
+    let mut rest = rule;
+    while let Some(at) = rest.find(ident) {
+        let end = rest[at..].find(|c| !ident(c)).map_or(rest.len(), |e| at + e);
+        let word = &rest[at..end];
+        rest = &rest[end..];
+        if word != "self" && word != "oldSelf" {
+            continue;
+        }
+        let field: String = rest
+            .strip_prefix('.')
+            .unwrap_or("")
+            .chars()
+            .take_while(|c| ident(*c))
+            .collect();
+        match node["properties"].get(&field) {
+            Some(sub) => fields.insert(field, sub),
+            None => return vec![node],
+        };
+    }
+    fields.into_values().collect()
+}
+
+/// A conservative bound of the cost of `rule` at schema `node`: every byte it can see, compared
+/// once per iteration of every comprehension it runs, each over the longest list in reach.
+fn cost_bound(node: &Value, rule: &str) -> f64 {
+    let seen = visible(node, rule);
+    let size: f64 = seen.iter().map(|n| max_size(n)).sum();
+    let longest = seen.iter().map(|n| max_collection(n)).fold(1.0, f64::max);
+    let macros = [".all(", ".exists(", ".exists_one(", ".map(", ".filter("]
+        .iter()
+        .map(|m| rule.matches(m).count())
+        .sum::<usize>();
+    COST_PER_BYTE * size * longest.powi(macros as i32) + 100.0
+}
+
+/// Every `(path, rule, bound)` in a schema.
+fn rule_costs(schema: &Value, path: &str, root: bool, out: &mut Vec<(String, String, f64)>) {
+    for rule in schema["x-kubernetes-validations"].as_array().into_iter().flatten() {
+        let text = rule["rule"].as_str().expect("a rule has rule text");
+        out.push((path.to_owned(), text.to_owned(), cost_bound(schema, text)));
+    }
+    for (suffix, child) in children(schema, root) {
+        rule_costs(child, &format!("{path}{suffix}"), false, out);
+    }
+}
+
+#[test]
+fn every_cel_rule_fits_the_cost_budget_with_a_10x_margin() {
+    let limit = PER_CALL_LIMIT / 10.0;
+    // The estimator refuses the quadratic rule that used to check dependsOn, so it cannot pass
+    // for want of looking.
+    let old_rule = "self.steps.all(s, !has(s.dependsOn) || s.dependsOn.all(d, self.steps.exists(t, t.name == d)))";
+    let synthetic = json!({"type": "object", "properties": {"steps": {
+        "type": "array", "maxItems": 64, "items": {"type": "object", "properties": {
+            "name": {"type": "string", "maxLength": 63},
+            "dependsOn": {"type": "array", "maxItems": 16, "items": {"type": "string", "maxLength": 63}},
+        }},
+    }}});
+    let old_cost = cost_bound(&synthetic, old_rule);
+    assert!(old_cost > limit, "the old dependsOn rule is estimated at {old_cost}");
+    // Nor the uniqueness rule.
+    let unique = cost_bound(
+        &synthetic,
+        "self.steps.all(s, self.steps.exists_one(t, t.name == s.name))",
+    );
+    assert!(unique > limit, "the old uniqueness rule is estimated at {unique}");
+
+    let mut costs = Vec::new();
+    for (kind, schema) in schemas() {
+        rule_costs(&schema, &kind, true, &mut costs);
+    }
+    assert!(costs.len() >= 10, "too few rules found: {costs:?}");
+    let over: Vec<String> = costs
+        .iter()
+        .filter(|(_, _, bound)| *bound > limit)
+        .map(|(path, rule, bound)| format!("{path}: {rule:?} may cost {bound:.0}"))
+        .collect();
+    assert!(
+        over.is_empty(),
+        "rules over {limit} (a tenth of the API server's limit):\n{}",
+        over.join("\n")
+    );
+    let (path, rule, bound) = costs.iter().max_by(|a, b| a.2.total_cmp(&b.2)).expect("rules");
+    eprintln!("largest CEL cost bound: {bound:.0} of {limit} ({path}: {rule})");
 }

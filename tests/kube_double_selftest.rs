@@ -880,13 +880,16 @@ mod gadget {
     pub struct GadgetSpec {
         #[schemars(range(min = 1, max = 10))]
         pub size: i64,
+        // Bounded, as every string under a CEL rule must be (the root's, here).
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(length(max = 63))]
         pub label: Option<String>,
     }
 
     #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
     #[serde(rename_all = "camelCase")]
     pub struct GadgetStatus {
+        #[schemars(length(max = 63))]
         pub phase: String,
         pub observed_size: i64,
     }
@@ -1052,4 +1055,148 @@ async fn controller_with_crd_schema_cel_and_finalizer() {
         2
     );
     controller.abort();
+}
+
+// --- what a real apiserver refuses: unbounded CEL rules, duplicate list keys --------------------
+
+/// A CRD of `example.io/v1 Thing` with this schema.
+fn thing_crd(schema: Value) -> Value {
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "things.example.io"},
+        "spec": {"group": "example.io", "scope": "Namespaced",
+                 "names": {"kind": "Thing", "plural": "things", "singular": "thing"},
+                 "versions": [{"name": "v1", "served": true, "storage": true,
+                               "schema": {"openAPIV3Schema": schema}}]},
+    })
+}
+
+/// A spec with a list of named items, unique by name, and a CEL rule walking it.
+fn thing_schema(bounded: bool) -> Value {
+    let mut name = json!({"type": "string", "pattern": "^[a-z]+$"});
+    let mut items = json!({"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
+    "items": {"type": "object", "required": ["name"], "properties": {
+        "name": name.clone(),
+        "tags": {"type": "array", "x-kubernetes-list-type": "set", "maxItems": 4,
+                 "items": {"type": "string", "maxLength": 8}},
+        "payload": {"x-kubernetes-preserve-unknown-fields": true},
+    }}});
+    if bounded {
+        name["maxLength"] = json!(16);
+        items["maxItems"] = json!(4);
+        items["items"]["properties"]["name"] = name;
+    }
+    json!({"type": "object", "properties": {"spec": {
+        "type": "object", "properties": {"items": items},
+        "x-kubernetes-validations": [{"rule": "self.items.all(i, i.name != 'forbidden')", "message": "no"}],
+    }}})
+}
+
+#[tokio::test]
+async fn a_crd_with_a_cel_rule_over_unbounded_fields_is_refused() {
+    let double = KubeDouble::start(&[ResourceKind::crds()]).await;
+    let crds: Api<DynamicObject> = Api::all_with(double.client(), &ResourceKind::crds().api_resource());
+    let crd = |schema| serde_json::from_value::<DynamicObject>(thing_crd(schema)).expect("a CRD");
+    let refused = api_err(
+        crds.create(&PostParams::default(), &crd(thing_schema(false)))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(refused.code, 422);
+    assert_eq!(refused.reason, "Invalid");
+    assert_eq!(
+        refused.message,
+        "CustomResourceDefinition.apiextensions.k8s.io \"things.example.io\" is invalid: \
+         spec.versions[0].schema.openAPIV3Schema.properties[spec].x-kubernetes-validations[0].rule: Forbidden: \
+         estimated rule cost exceeds budget: properties[items], properties[items].items.properties[name] unbounded \
+         (try simplifying the rule, or adding maxItems, maxProperties, and maxLength where arrays, maps, and \
+         strings are declared)"
+    );
+    // Bounded (the payload, invisible to CEL, needs no bound), it is accepted.
+    crds.create(&PostParams::default(), &crd(thing_schema(true)))
+        .await
+        .unwrap();
+
+    // Registered in the test itself, it is a set-up error.
+    let unbounded = std::panic::catch_unwind(|| {
+        ResourceKind::new("example.io", "v1", "Thing", "things").with_schema(thing_schema(false))
+    });
+    let message = unbounded.expect_err("refused").downcast::<String>().expect("a message");
+    assert!(message.contains("estimated rule cost exceeds budget"), "{message}");
+    let unbounded_gadget = std::panic::catch_unwind(|| {
+        let mut crd = <Gadget as kube::CustomResourceExt>::crd();
+        let schema = crd.spec.versions[0]
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .expect("schema");
+        let spec = schema
+            .properties
+            .as_mut()
+            .and_then(|p| p.get_mut("spec"))
+            .expect("spec");
+        spec.properties
+            .as_mut()
+            .expect("spec fields")
+            .get_mut("label")
+            .expect("label")
+            .max_length = None;
+        ResourceKind::from_crd(&crd)
+    });
+    let message = unbounded_gadget
+        .expect_err("refused")
+        .downcast::<String>()
+        .expect("a message");
+    assert!(
+        message.contains(
+            "openAPIV3Schema.x-kubernetes-validations[0].rule: Forbidden: estimated rule cost exceeds budget: \
+             properties[spec].properties[label] unbounded"
+        ),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn list_type_keys_and_string_patterns_are_enforced() {
+    let things = ResourceKind::new("example.io", "v1", "Thing", "things").with_schema(thing_schema(true));
+    let double = KubeDouble::start(std::slice::from_ref(&things)).await;
+    let api: Api<DynamicObject> = Api::namespaced_with(double.client(), NS, &things.api_resource());
+    let thing = |items: Value| {
+        let mut obj = DynamicObject::new("t", &things.api_resource()).within(NS);
+        obj.data = json!({"spec": {"items": items}});
+        obj
+    };
+    let message = |items: Value| {
+        let api = api.clone();
+        async move { api_err(api.create(&PostParams::default(), &thing(items)).await.unwrap_err()).message }
+    };
+    let prefix = "Thing.example.io \"t\" is invalid: ";
+    assert_eq!(
+        message(json!([{"name": "a"}, {"name": "b"}, {"name": "a"}])).await,
+        format!("{prefix}spec.items[2]: Duplicate value: {{\"name\":\"a\"}}")
+    );
+    assert_eq!(
+        message(json!([{"name": "a", "tags": ["x", "y", "x"]}])).await,
+        format!("{prefix}spec.items[0].tags[2]: Duplicate value: \"x\"")
+    );
+    assert_eq!(
+        message(json!([{"name": "A1"}])).await,
+        format!(
+            "{prefix}spec.items[0].name: Invalid value: \"A1\": spec.items[0].name in body should match '^[a-z]+$'"
+        )
+    );
+    // CEL still runs after the schema checks.
+    assert_eq!(
+        message(json!([{"name": "forbidden"}])).await,
+        format!("{prefix}spec: Invalid value: \"object\": no")
+    );
+    // Distinct keys, a payload of any shape: accepted.
+    let created = api
+        .create(
+            &PostParams::default(),
+            &thing(json!([{"name": "a", "tags": ["x", "y"], "payload": {"any": [1]}}, {"name": "b"}])),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.data["spec"]["items"][1]["name"], "b");
 }

@@ -143,17 +143,31 @@ impl ResourceKind {
     }
 
     /// Validates, prunes and defaults writes with this `openAPIV3Schema`, as the apiserver does
-    /// for a CRD (see [`ResourceKind::from_crd`]).
+    /// for a CRD (see [`ResourceKind::from_crd`]). Panics, as [`ResourceKind::from_crd`] does,
+    /// when a real apiserver would refuse the schema for its CEL rules' cost.
     pub fn with_schema(mut self, schema: Value) -> Self {
+        let mut errors = Vec::new();
+        rule_cost_errors(&schema, "openAPIV3Schema", true, &mut errors);
+        assert!(errors.is_empty(), "kube double: invalid schema: {}", errors.join("; "));
         self.schema = Some(Arc::new(schema));
         self
     }
 
     /// Everything the double needs from a CRD: group, kind, plural, scope, the status
     /// subresource and the schema of the storage version (or the first one).
+    ///
+    /// Panics when a real apiserver would refuse the CRD: a CEL rule over a list, string or map
+    /// without maxItems, maxLength or maxProperties (see [`crd_errors`]).
     pub fn from_crd(
         crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     ) -> Self {
+        let errors = crd_errors(&serde_json::to_value(crd).expect("CRD json"));
+        assert!(
+            errors.is_empty(),
+            "kube double: CustomResourceDefinition.apiextensions.k8s.io {:?} is invalid: {}",
+            crd.metadata.name.as_deref().unwrap_or_default(),
+            errors.join("; ")
+        );
         let spec = &crd.spec;
         let version = spec
             .versions
@@ -198,6 +212,19 @@ impl ResourceKind {
     /// coordination.k8s.io/v1 Lease (always served).
     pub fn leases() -> Self {
         Self::builtin("coordination.k8s.io", "v1", "Lease", "leases")
+    }
+
+    /// apiextensions.k8s.io/v1 CustomResourceDefinition, served when passed to
+    /// [`KubeDouble::start`]: a CRD is refused as a real apiserver refuses it for its CEL rules'
+    /// cost (see [`crd_errors`]). Creating one does not serve its kind.
+    pub fn crds() -> Self {
+        Self::builtin(
+            "apiextensions.k8s.io",
+            "v1",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+        )
+        .cluster_scoped()
     }
 
     /// `group/version`, or `version` for the core group.
@@ -757,6 +784,13 @@ impl Store {
     /// then the kind's validation hook.
     fn admit(&self, kind: &ResourceKind, obj: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
         let name = meta_str(obj, "name").unwrap_or("").to_owned();
+        if kind.group_resource() == ResourceKind::crds().group_resource() {
+            match crd_errors(obj).as_slice() {
+                [] => {}
+                [one] => return Err(ApiError::invalid(kind, &name, one)),
+                many => return Err(ApiError::invalid(kind, &name, &format!("[{}]", many.join(", ")))),
+            }
+        }
         if let Some(schema) = &kind.schema {
             schema_prune(schema, obj, true);
             *obj = kube::core::cel::apply_defaults(schema, obj);
@@ -1469,7 +1503,8 @@ fn child_path(path: &str, key: &str) -> String {
 }
 
 /// The OpenAPI checks the apiserver applies to custom resources: type, required, enum,
-/// minimum/maximum, minLength/maxLength, minItems/maxItems (no `pattern`/`format`).
+/// minimum/maximum, minLength/maxLength, pattern, minItems/maxItems, and the uniqueness of
+/// `x-kubernetes-list-type` `map` keys and `set` items (no `format`).
 fn schema_check(schema: &Value, value: &Value, path: &str, root: bool, errors: &mut Vec<String>) {
     let shown = if path.is_empty() { "<nil>" } else { path };
     let int_or_string = schema_flag(schema, "x-kubernetes-int-or-string");
@@ -1540,6 +1575,15 @@ fn schema_check(schema: &Value, value: &Value, path: &str, root: bool, errors: &
         {
             errors.push(format!("{shown}: Too long: may not be more than {max} bytes"));
         }
+        if let Some(pattern) = schema.get("pattern").and_then(Value::as_str) {
+            match pattern_matches(pattern, s) {
+                Ok(true) => {}
+                Ok(false) => errors.push(format!(
+                    "{shown}: Invalid value: {value}: {shown} in body should match '{pattern}'"
+                )),
+                Err(why) => errors.push(format!("{shown}: Invalid value: {value}: {why}")),
+            }
+        }
     }
     match value {
         Value::Array(items) => {
@@ -1556,6 +1600,7 @@ fn schema_check(schema: &Value, value: &Value, path: &str, root: bool, errors: &
             {
                 errors.push(format!("{shown}: Too many: {len}: must have at most {max} items"));
             }
+            check_list_type(schema, items, path, errors);
             if let Some(item_schema) = schema.get("items") {
                 for (i, item) in items.iter().enumerate() {
                     schema_check(item_schema, item, &format!("{path}[{i}]"), false, errors);
@@ -1583,6 +1628,143 @@ fn schema_check(schema: &Value, value: &Value, path: &str, root: bool, errors: &
         }
         _ => {}
     }
+}
+
+/// `pattern` (an RE2-style regular expression in Kubernetes; the `regex` crate's syntax is
+/// close enough), compiled once.
+fn pattern_matches(pattern: &str, text: &str) -> Result<bool, String> {
+    static COMPILED: std::sync::LazyLock<Mutex<HashMap<String, regex::Regex>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut compiled = COMPILED.lock().unwrap_or_else(|e| e.into_inner());
+    if !compiled.contains_key(pattern) {
+        let re = regex::Regex::new(pattern).map_err(|e| format!("pattern {pattern:?} does not compile: {e}"))?;
+        compiled.insert(pattern.to_owned(), re);
+    }
+    Ok(compiled[pattern].is_match(text))
+}
+
+/// `x-kubernetes-list-type`: `map` items are unique by their `x-kubernetes-list-map-keys`, `set`
+/// items are unique.
+fn check_list_type(schema: &Value, items: &[Value], path: &str, errors: &mut Vec<String>) {
+    let keys: Vec<&str> = schema["x-kubernetes-list-map-keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let identity = |item: &Value| -> Option<String> {
+        match schema["x-kubernetes-list-type"].as_str() {
+            Some("map") => {
+                let tuple: Map<String, Value> = keys
+                    .iter()
+                    .filter_map(|k| item.get(*k).map(|v| ((*k).to_owned(), v.clone())))
+                    .collect();
+                Some(Value::Object(tuple).to_string())
+            }
+            Some("set") => Some(item.to_string()),
+            _ => None,
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (i, item) in items.iter().enumerate() {
+        if let Some(id) = identity(item)
+            && !seen.insert(id.clone())
+        {
+            errors.push(format!("{path}[{i}]: Duplicate value: {id}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CRD registration: the CEL cost budget
+// ---------------------------------------------------------------------------------------------
+
+/// A typeless `x-kubernetes-preserve-unknown-fields` node (a payload): the apiserver declares no
+/// CEL type for it, so no rule can read it and its size costs nothing.
+fn invisible_to_cel(schema: &Value) -> bool {
+    schema_flag(schema, "x-kubernetes-preserve-unknown-fields") && schema.get("type").is_none()
+}
+
+/// The child schemas of a node, with their path in the apiserver's notation
+/// (`properties[spec].items`); `metadata`, `apiVersion` and `kind` at the root are the server's.
+fn schema_children(schema: &Value, root: bool) -> Vec<(String, &Value)> {
+    let mut out: Vec<(String, &Value)> = schema["properties"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(key, _)| !(root && matches!(key.as_str(), "metadata" | "apiVersion" | "kind")))
+        .map(|(key, sub)| (format!(".properties[{key}]"), sub))
+        .collect();
+    out.extend(schema.get("items").map(|items| (".items".to_owned(), items)));
+    out.extend(
+        schema
+            .get("additionalProperties")
+            .filter(|a| a.is_object())
+            .map(|a| (".additionalProperties".to_owned(), a)),
+    );
+    out
+}
+
+/// The lists without maxItems, strings without maxLength (or enum) and maps without
+/// maxProperties of a subtree that CEL can see.
+fn unbounded_fields(schema: &Value, path: &str, root: bool, found: &mut Vec<String>) {
+    if invisible_to_cel(schema) {
+        return;
+    }
+    let unbounded = match schema["type"].as_str() {
+        Some("array") => schema.get("maxItems").is_none(),
+        Some("string") => schema.get("maxLength").is_none() && schema.get("enum").is_none(),
+        _ => schema["additionalProperties"].is_object() && schema.get("maxProperties").is_none(),
+    };
+    if unbounded {
+        found.push(if path.is_empty() {
+            "self".to_owned()
+        } else {
+            path[1..].to_owned()
+        });
+    }
+    for (suffix, child) in schema_children(schema, root) {
+        unbounded_fields(child, &format!("{path}{suffix}"), false, found);
+    }
+}
+
+/// The apiserver's refusals of CEL rules whose cost it cannot bound: a rule over an unbounded
+/// list, string or map (one the rule may walk: the double does not estimate which it does).
+fn rule_cost_errors(schema: &Value, path: &str, root: bool, errors: &mut Vec<String>) {
+    if invisible_to_cel(schema) {
+        return;
+    }
+    let rules = schema["x-kubernetes-validations"].as_array().map_or(0, Vec::len);
+    if rules > 0 {
+        let mut unbounded = Vec::new();
+        unbounded_fields(schema, "", root, &mut unbounded);
+        if !unbounded.is_empty() {
+            errors.extend((0..rules).map(|i| {
+                format!(
+                    "{path}.x-kubernetes-validations[{i}].rule: Forbidden: estimated rule cost exceeds budget: \
+                     {} unbounded (try simplifying the rule, or adding maxItems, maxProperties, and maxLength \
+                     where arrays, maps, and strings are declared)",
+                    unbounded.join(", ")
+                )
+            }));
+        }
+    }
+    for (suffix, child) in schema_children(schema, root) {
+        rule_cost_errors(child, &format!("{path}{suffix}"), false, errors);
+    }
+}
+
+/// Why a real apiserver would refuse this CustomResourceDefinition (as JSON): the CEL rules of
+/// every version's schema must have a bounded cost.
+pub fn crd_errors(crd: &Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (i, version) in crd["spec"]["versions"].as_array().into_iter().flatten().enumerate() {
+        if let Some(schema) = version["schema"].get("openAPIV3Schema") {
+            let path = format!("spec.versions[{i}].schema.openAPIV3Schema");
+            rule_cost_errors(schema, &path, true, &mut errors);
+        }
+    }
+    errors
 }
 
 // ---------------------------------------------------------------------------------------------
