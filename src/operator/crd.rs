@@ -63,7 +63,8 @@ pub struct ServiceRef {
     pub namespace: Option<String>,
     /// Port; 80 when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 65535))]
+    // Kubernetes knows int32 and int64, and warns on every apply about any other format.
+    #[schemars(range(min = 1, max = 65535), extend("format" = "int32"))]
     pub port: Option<u16>,
     /// Path, starting with `/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -376,6 +377,7 @@ pub struct BranchState {
     pub state: String,
     /// Calls made so far.
     #[serde(default)]
+    #[schemars(extend("format" = "int64"))]
     pub attempts: u32,
     /// Last error, shortened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -430,6 +432,7 @@ pub struct TransactionStatus {
     pub progress: Option<String>,
     /// Failed attempts so far, all branches together.
     #[serde(default)]
+    #[schemars(extend("format" = "int64"))]
     pub retries: u32,
     /// One entry per branch operation, in call order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
