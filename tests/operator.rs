@@ -727,7 +727,12 @@ async fn a_leader_cut_off_from_the_api_stops_before_the_standby_takes_over() {
     env.bank.unscript("TransIn");
     let saga = env.wait_phase("sagas", "partitioned", "Succeeded").await;
     // The old leader comes back: it must not write or call anything.
+    let token = leader.shutdown_token();
     proxy.thaw();
+    // Its shutdown token fires, so that `kubetx operator` exits and restarts as a standby.
+    tokio::time::timeout(WAIT, token.cancelled())
+        .await
+        .expect("the old leader shuts down");
     let stopped = tokio::time::timeout(WAIT, leader.wait())
         .await
         .expect("the old leader stops");

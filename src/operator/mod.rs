@@ -77,6 +77,7 @@ impl Operator {
         invoker: Invoker,
     ) -> Self {
         let health = Arc::new(Health::default());
+        let health_of_task = Arc::clone(&health);
         let shutdown = CancellationToken::new();
         let recorder = Recorder::new(
             client.clone(),
@@ -99,14 +100,22 @@ impl Operator {
             written: Default::default(),
             fence,
         });
-        let task = tokio::spawn(run(
-            client,
-            config,
-            context,
-            clock,
-            Arc::clone(&health),
-            shutdown.clone(),
-        ));
+        let stopped = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let result = run(
+                client,
+                config,
+                context,
+                clock,
+                Arc::clone(&health_of_task),
+                stopped.clone(),
+            )
+            .await;
+            // However it ended (a lost Lease above all), whoever waits on the token learns it:
+            // the process exits, and its restart stands by for the Lease again.
+            stopped.cancel();
+            result
+        });
         Operator { health, shutdown, task }
     }
 
