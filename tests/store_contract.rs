@@ -118,6 +118,7 @@ contract!(
     purge_finished_deletes_old_finished_transactions_in_batches,
     invalid_input_is_refused_alike,
     large_values_round_trip,
+    operator_leaders_write_under_their_own_identity,
 );
 
 const T0: Millis = 1_700_000_000_000;
@@ -1185,4 +1186,64 @@ mod retention_in_the_server {
             retention_runs_in_the_server(Backend::MySql).await;
         }
     }
+}
+
+/// The operator's SQL detail (src/operator/sql.rs): a new leader takes a transaction over, and
+/// from then on the store refuses what the previous leader writes from its stale view.
+async fn operator_leaders_write_under_their_own_identity(store: Arc<dyn Store>) {
+    use kubetx::operator::sql;
+    let gid = "op-fenced";
+    let mut running = global(gid, TransStatus::Submitted, T0);
+    let branches = saga_branches(gid);
+    assert!(
+        sql::save(store.as_ref(), "replica-a", None, &running, &branches, &branches, T0)
+            .await
+            .expect("save")
+    );
+    let mut a_view = saga_branches(gid);
+    let a_saved = sql::load(store.as_ref(), gid, &mut a_view)
+        .await
+        .expect("load")
+        .expect("saved");
+    assert_eq!(a_saved.owner, "replica-a");
+    // Replica b leads now: it reads, takes over and records an outcome.
+    let mut b_view = saga_branches(gid);
+    let b_saved = sql::load(store.as_ref(), gid, &mut b_view).await.expect("load");
+    let mut b_after = b_view.clone();
+    b_after[1].status = BranchStatus::Succeed;
+    b_after[1].finish_time = Some(T0 + 1);
+    assert!(
+        sql::save(
+            store.as_ref(),
+            "replica-b",
+            b_saved,
+            &running,
+            &b_after,
+            &b_view,
+            T0 + 1
+        )
+        .await
+        .expect("save")
+    );
+    assert_eq!(find(store.as_ref(), gid).await.owner, "replica-b");
+    // Replica a wakes up with its old view and decides to roll back: refused, nothing recorded.
+    running.status = TransStatus::Aborting;
+    let mut a_after = a_view.clone();
+    a_after[3].status = BranchStatus::Failed;
+    assert!(
+        !sql::save(
+            store.as_ref(),
+            "replica-a",
+            Some(a_saved),
+            &running,
+            &a_after,
+            &a_view,
+            T0 + 2
+        )
+        .await
+        .expect("save")
+    );
+    assert_eq!(find(store.as_ref(), gid).await.status, TransStatus::Submitted);
+    let rows = store.branches(gid).await.expect("branches");
+    assert_eq!(rows[3].status, BranchStatus::Prepared);
 }

@@ -99,6 +99,7 @@ impl Operator {
             clock: Arc::clone(&clock),
             written: Default::default(),
             fence,
+            identity: config.reporter.clone(),
         });
         let stopped = shutdown.clone();
         let task = tokio::spawn(async move {

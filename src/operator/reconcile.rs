@@ -130,6 +130,8 @@ pub struct Context {
     pub written: Written,
     /// Whether this replica may act (it holds the leader Lease).
     pub fence: Arc<Fence>,
+    /// This replica's identity (its pod name): the owner of what it writes to a SQL store.
+    pub identity: String,
 }
 
 /// Until when this replica may act: renewed with the leader Lease, never past its renew deadline
@@ -377,7 +379,20 @@ async fn run_and_record<K: Transactional>(
     }
     if let Some(store) = &ctx.config.store {
         // The detail is durable before the summary that points at it.
-        super::sql::save(store.as_ref(), saved_status, &global, &branches, &loaded, now).await?;
+        if !super::sql::save(
+            store.as_ref(),
+            &ctx.identity,
+            saved_status,
+            &global,
+            &branches,
+            &loaded,
+            now,
+        )
+        .await?
+        {
+            // Another leader wrote since this pass read: its decision stands; re-read next time.
+            return Err(ReconcileError::Fenced);
+        }
     }
     let mut detailed = next_status(&old, &shown, &global, &branches, &tally, obj.meta().generation, now);
     detailed.retry_request = retry_request.or_else(|| old.retry_request.clone());
