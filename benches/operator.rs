@@ -31,9 +31,9 @@ use kube::core::DynamicObject;
 use kube_double::{KubeDouble, ResourceKind};
 use kubetx::engine::Policy;
 use kubetx::invoke::Invoker;
+use kubetx::invoke::policy::OutboundPolicy;
 use kubetx::metrics::Metrics;
 use kubetx::operator::crd::{Msg, Saga, Tcc};
-use kubetx::operator::outbound::AllowList;
 use kubetx::operator::reconcile::ReconcileConfig;
 use kubetx::operator::{Operator, OperatorConfig};
 use kubetx::scheduler::{Clock, SystemClock};
@@ -140,7 +140,6 @@ async fn run(args: Args) -> Result<(), String> {
         reconcile: ReconcileConfig {
             policy: Policy::default(),
             request_timeout: Duration::from_secs(5),
-            allow_list: AllowList::new(&[], &["127.0.0.0/8".to_owned()]).map_err(|e| e.to_string())?,
             default_ttl: None,
             service_domain: "svc".to_owned(),
             store: store.clone(),
@@ -149,7 +148,8 @@ async fn run(args: Args) -> Result<(), String> {
         reporter: "bench".to_owned(),
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let invoker = Invoker::new().map_err(|e| e.to_string())?;
+    let policy = OutboundPolicy::cluster(&[], &["127.0.0.0/8".to_owned()], "svc").map_err(|e| e.to_string())?;
+    let invoker = Invoker::new(policy).map_err(|e| e.to_string())?;
     let operator = Operator::start(double.client(), config, clock, Arc::new(Metrics::new()), invoker);
 
     let api: Api<DynamicObject> = Api::namespaced_with(double.client(), NS, &double.kind("sagas").api_resource());

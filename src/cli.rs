@@ -13,7 +13,6 @@ use crate::config::{Config, ConfigError, LogFormat};
 use crate::invoke::Invoker;
 use crate::metrics::Metrics;
 use crate::operator::leader::LeaderConfig;
-use crate::operator::outbound::AllowList;
 use crate::operator::reconcile::ReconcileConfig;
 use crate::operator::{DEFAULT_LEASE_DURATION, Operator, OperatorConfig, health};
 use crate::scheduler::Clock;
@@ -159,6 +158,14 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "KUBETX_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Hosts branches may be called on (`name`, `*.suffix` or `*`; comma-separated). `serve`
+    /// allows every host when neither this nor --allow-cidrs is set; the operator always allows
+    /// cluster services.
+    #[arg(long, env = "KUBETX_ALLOW_HOSTS", value_delimiter = ',')]
+    pub allow_hosts: Vec<String>,
+    /// Address ranges branches may be called on (comma-separated CIDRs).
+    #[arg(long, env = "KUBETX_ALLOW_CIDRS", value_delimiter = ',')]
+    pub allow_cidrs: Vec<String>,
 }
 
 /// Flags of `operator`.
@@ -185,13 +192,6 @@ pub struct OperatorArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "KUBETX_HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
     pub health_listen: String,
-    /// Extra hosts branches may be called on (`name` or `*.suffix`; comma-separated). Cluster
-    /// services are always allowed.
-    #[arg(long, env = "KUBETX_ALLOW_HOSTS", value_delimiter = ',')]
-    pub allow_hosts: Vec<String>,
-    /// Address ranges branches may be called on (comma-separated CIDRs).
-    #[arg(long, env = "KUBETX_ALLOW_CIDRS", value_delimiter = ',')]
-    pub allow_cidrs: Vec<String>,
     /// Seconds to keep finished resources that set no ttlSecondsAfterFinished (0 keeps them).
     #[arg(long, env = "KUBETX_DEFAULT_TTL", default_value_t = 7 * 24 * 3600)]
     pub default_ttl: i64,
@@ -238,6 +238,12 @@ impl ServeArgs {
             log_level => log_level,
             log_format => log_format,
         );
+        if !self.allow_hosts.is_empty() {
+            config.allow_hosts.clone_from(&self.allow_hosts);
+        }
+        if !self.allow_cidrs.is_empty() {
+            config.allow_cidrs.clone_from(&self.allow_cidrs);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -290,7 +296,11 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
     init_logging(&config.log_level, config.log_format);
     let metrics = Arc::new(Metrics::new());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let server = Server::start_with_metrics(&config, Arc::clone(&clock), true, Arc::clone(&metrics)).await?;
+    // One policy for the controllers and the DTM API beside them.
+    let policy = config.operator_policy(&args.service_domain)?;
+    let invoker = Invoker::new(policy).map_err(|e| CliError::Serve(e.into()))?;
+    let server =
+        Server::start_with_invoker(&config, Arc::clone(&clock), true, Arc::clone(&metrics), invoker.clone()).await?;
     let client = kube::Client::try_default()
         .await
         .map_err(|e| CliError::Kube(Box::new(e)))?;
@@ -299,11 +309,6 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("kubetx-{:08x}", rand::random::<u32>()));
-    // Service endpoints resolve under the configured domain: always allow it.
-    let mut allowed_hosts = args.allow_hosts.clone();
-    allowed_hosts.push(format!("*.{}", args.service_domain.trim_start_matches('.')));
-    let allow_list =
-        AllowList::new(&allowed_hosts, &args.allow_cidrs).map_err(|e| CliError::Config(ConfigError::Invalid(e)))?;
     let operator_config = OperatorConfig {
         namespaces: args.namespaces.iter().filter(|n| !n.is_empty()).cloned().collect(),
         leader: args.leader_election.then(|| LeaderConfig {
@@ -315,7 +320,6 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
         reconcile: ReconcileConfig {
             policy: config.scheduler().policy,
             request_timeout: Duration::from_secs(config.request_timeout),
-            allow_list,
             default_ttl: Some(args.default_ttl).filter(|ttl| *ttl > 0),
             service_domain: args.service_domain.clone(),
             // With PostgreSQL or MySQL, branch detail goes to SQL and the status keeps a summary.
@@ -327,7 +331,6 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
         concurrency: args.concurrency,
         reporter: identity,
     };
-    let invoker = Invoker::new().map_err(|e| CliError::Serve(e.into()))?;
     let operator = Operator::start(client, operator_config, clock, Arc::clone(&metrics), invoker);
     let health = health::router(Arc::clone(&operator.health), metrics);
     let listener = tokio::net::TcpListener::bind(&args.health_listen)

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Policy;
+use crate::invoke::policy::OutboundPolicy;
 use crate::scheduler::SchedulerConfig;
 use crate::store::retention::Retention;
 use crate::store::{StoreKind, StoreOptions, Synchronous};
@@ -113,6 +114,11 @@ pub struct Config {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// Host patterns branches may be called on (`name`, `*.suffix`, `*`). With `allow_cidrs`
+    /// both empty, every host and address may be called except link-local and metadata ones.
+    pub allow_hosts: Vec<String>,
+    /// Address ranges branches may be called on (CIDRs or addresses).
+    pub allow_cidrs: Vec<String>,
 }
 
 impl Default for Config {
@@ -139,6 +145,8 @@ impl Default for Config {
             drain_timeout: 30,
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
+            allow_hosts: Vec::new(),
+            allow_cidrs: Vec::new(),
         }
     }
 }
@@ -187,7 +195,24 @@ impl Config {
             ));
         }
         self.store_kind()?;
+        self.outbound_policy()?;
         Ok(())
+    }
+
+    /// The outbound policy of `kubetx serve`: exactly the allowed hosts and CIDRs, or, when
+    /// neither is set, everything but link-local and metadata addresses.
+    pub fn outbound_policy(&self) -> Result<OutboundPolicy, ConfigError> {
+        if self.allow_hosts.is_empty() && self.allow_cidrs.is_empty() {
+            return Ok(OutboundPolicy::permissive());
+        }
+        OutboundPolicy::new(&self.allow_hosts, &self.allow_cidrs).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// The outbound policy of `kubetx operator`, for its controllers and its DTM API: cluster
+    /// services plus the allowed hosts and CIDRs.
+    pub fn operator_policy(&self, service_domain: &str) -> Result<OutboundPolicy, ConfigError> {
+        OutboundPolicy::cluster(&self.allow_hosts, &self.allow_cidrs, service_domain)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
     /// The store the `store` key (or, when empty, `sqlite.path`) names.

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use crate::driver::{self, PassContext, PassSink};
 use crate::engine::{self, BranchUpdate, Outcome, Policy};
 use crate::invoke::Invoker;
+use crate::invoke::policy::OutboundPolicy;
 use crate::metrics::{Metrics, RouteLabels, TransLabels};
 use crate::model::{Branch, GlobalTrans, Millis, TransStatus};
 use crate::store::{Guard, Lease, StatusChange, Store, StoreError};
@@ -170,6 +171,11 @@ impl Coordinator {
     /// Settings.
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
+    }
+
+    /// The outbound policy every branch URL must pass.
+    pub fn policy(&self) -> &OutboundPolicy {
+        self.invoker.policy()
     }
 
     /// Metrics.
@@ -419,16 +425,10 @@ impl Coordinator {
             "error": error,
             "retry_count": retry_count,
         });
-        let client = self.invoker.client().clone();
+        let invoker = self.invoker.clone();
         self.metrics.alerts.inc();
         self.tracker.spawn(async move {
-            let sent = client
-                .post(&webhook)
-                .json(&body)
-                .timeout(Duration::from_secs(3))
-                .send()
-                .await;
-            if let Err(error) = sent {
+            if let Err(error) = invoker.post_json(&webhook, &body, Duration::from_secs(3)).await {
                 warn!(%webhook, %error, "alert webhook failed");
             }
         });

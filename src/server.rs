@@ -77,16 +77,23 @@ impl Server {
         run_scheduler: bool,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ServeError> {
+        let invoker = Invoker::new(config.outbound_policy()?)?;
+        Self::start_with_invoker(config, clock, run_scheduler, metrics, invoker).await
+    }
+
+    /// Like [`Server::start_with_metrics`], calling branches through `invoker` (the operator's,
+    /// so that both front doors obey one policy).
+    pub async fn start_with_invoker(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        run_scheduler: bool,
+        metrics: Arc<Metrics>,
+        invoker: Invoker,
+    ) -> Result<Self, ServeError> {
         config.validate()?;
         let options = config.store_options()?;
         let store = store::open(&options).await?;
-        let coordinator = Arc::new(Coordinator::new(
-            store,
-            Invoker::new()?,
-            clock,
-            config.scheduler(),
-            metrics,
-        ));
+        let coordinator = Arc::new(Coordinator::new(store, invoker, clock, config.scheduler(), metrics));
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| ServeError::Bind {

@@ -13,10 +13,10 @@ use kube::api::{DeleteParams, PostParams};
 use kube_double::{KubeDouble, ResourceKind};
 use kubetx::engine::Policy;
 use kubetx::invoke::Invoker;
+use kubetx::invoke::policy::OutboundPolicy;
 use kubetx::metrics::Metrics;
 use kubetx::operator::crd::{Msg, Saga, Tcc};
 use kubetx::operator::leader::LeaderConfig;
-use kubetx::operator::outbound::AllowList;
 use kubetx::operator::reconcile::{FINALIZER, RETRY_NOW, ReconcileConfig};
 use kubetx::operator::{Operator, OperatorConfig};
 use kubetx::scheduler::{Clock, OffsetClock};
@@ -24,6 +24,12 @@ use serde_json::{Value, json};
 
 const NS: &str = "default";
 const WAIT: Duration = Duration::from_secs(20);
+
+/// An invoker with the operator's default policy (cluster services) plus `cidrs`.
+fn invoker_for(cidrs: &[&str]) -> kubetx::invoke::InvokerBuilder {
+    let cidrs: Vec<String> = cidrs.iter().map(|c| (*c).to_owned()).collect();
+    Invoker::builder(OutboundPolicy::cluster(&[], &cidrs, "svc").expect("valid policy"))
+}
 
 struct Env {
     double: KubeDouble,
@@ -59,7 +65,6 @@ impl Env {
                     timeout_to_fail: 35,
                 },
                 request_timeout: Duration::from_secs(2),
-                allow_list: AllowList::new(&[], &["127.0.0.0/8".to_owned()]).expect("valid"),
                 default_ttl: None,
                 service_domain: "svc".to_owned(),
                 store: None,
@@ -74,7 +79,11 @@ impl Env {
     }
 
     fn start_with(&self, config: OperatorConfig) -> Operator {
-        self.start_on(self.double.client(), config, Invoker::new().expect("client"))
+        self.start_on(
+            self.double.client(),
+            config,
+            invoker_for(&["127.0.0.0/8"]).build().expect("client"),
+        )
     }
 
     fn start_on(&self, client: kube::Client, config: OperatorConfig, invoker: Invoker) -> Operator {
@@ -697,7 +706,10 @@ async fn a_leader_cut_off_from_the_api_stops_before_the_standby_takes_over() {
     let leader = env.start_on(
         kube::Client::try_from(proxied).expect("client"),
         elected("replica-a"),
-        Invoker::with_source_address(leader_ip).expect("invoker"),
+        invoker_for(&["127.0.0.0/8"])
+            .source_address(leader_ip)
+            .build()
+            .expect("invoker"),
     );
     env.double
         .wait_until(WAIT, |_| leader.health.ready().then_some(()))
@@ -706,7 +718,10 @@ async fn a_leader_cut_off_from_the_api_stops_before_the_standby_takes_over() {
     let standby = env.start_on(
         env.double.client(),
         elected("replica-b"),
-        Invoker::with_source_address(standby_ip).expect("invoker"),
+        invoker_for(&["127.0.0.0/8"])
+            .source_address(standby_ip)
+            .build()
+            .expect("invoker"),
     );
     env.bank.script("TransIn", &[Reply::Ongoing; 1000]);
     env.create("sagas", env.transfer("partitioned", "TransIn")).await;
@@ -829,4 +844,73 @@ async fn with_a_sql_store_the_status_keeps_a_summary_in_three_writes() {
         "create, finalizer, status, Succeeded event: {:#?}",
         env.double.writes()
     );
+}
+
+/// The operator with cluster services and 127.0.0.1 allowed, where `bank.default.svc` resolves
+/// to 127.0.0.1 and `trap.default.svc` to 127.0.0.2 (refused: a cluster name pointing at the
+/// operator's own host).
+fn locked_down_invoker() -> Invoker {
+    invoker_for(&["127.0.0.1/32"])
+        .static_host("bank.default.svc", &[[127, 0, 0, 1].into()])
+        .static_host("trap.default.svc", &[[127, 0, 0, 2].into()])
+        .build()
+        .expect("client")
+}
+
+#[tokio::test]
+async fn every_spelling_of_a_refused_address_fails_the_resource_before_any_call() {
+    let env = Env::new().await;
+    let trap = common::Trap::start([127, 0, 0, 2]).await;
+    let operator = env.start_on(env.double.client(), env.config(), locked_down_invoker());
+    let spellings = common::address_spellings([127, 0, 0, 2], trap.addr.port(), "bank.default.svc");
+    for (index, url) in spellings.iter().enumerate() {
+        let mut saga = env.transfer(&format!("spelled-{index}"), "TransIn");
+        saga["spec"]["steps"][1]["action"] = json!({ "url": url });
+        env.create("sagas", saga).await;
+    }
+    for (index, url) in spellings.iter().enumerate() {
+        let saga = env.wait_phase("sagas", &format!("spelled-{index}"), "Failed").await;
+        let message = saga["status"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with("endpoint refused: "), "{url}: {message}");
+    }
+    assert!(env.bank.calls().is_empty(), "no step of a refused saga was called");
+    assert_eq!(trap.hits(), 0);
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn a_service_resolving_to_a_refused_address_or_redirecting_is_never_followed() {
+    let env = Env::new().await;
+    let trap = common::Trap::start([127, 0, 0, 2]).await;
+    let redirector = common::Trap::redirecting([127, 0, 0, 1], trap.url("/stolen")).await;
+    let operator = env.start_on(env.double.client(), env.config(), locked_down_invoker());
+    let service = |name: &str, port: u16, path: &str| json!({"service": {"name": name, "port": port, "path": path}});
+    let mut saga = env.transfer("dns", "TransIn");
+    saga["spec"]["steps"][0]["action"] = service("bank", env.bank.addr.port(), "/api/TransOut");
+    saga["spec"]["steps"][1]["action"] = service("trap", trap.addr.port(), "/x");
+    env.create("sagas", saga).await;
+    let mut saga = env.transfer("redirect", "TransIn");
+    saga["spec"]["steps"][1]["action"] = json!({ "url": redirector.url("/go") });
+    env.create("sagas", saga).await;
+    let last_error = |name: &'static str, expected: &'static str| {
+        env.double.wait_for("sagas", NS, name, WAIT, move |o| {
+            o.and_then(|o| o["status"]["branches"].as_array().cloned())
+                .into_iter()
+                .flatten()
+                .any(|b| b["lastError"].as_str().is_some_and(|e| e.contains(expected)))
+        })
+    };
+    last_error("dns", "resolves only to refused addresses: 127.0.0.2")
+        .await
+        .expect("dns refused");
+    last_error("redirect", "status 302")
+        .await
+        .expect("redirect not followed");
+    assert!(
+        env.bank.calls_on("TransOut").len() >= 2,
+        "the allowed Service name was called"
+    );
+    assert!(redirector.hits() >= 1);
+    assert_eq!(trap.hits(), 0, "neither DNS nor a redirect reached 127.0.0.2");
+    operator.stop().await.expect("stops");
 }

@@ -157,7 +157,7 @@ pub(super) async fn subscribe(State(state): State<AppState>, Query(params): Para
     let coordinator = &state.coordinator;
     let topic = required(&params, "topic")?;
     let url = required(&params, "url")?;
-    wire::check_url("url", url)?;
+    wire::check_url(coordinator.policy(), "url", url)?;
     let subscriber = Subscriber {
         url: url.to_owned(),
         remark: params.get("remark").cloned().unwrap_or_default(),

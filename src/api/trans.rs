@@ -480,12 +480,12 @@ pub(super) async fn register_branch(
     let trans_type = wire::parse_trans_type(field("trans_type"))?;
     let rows = match trans_type {
         TransType::Tcc => {
-            check_url("confirm", field("confirm"))?;
-            check_url("cancel", field("cancel"))?;
+            check_url(coordinator.policy(), "confirm", field("confirm"))?;
+            check_url(coordinator.policy(), "cancel", field("cancel"))?;
             engine::tcc_branches(gid, branch_id, field("confirm"), field("cancel"), data, now)
         }
         TransType::Xa => {
-            check_url("url", field("url"))?;
+            check_url(coordinator.policy(), "url", field("url"))?;
             engine::xa_branches(gid, branch_id, field("url"), data, now)
         }
         TransType::Workflow => {
@@ -587,7 +587,7 @@ fn new_global(
         }
         TransType::Msg => {
             wire::msg_custom(&custom_data)?;
-            check_url("query_prepared", &req.query_prepared)?;
+            check_url(coordinator.policy(), "query_prepared", &req.query_prepared)?;
             // Without a back-check a prepared msg would be delivered blindly at its timeout.
             if status == TransStatus::Prepared && req.query_prepared.is_empty() {
                 return Err(ApiError::BadRequest(
@@ -600,7 +600,7 @@ fn new_global(
             if custom.name.is_empty() {
                 return Err(ApiError::BadRequest("workflow custom_data needs a name".to_owned()));
             }
-            check_url("query_prepared", &req.query_prepared)?;
+            check_url(coordinator.policy(), "query_prepared", &req.query_prepared)?;
         }
         TransType::Tcc | TransType::Xa => {}
     }
@@ -653,8 +653,8 @@ async fn new_branches(
     match trans_type {
         TransType::Saga => {
             for step in &steps {
-                check_url("action", &step.action)?;
-                check_url("compensate", &step.compensate)?;
+                check_url(coordinator.policy(), "action", &step.action)?;
+                check_url(coordinator.policy(), "compensate", &step.compensate)?;
             }
             let specs: Vec<SagaStep<'_>> = steps
                 .iter()
@@ -672,7 +672,7 @@ async fn new_branches(
                 subscribers.push(match step.action.strip_prefix("topic://") {
                     Some(topic) => Some(topic_subscribers(coordinator, topic).await?),
                     None => {
-                        check_url("action", &step.action)?;
+                        check_url(coordinator.policy(), "action", &step.action)?;
                         None
                     }
                 });

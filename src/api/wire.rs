@@ -12,6 +12,7 @@ use super::ApiError;
 use axum::http::{HeaderName, HeaderValue};
 
 use crate::engine::{MsgCustom, null_default};
+use crate::invoke::policy::OutboundPolicy;
 use crate::model::{Branch, GlobalTrans, Millis, TransOptions, TransType};
 use crate::store::KvEntry;
 
@@ -234,8 +235,9 @@ pub fn parse_trans_type(text: &str) -> Result<TransType, ApiError> {
     })
 }
 
-/// Checks a branch endpoint: empty (nothing to call) or an http(s) URL.
-pub fn check_url(what: &str, url: &str) -> Result<(), ApiError> {
+/// Checks a branch endpoint: empty (nothing to call) or an http(s) URL the outbound policy
+/// allows (a refused one is a 400 with the reason, before any call).
+pub fn check_url(policy: &OutboundPolicy, what: &str, url: &str) -> Result<(), ApiError> {
     if url.is_empty() {
         return Ok(());
     }
@@ -252,7 +254,10 @@ pub fn check_url(what: &str, url: &str) -> Result<(), ApiError> {
     if rest.is_empty() || rest.starts_with('/') {
         return Err(ApiError::BadRequest(format!("{what} {url:?} has no host")));
     }
-    Ok(())
+    policy
+        .check(url)
+        .map(drop)
+        .map_err(|refusal| ApiError::BadRequest(format!("endpoint refused: {what}: {refusal}")))
 }
 
 /// Body of registerBranch: a flat map of strings.

@@ -4,7 +4,6 @@
 pub mod crd;
 pub mod health;
 pub mod leader;
-pub mod outbound;
 pub mod reconcile;
 pub mod sql;
 pub mod transaction;

@@ -19,14 +19,14 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::crd::{Endpoint, GROUP, Phase, TransactionStatus, VERSION};
-use super::outbound::AllowList;
+use super::crd::{Endpoint, GROUP, Phase, ServiceRef, TransactionStatus, VERSION};
 use super::transaction::{
     CallTally, Transactional, engine_state, next_status, object_key, phase_of, row_names, time_text,
 };
 use crate::driver::{self, PassContext, PassSink};
 use crate::engine::{BranchUpdate, Call, Outcome, Policy};
 use crate::invoke::Invoker;
+use crate::invoke::policy::Refusal;
 use crate::metrics::{FailureLabels, KindLabels, Metrics};
 use crate::model::{GlobalTrans, Millis, TransStatus, TransType};
 use crate::scheduler::Clock;
@@ -102,8 +102,6 @@ pub struct ReconcileConfig {
     pub policy: Policy,
     /// Branch call timeout when a resource sets none.
     pub request_timeout: Duration,
-    /// Hosts branches may be called on.
-    pub allow_list: AllowList,
     /// Seconds to keep finished resources when they set no TTL; `None` keeps them.
     pub default_ttl: Option<i64>,
     /// Cluster DNS domain suffix for Service endpoints (`svc` or `svc.cluster.local`).
@@ -302,8 +300,9 @@ fn check_spec<K: Transactional>(obj: &K, ctx: &Context) -> Option<(&'static str,
         return Some(("InvalidSpec", format!("invalid spec: {problem}")));
     }
     obj.endpoints().into_iter().find_map(|endpoint| {
-        let url = resolve(endpoint, obj, &ctx.config.service_domain);
-        let problem = ctx.config.allow_list.check(&url).err()?;
+        let problem = resolve_url(endpoint, obj, &ctx.config.service_domain)
+            .and_then(|url| ctx.invoker.policy().check(&url).map(drop))
+            .err()?;
         Some(("EndpointRefused", format!("endpoint refused: {problem}")))
     })
 }
@@ -545,30 +544,45 @@ impl PassSink for StatusSink {
     }
 }
 
-/// An endpoint's URL: as given, or the Service's cluster DNS name.
+/// The URL an endpoint names: its `url`, or its Service's URL. One the policy could not build
+/// is never called (the spec check refuses it first, and the invoker refuses the placeholder).
 pub fn resolve<K: Resource>(endpoint: &Endpoint, obj: &K, domain: &str) -> String {
+    resolve_url(endpoint, obj, domain).unwrap_or_else(|_| "invalid:endpoint".to_owned())
+}
+
+/// Like [`resolve`], with the reason a Service URL cannot be built.
+pub fn resolve_url<K: Resource>(endpoint: &Endpoint, obj: &K, domain: &str) -> Result<String, Refusal> {
     match (&endpoint.url, &endpoint.service) {
-        (Some(url), _) => url.clone(),
+        (Some(url), _) => Ok(url.clone()),
         (None, Some(service)) => {
             let namespace = service
                 .namespace
                 .clone()
                 .or_else(|| obj.meta().namespace.clone())
                 .unwrap_or_else(|| "default".to_owned());
-            let path = service.path.as_deref().unwrap_or("/");
-            let path = if path.starts_with('/') {
-                path.to_owned()
-            } else {
-                format!("/{path}")
-            };
-            format!(
-                "http://{}.{namespace}.{domain}:{}{path}",
-                service.name,
-                service.port.unwrap_or(80)
-            )
+            service_url(service, &namespace, domain).map(String::from)
         }
-        (None, None) => String::new(),
+        (None, None) => Ok(String::new()),
     }
+}
+
+/// `http://name.namespace.domain:port/path`, built by the URL parser from validated labels.
+fn service_url(service: &ServiceRef, namespace: &str, domain: &str) -> Result<url::Url, Refusal> {
+    let invalid = |e: url::ParseError| Refusal::Invalid(e.to_string());
+    let mut url = url::Url::parse("http://service.invalid/").map_err(invalid)?;
+    let host = [service.name.as_str(), namespace, domain.trim_matches('.')].join(".");
+    url.set_host(Some(&host)).map_err(invalid)?;
+    url.set_port(Some(service.port.unwrap_or(80)))
+        .map_err(|()| Refusal::Invalid("the port cannot be set".to_owned()))?;
+    let path = service.path.as_deref().unwrap_or("/");
+    match path.split_once('?') {
+        Some((path, query)) => {
+            url.set_path(path);
+            url.set_query(Some(query));
+        }
+        None => url.set_path(path),
+    }
+    Ok(url)
 }
 
 /// Header values, reading Secrets in the resource's namespace.

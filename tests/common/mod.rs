@@ -420,3 +420,84 @@ async fn pump(
         }
     }
 }
+
+/// A service that counts every request it receives: on an address the outbound policy refuses,
+/// it proves that no call reached it. A redirecting one answers 302 to a fixed URL.
+pub struct Trap {
+    pub addr: SocketAddr,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Trap {
+    /// Answers 200 "trapped" on `ip` (a 127.0.0.x address).
+    pub async fn start(ip: [u8; 4]) -> Self {
+        Self::serve(ip, None).await
+    }
+
+    /// Answers 302 to `location` on `ip`.
+    pub async fn redirecting(ip: [u8; 4], location: String) -> Self {
+        Self::serve(ip, Some(location)).await
+    }
+
+    async fn serve(ip: [u8; 4], location: Option<String>) -> Self {
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = hits.clone();
+        let app = Router::new().fallback(any(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let location = location.clone();
+            async move {
+                match location {
+                    Some(to) => (StatusCode::FOUND, [(axum::http::header::LOCATION, to)], "moved").into_response(),
+                    None => (StatusCode::OK, "trapped").into_response(),
+                }
+            }
+        }));
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from((ip, 0)))
+            .await
+            .expect("bind trap");
+        let addr = listener.local_addr().expect("trap addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Trap { addr, hits }
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `http://addr/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// Spellings of `ip:port` that every URL parser of kubetx must see as that address, with the
+/// bypass tricks of the outbound-policy issue; `decoy` is an allowed host name.
+pub fn address_spellings(ip: [u8; 4], port: u16, decoy: &str) -> Vec<String> {
+    let [a, b, c, d] = ip;
+    let number = u32::from_be_bytes(ip);
+    vec![
+        format!("http://{a}.{b}.{c}.{d}:{port}/x"),
+        format!("http://{number}:{port}/x"),
+        format!("http://0{a:o}.0.0.0{d:o}:{port}/x"),
+        format!("http://0x{a:x}.{b}.{c}.0x{d:x}:{port}/x"),
+        format!("http://0x{number:x}:{port}/x"),
+        format!("http://{a}.{d}:{port}/x"),
+        format!("http://{a}.{b}.{c}.{d}.:{port}/x"),
+        format!("http://[::ffff:{a}.{b}.{c}.{d}]:{port}/x"),
+        format!(
+            "http://[::ffff:{:x}:{:x}]:{port}/x",
+            u16::from_be_bytes([a, b]),
+            u16::from_be_bytes([c, d])
+        ),
+        format!("http://{a}.{b}.{c}.{d}:{port}\\@{decoy}/x"),
+        format!("http://{decoy}@{a}.{b}.{c}.{d}:{port}/x"),
+        format!("http://{decoy}:80@{a}.{b}.{c}.{d}:{port}/x"),
+        format!("https://{a}.{b}.{c}.{d}:{port}/x#@{decoy}"),
+        format!("http://[::1]:{port}/x"),
+        "http://169.254.169.254/latest/meta-data".to_owned(),
+        "http://[::ffff:169.254.169.254]/latest/meta-data".to_owned(),
+        "http://0xa9fea9fe/latest/meta-data".to_owned(),
+        "http://[fe80::1]/".to_owned(),
+    ]
+}

@@ -1,0 +1,318 @@
+//! Calls one branch over HTTP, through the one outbound policy ([`policy`]), and classifies the
+//! reply exactly as DTM does.
+
+pub mod policy;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use self::policy::{OutboundPolicy, Refusal};
+use crate::engine::Outcome;
+
+/// Longest part of a reply body kept for classification and error messages.
+const MAX_REPLY_BYTES: usize = 64 * 1024;
+
+/// Errors building the HTTP client.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The TLS or connection-pool setup failed.
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// One branch call.
+#[derive(Debug, Clone, Copy)]
+pub struct BranchCall<'a> {
+    /// Endpoint (http or https); empty means immediate success.
+    pub url: &'a str,
+    /// `gid` query parameter.
+    pub gid: &'a str,
+    /// `trans_type` query parameter.
+    pub trans_type: &'a str,
+    /// `branch_id` query parameter.
+    pub branch_id: &'a str,
+    /// `op` query parameter.
+    pub op: &'a str,
+    /// Body sent as-is; POST when non-empty (or when `force_post`), GET otherwise.
+    pub body: &'a [u8],
+    /// XA phase-2 calls are always POST.
+    pub force_post: bool,
+    /// Extra headers (`branch_headers`).
+    pub headers: &'a BTreeMap<String, String>,
+    /// Whole-call timeout.
+    pub timeout: Duration,
+}
+
+/// One pooled keep-alive HTTP client for every outbound call, behind the outbound policy.
+#[derive(Debug, Clone)]
+pub struct Invoker {
+    client: reqwest::Client,
+    policy: Arc<OutboundPolicy>,
+}
+
+/// Builds an [`Invoker`].
+#[derive(Debug)]
+pub struct InvokerBuilder {
+    policy: OutboundPolicy,
+    source: Option<IpAddr>,
+    hosts: HashMap<String, Vec<IpAddr>>,
+}
+
+impl InvokerBuilder {
+    /// Branch calls leave from `source` (a node with several addresses, where branch services
+    /// tell replicas apart by address).
+    pub fn source_address(mut self, source: IpAddr) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// Resolves `name` to `addresses` instead of asking the system resolver (a hosts file of
+    /// this client; tests). The policy still checks the addresses.
+    pub fn static_host(mut self, name: &str, addresses: &[IpAddr]) -> Self {
+        self.hosts.insert(normal_name(name), addresses.to_vec());
+        self
+    }
+
+    /// Builds the shared client: no redirects, no proxies, every resolved address checked.
+    pub fn build(self) -> Result<Invoker, InvokeError> {
+        install_crypto_provider();
+        let policy = Arc::new(self.policy);
+        let resolver = PolicyResolver {
+            policy: Arc::clone(&policy),
+            hosts: Arc::new(self.hosts),
+        };
+        let client = reqwest::Client::builder()
+            .local_address(self.source)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            // DTM does not follow redirects: a 3xx is an unknown outcome, and a redirect cannot
+            // lead a call past the policy.
+            .redirect(reqwest::redirect::Policy::none())
+            // A proxy would resolve and dial for us, out of the policy's sight.
+            .no_proxy()
+            .dns_resolver(resolver)
+            // Branch calls are HTTP/1, where reqwest's default policy (protocol NACKs of HTTP/2
+            // and 3) never retries; without it no request is cloned for a retry that never comes.
+            // Retrying is the engine's job, with backoff.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
+            .build()?;
+        Ok(Invoker { client, policy })
+    }
+}
+
+impl Invoker {
+    /// A builder of a client that obeys `policy`.
+    pub fn builder(policy: OutboundPolicy) -> InvokerBuilder {
+        InvokerBuilder {
+            policy,
+            source: None,
+            hosts: HashMap::new(),
+        }
+    }
+
+    /// The shared client, obeying `policy`.
+    pub fn new(policy: OutboundPolicy) -> Result<Self, InvokeError> {
+        Self::builder(policy).build()
+    }
+
+    /// The outbound policy every call obeys.
+    pub fn policy(&self) -> &OutboundPolicy {
+        &self.policy
+    }
+
+    /// POSTs a JSON body (the alert webhook) under the same policy; the error is redacted.
+    pub async fn post_json(&self, url: &str, body: &serde_json::Value, timeout: Duration) -> Result<(), String> {
+        let url = self
+            .policy
+            .check(url)
+            .map_err(|refusal| format!("endpoint refused: {refusal}"))?;
+        match self.client.post(url).json(body).timeout(timeout).send().await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(format!("status {}", response.status().as_u16())),
+            Err(error) => Err(describe(error)),
+        }
+    }
+
+    /// Calls a branch and classifies the reply. A URL the policy refuses is an error outcome
+    /// (retried), never a call.
+    pub async fn call(&self, call: BranchCall<'_>) -> Outcome {
+        if call.url.is_empty() {
+            return Outcome::Success;
+        }
+        let mut url = match self.policy.check(call.url) {
+            Ok(url) => url,
+            Err(refusal) => return Outcome::Error(format!("endpoint refused: {refusal}")),
+        };
+        url.query_pairs_mut()
+            .append_pair("gid", call.gid)
+            .append_pair("trans_type", call.trans_type)
+            .append_pair("branch_id", call.branch_id)
+            .append_pair("op", call.op);
+        let method = if call.force_post || !call.body.is_empty() {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::GET
+        };
+        let mut request = self
+            .client
+            .request(method, url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .timeout(call.timeout);
+        // `branch_headers` replace the defaults (a custom content-type is not sent twice).
+        if !call.headers.is_empty() {
+            match header_map(call.headers) {
+                Ok(headers) => request = request.headers(headers),
+                Err(outcome) => return outcome,
+            }
+        }
+        if !call.body.is_empty() {
+            request = request.body(call.body.to_vec());
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(error) => return Outcome::Error(describe(error)),
+        };
+        let status = response.status().as_u16();
+        match read_limited(response).await {
+            Ok(body) => classify(status, &body),
+            Err(error) => Outcome::Error(describe(error)),
+        }
+    }
+}
+
+fn header_map(headers: &BTreeMap<String, String>) -> Result<reqwest::header::HeaderMap, Outcome> {
+    let mut map = reqwest::header::HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        match (
+            reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+            reqwest::header::HeaderValue::from_str(value),
+        ) {
+            (Ok(name), Ok(mut value)) => {
+                value.set_sensitive(true);
+                map.insert(name, value);
+            }
+            _ => return Err(Outcome::Error(format!("invalid branch header {name:?}"))),
+        }
+    }
+    Ok(map)
+}
+
+/// Resolves names for the client and keeps only the addresses the policy allows: the check on
+/// the address actually dialed (IP-literal hosts never reach a resolver; the policy checks them
+/// before the call).
+#[derive(Debug, Clone)]
+struct PolicyResolver {
+    policy: Arc<OutboundPolicy>,
+    hosts: Arc<HashMap<String, Vec<IpAddr>>>,
+}
+
+impl reqwest::dns::Resolve for PolicyResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let this = self.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let found = match this.hosts.get(&normal_name(&host)) {
+                Some(addresses) => addresses.clone(),
+                None => tokio::net::lookup_host((host.as_str(), 0))
+                    .await?
+                    .map(|address| address.ip())
+                    .collect(),
+            };
+            let allowed = this.policy.filter_resolved(&host, &found)?;
+            let addresses: reqwest::dns::Addrs = Box::new(allowed.into_iter().map(|ip| SocketAddr::new(ip, 0)));
+            Ok(addresses)
+        })
+    }
+}
+
+fn normal_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// DTM's classification, in its exact order: ONGOING (425 or the word in the body), then FAILURE
+/// (409 or the word), then anything but 200 is an error, and only then success.
+pub fn classify(status: u16, body: &str) -> Outcome {
+    if status == 425 || body.contains("ONGOING") {
+        Outcome::Ongoing(body.to_owned())
+    } else if status == 409 || body.contains("FAILURE") {
+        Outcome::Failure(body.to_owned())
+    } else if status != 200 {
+        Outcome::Error(format!("status {status}: {body}"))
+    } else {
+        Outcome::Success
+    }
+}
+
+async fn read_limited(mut response: reqwest::Response) -> Result<String, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = MAX_REPLY_BYTES - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= MAX_REPLY_BYTES {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+fn describe(error: reqwest::Error) -> String {
+    // A refusal of the resolver hook says all there is to say.
+    let mut source = std::error::Error::source(&error);
+    while let Some(inner) = source {
+        if let Some(refusal) = inner.downcast_ref::<Refusal>() {
+            return format!("endpoint refused: {refusal}");
+        }
+        source = inner.source();
+    }
+    if error.is_timeout() {
+        format!("timeout: {error}")
+    } else {
+        // The source chain carries the useful part ("connection refused").
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(inner) = source {
+            text.push_str(": ");
+            text.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        text
+    }
+}
+
+/// rustls needs one process-wide crypto provider; ring is the one kube already uses.
+pub fn install_crypto_provider() {
+    // Err only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_follows_dtm_order() {
+        assert_eq!(classify(200, ""), Outcome::Success);
+        assert_eq!(classify(200, "{\"dtm_result\":\"SUCCESS\"}"), Outcome::Success);
+        assert_eq!(classify(200, "some error text"), Outcome::Success);
+        assert!(matches!(classify(425, ""), Outcome::Ongoing(_)));
+        assert!(matches!(classify(409, "ONGOING"), Outcome::Ongoing(_)));
+        assert!(matches!(
+            classify(200, "{\"dtm_result\":\"ONGOING\"}"),
+            Outcome::Ongoing(_)
+        ));
+        assert!(matches!(classify(409, ""), Outcome::Failure(_)));
+        assert!(matches!(classify(500, "FAILURE"), Outcome::Failure(_)));
+        assert!(matches!(
+            classify(200, "{\"dtm_result\":\"FAILURE\"}"),
+            Outcome::Failure(_)
+        ));
+        assert!(matches!(classify(500, ""), Outcome::Error(_)));
+        assert!(matches!(classify(201, ""), Outcome::Error(_)));
+        assert!(matches!(classify(204, ""), Outcome::Error(_)));
+        assert!(matches!(classify(404, "not found"), Outcome::Error(_)));
+    }
+}

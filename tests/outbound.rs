@@ -1,0 +1,184 @@
+//! The outbound policy on the DTM API front door: every spelling of a refused address is a 400
+//! at submit and registerBranch, before any call; a DNS name resolving to a refused address and
+//! a redirect to one are never followed. Every service listens on 127.0.0.x (the "refused" one on
+//! 127.0.0.2); no traffic leaves the loopback range.
+
+mod common;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use common::{Bank, Trap, address_spellings};
+use kubetx::config::Config;
+use kubetx::invoke::Invoker;
+use kubetx::invoke::policy::OutboundPolicy;
+use kubetx::metrics::Metrics;
+use kubetx::scheduler::OffsetClock;
+use kubetx::server::Server;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+const BANK_IP: [u8; 4] = [127, 0, 0, 1];
+const TRAP_IP: [u8; 4] = [127, 0, 0, 2];
+
+struct Api {
+    server: Server,
+    http: reqwest::Client,
+    _dir: TempDir,
+}
+
+impl Api {
+    /// A server allowing `*.allowed.test` and 127.0.0.1 only, where `bank.allowed.test` resolves
+    /// to 127.0.0.1 and `trap.allowed.test` to 127.0.0.2.
+    async fn locked_down() -> Self {
+        let policy =
+            OutboundPolicy::new(&["*.allowed.test".to_owned()], &["127.0.0.1/32".to_owned()]).expect("valid policy");
+        Self::start(policy).await
+    }
+
+    async fn start(policy: OutboundPolicy) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config {
+            listen: "127.0.0.1:0".to_owned(),
+            ..Config::default()
+        };
+        config.sqlite.path = dir.path().join("kubetx.db").display().to_string();
+        let invoker = Invoker::builder(policy)
+            .static_host("bank.allowed.test", &[IpAddr::from(BANK_IP)])
+            .static_host("trap.allowed.test", &[IpAddr::from(TRAP_IP)])
+            .build()
+            .expect("client");
+        let clock = Arc::new(OffsetClock::default());
+        let server = Server::start_with_invoker(&config, clock, false, Arc::new(Metrics::new()), invoker)
+            .await
+            .expect("server starts");
+        Api {
+            server,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    async fn post(&self, route: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}/{route}", self.server.dtm_url()))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn saga(&self, gid: &str, actions: &[String]) -> (u16, Value) {
+        let steps: Vec<Value> = actions.iter().map(|a| json!({"action": a, "compensate": ""})).collect();
+        let payloads: Vec<Value> = actions.iter().map(|_| json!("{}")).collect();
+        self.post(
+            "submit",
+            json!({"gid": gid, "trans_type": "saga", "wait_result": true, "steps": steps, "payloads": payloads}),
+        )
+        .await
+    }
+}
+
+fn message(body: &Value) -> &str {
+    body["message"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn every_spelling_of_a_refused_address_is_a_400_before_any_call() {
+    let api = Api::locked_down().await;
+    let trap = Trap::start(TRAP_IP).await;
+    let (status, _) = api
+        .post("prepare", json!({"gid": "tcc-open", "trans_type": "tcc"}))
+        .await;
+    assert_eq!(status, 200);
+    let spellings = address_spellings(TRAP_IP, trap.addr.port(), "bank.allowed.test");
+    for (index, url) in spellings.iter().enumerate() {
+        let (status, body) = api.saga(&format!("spelled-{index}"), std::slice::from_ref(url)).await;
+        assert_eq!(status, 400, "submit with {url}: {body}");
+        assert!(message(&body).starts_with("endpoint refused: action:"), "{url}: {body}");
+        let register = json!({"gid": "tcc-open", "trans_type": "tcc", "branch_id": format!("{index:02}"),
+            "confirm": url, "cancel": ""});
+        let (status, body) = api.post("registerBranch", register).await;
+        assert_eq!(status, 400, "registerBranch with {url}: {body}");
+        assert!(
+            message(&body).starts_with("endpoint refused: confirm:"),
+            "{url}: {body}"
+        );
+    }
+    assert_eq!(trap.hits(), 0, "no call reached the refused address");
+    // The issue's own example, with 127.0.0.0/8 not allowed at all.
+    let cluster = Api::start(OutboundPolicy::cluster(&[], &[], "svc").expect("policy")).await;
+    let (status, body) = cluster
+        .saga(
+            "issue",
+            &["http://127.0.0.1:18081\\@bank.default.svc/api/Backslash".to_owned()],
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        message(&body),
+        "endpoint refused: action: 127.0.0.1 is not in the allowed address ranges"
+    );
+}
+
+#[tokio::test]
+async fn the_spellings_really_reach_the_address_when_it_is_allowed() {
+    // The control of the test above: with a permissive policy the same spellings dial the trap,
+    // so the refusals above are refusals of 127.0.0.2 and not of malformed URLs.
+    let api = Api::start(OutboundPolicy::permissive()).await;
+    let trap = Trap::start(TRAP_IP).await;
+    let spellings = address_spellings(TRAP_IP, trap.addr.port(), "bank.allowed.test");
+    let reachable: Vec<&String> = spellings
+        .iter()
+        .filter(|u| u.starts_with("http://") && !u.contains('[') && !u.contains("169.254") && !u.contains("0xa9fe"))
+        .collect();
+    assert_eq!(reachable.len(), 10, "{reachable:?}");
+    for (index, url) in reachable.iter().enumerate() {
+        let (status, body) = api.saga(&format!("control-{index}"), &[(*url).clone()]).await;
+        assert_eq!(status, 200, "{url}: {body}");
+        assert_eq!(trap.hits(), index + 1, "{url} reached 127.0.0.2");
+    }
+    // Metadata stays refused even here.
+    let (status, body) = api
+        .saga("metadata", &["http://[::ffff:169.254.169.254]/latest".to_owned()])
+        .await;
+    assert_eq!(status, 400);
+    assert!(message(&body).contains("never called"), "{body}");
+}
+
+#[tokio::test]
+async fn a_name_resolving_to_a_refused_address_is_never_dialed() {
+    let api = Api::locked_down().await;
+    let bank = Bank::start().await;
+    let trap = Trap::start(TRAP_IP).await;
+    let allowed = format!("http://bank.allowed.test:{}/api/TransOut", bank.addr.port());
+    let refused = format!("http://trap.allowed.test.:{}/x", trap.addr.port());
+    let (status, body) = api.saga("dns", &[allowed, refused]).await;
+    // Accepted (names are resolved at call time); the first step ran, the second is retried.
+    assert_eq!(status, 425, "{body}");
+    assert!(
+        message(&body).contains("resolves only to refused addresses: 127.0.0.2 is not in the allowed address ranges"),
+        "{body}"
+    );
+    assert_eq!(
+        bank.count("dns", "TransOut"),
+        1,
+        "the allowed name resolved and was called"
+    );
+    assert_eq!(trap.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_redirect_is_an_unknown_outcome_and_never_followed() {
+    let api = Api::locked_down().await;
+    let trap = Trap::start(TRAP_IP).await;
+    let redirector = Trap::redirecting(BANK_IP, trap.url("/stolen")).await;
+    let (status, body) = api.saga("redirect", &[redirector.url("/go")]).await;
+    assert_eq!(status, 425, "retried, not failed: {body}");
+    assert!(message(&body).contains("status 302"), "{body}");
+    assert_eq!(redirector.hits(), 1);
+    assert_eq!(trap.hits(), 0, "the redirect was not followed");
+}
