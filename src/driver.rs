@@ -13,7 +13,7 @@ use tracing::debug;
 use crate::engine::{self, BranchUpdate, Call, Outcome, Pass, Plan, Policy, Target};
 use crate::invoke::{BranchCall, Invoker};
 use crate::metrics::{BranchLabels, Metrics};
-use crate::model::{Branch, GlobalTrans, Millis, TransStatus, TransType};
+use crate::model::{Branch, GlobalTrans, Millis, TransStatus, TransType, without_userinfo};
 
 /// Where a pass's steps go. Every method may veto the rest of the pass by answering `false`
 /// (e.g. the lease was lost); the pass then stops without further calls.
@@ -227,7 +227,8 @@ async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, ti
         })
         .inc();
     if let Outcome::Error(text) | Outcome::Failure(text) = &outcome {
-        debug!(gid = %global.gid, url = %call.url, op = %call.op, error = %text, "branch did not succeed");
+        let url = without_userinfo(&call.url);
+        debug!(gid = %global.gid, %url, op = %call.op, error = %text, "branch did not succeed");
     }
     outcome
 }

@@ -199,6 +199,30 @@ pub struct TransOptions {
     pub retry_limit: i64,
 }
 
+/// What replaces a redacted value in answers.
+pub const REDACTED: &str = "<redacted>";
+
+/// `text` with the userinfo (`user:password@`) of every URL in it removed: error texts and
+/// rollback reasons quote URLs, and a URL's credentials must never be shown or stored in clear.
+/// The authority ends where the URL parser ends it (`/`, `\`, `?`, `#`), or at whitespace or a
+/// quote; its userinfo is everything up to its last `@`.
+pub fn without_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '\\' | '?' | '#' | '"' | '\'' | '`') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        out.push_str(authority.rsplit_once('@').map_or(authority, |(_, host)| host));
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn is_false(value: &bool) -> bool {
     !*value
 }
@@ -297,4 +321,21 @@ impl Branch {
 /// Branch id of the n-th (0-based) top-level branch: "01", "02", ...
 pub fn branch_id_for(index: usize) -> String {
     format!("{:02}", index + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_is_removed_from_every_url_in_a_text() {
+        assert_eq!(
+            without_userinfo("url:http://u:p4ss@bank:80/x?a=b@c return failed: see https://t@h/y"),
+            "url:http://bank:80/x?a=b@c return failed: see https://h/y"
+        );
+        assert_eq!(without_userinfo("(http://a:b@c@host)"), "(http://host)");
+        assert_eq!(without_userinfo("http://h\\\\@x/"), "http://h\\\\@x/");
+        assert_eq!(without_userinfo("no url, a@b"), "no url, a@b");
+        assert_eq!(without_userinfo("\"http://k:s@h\" x"), "\"http://h\" x");
+    }
 }

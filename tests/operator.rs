@@ -602,6 +602,11 @@ async fn headers_come_from_secrets() {
         assert_eq!(call.headers["authorization"], "Bearer s3cret");
         assert_eq!(call.headers["x-tenant"], "blue");
     }
+    // Sent, never shown: neither the status nor an event holds a header value.
+    let events = format!("{:?}", env.double.events());
+    for shown in [saga["status"].to_string(), events] {
+        assert!(!shown.contains("s3cret") && !shown.contains("blue"), "{shown}");
+    }
     operator.stop().await.expect("stops");
 }
 

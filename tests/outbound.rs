@@ -1,12 +1,13 @@
 //! The outbound policy on the DTM API front door: every spelling of a refused address is a 400
 //! at submit and registerBranch, before any call; a DNS name resolving to a refused address and
 //! a redirect to one are never followed. Every service listens on 127.0.0.x (the "refused" one on
-//! 127.0.0.2); no traffic leaves the loopback range.
+//! 127.0.0.2); no traffic leaves the loopback range. And what is sent is not shown: header values
+//! and URL credentials never appear in an answer or a log line.
 
 mod common;
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use common::{Bank, Trap, address_spellings};
 use kubetx::config::Config;
@@ -181,4 +182,76 @@ async fn a_redirect_is_an_unknown_outcome_and_never_followed() {
     assert!(message(&body).contains("status 302"), "{body}");
     assert_eq!(redirector.hits(), 1);
     assert_eq!(trap.hits(), 0, "the redirect was not followed");
+}
+
+/// Every log line of this test binary, at every level.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&logs);
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || LogWriter(Arc::clone(&sink)))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+        logs
+    })
+    .clone()
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn header_values_and_url_credentials_are_never_shown() {
+    const TOKEN: &str = "Bearer s3cret-t0ken";
+    const PASSWORD: &str = "pa55w0rd";
+    let logs = captured_logs();
+    let api = Api::start(OutboundPolicy::permissive()).await;
+    let bank = Bank::start().await;
+    let with_credentials = |url: String| url.replacen("http://", &format!("http://alice:{PASSWORD}@"), 1);
+    let closed = format!("http://{}/api/Closed", common::free_addr());
+    let body = json!({"gid": "secret", "trans_type": "saga", "wait_result": true,
+        "branch_headers": {"Authorization": TOKEN},
+        "steps": [{"action": with_credentials(bank.url("TransOut")), "compensate": ""},
+                  {"action": with_credentials(closed), "compensate": ""}],
+        "payloads": ["{}", "{}"]});
+    let (status, answer) = api.post("submit", body).await;
+    assert_eq!(status, 425, "the closed port is an unknown outcome: {answer}");
+    let sent = bank.calls().into_iter().find(|c| c.gid == "secret").expect("called");
+    assert_eq!(sent.headers["authorization"], TOKEN, "the header is sent");
+    let mut shown = vec![answer.to_string()];
+    for route in ["query?gid=secret", "all", "all?gid=secret"] {
+        let response = api
+            .http
+            .get(format!("{}/{route}", api.server.dtm_url()))
+            .send()
+            .await
+            .expect("request");
+        shown.push(response.text().await.expect("body"));
+    }
+    assert!(
+        shown[1].contains("<redacted>") && shown[1].contains("Authorization"),
+        "{}",
+        shown[1]
+    );
+    assert!(shown[1].contains("api/TransOut"), "{}", shown[1]);
+    let logged = String::from_utf8_lossy(&logs.lock().expect("log lock")).into_owned();
+    assert!(logged.contains("secret"), "the test saw this transaction's log lines");
+    for text in shown.iter().chain([&logged]) {
+        assert!(!text.contains("s3cret-t0ken"), "header value shown: {text}");
+        assert!(!text.contains(PASSWORD), "URL password shown: {text}");
+    }
 }

@@ -13,7 +13,7 @@ use axum::http::{HeaderName, HeaderValue};
 
 use crate::engine::{MsgCustom, null_default};
 use crate::invoke::policy::OutboundPolicy;
-use crate::model::{Branch, GlobalTrans, Millis, TransOptions, TransType};
+use crate::model::{Branch, GlobalTrans, Millis, REDACTED, TransOptions, TransType, without_userinfo};
 use crate::store::KvEntry;
 
 use crate::limits::{
@@ -284,9 +284,19 @@ fn optional_time(at: Option<Millis>) -> Option<Value> {
     at.map(time_text)
 }
 
-/// A transaction as `/query`, `/all` and `/prepareWorkflow` return it.
+/// Options as answers show them: header names kept, values redacted.
+fn shown_options(options: &TransOptions) -> TransOptions {
+    let mut shown = options.clone();
+    for value in shown.branch_headers.values_mut() {
+        *value = REDACTED.to_owned();
+    }
+    shown
+}
+
+/// A transaction as `/query`, `/all` and `/prepareWorkflow` return it: header values redacted,
+/// URL userinfo removed.
 pub fn global_json(global: &GlobalTrans) -> Value {
-    let options = &global.options;
+    let options = &shown_options(&global.options);
     let mut out = json!({
         "id": global.id,
         "create_time": time_text(global.create_time),
@@ -301,10 +311,16 @@ pub fn global_json(global: &GlobalTrans) -> Value {
         "concurrent": options.concurrent,
     });
     let fields = [
-        ("query_prepared", Some(Value::from(global.query_prepared.as_str()))),
+        (
+            "query_prepared",
+            Some(Value::from(without_userinfo(&global.query_prepared))),
+        ),
         ("custom_data", Some(Value::from(global.custom_data.as_str()))),
         ("result", Some(Value::from(global.result.as_str()))),
-        ("rollback_reason", Some(Value::from(global.rollback_reason.as_str()))),
+        (
+            "rollback_reason",
+            Some(Value::from(without_userinfo(&global.rollback_reason))),
+        ),
         ("owner", Some(Value::from(global.owner.as_str()))),
         ("ext_data", Some(Value::from(global.ext_data.as_str()))),
         ("finish_time", optional_time(global.finish_time)),
@@ -335,14 +351,14 @@ pub fn global_json(global: &GlobalTrans) -> Value {
     out
 }
 
-/// A branch row as `/query` returns it.
+/// A branch row as `/query` returns it, URL userinfo removed.
 pub fn branch_json(branch: &Branch) -> Value {
     let mut out = json!({
         "id": branch.id,
         "create_time": time_text(branch.create_time),
         "update_time": time_text(branch.update_time),
         "gid": branch.gid,
-        "url": branch.url,
+        "url": without_userinfo(&branch.url),
         "bin_data": base64::engine::general_purpose::STANDARD.encode(&branch.bin_data),
         "branch_id": branch.branch_id,
         "op": branch.op,
@@ -367,7 +383,7 @@ pub fn kv_json(entry: &KvEntry) -> Value {
         "update_time": time_text(entry.update_time),
         "cat": entry.cat,
         "k": entry.key,
-        "v": entry.value,
+        "v": without_userinfo(&entry.value),
         "version": entry.version,
     })
 }

@@ -22,7 +22,7 @@ pub use layout::{
     tcc_branches, tcc_resource_branches, xa_branches,
 };
 
-use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, TransType, op};
+use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, TransType, op, without_userinfo};
 
 /// What a branch call produced, as classified by the invoke layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +210,11 @@ pub fn absorb(
                     BranchStatus::Succeed
                 }
                 Outcome::Failure(text) if terminal_failure => {
-                    pass.failure_reason = Some(format!("url:{} return failed: {} FAILURE", row.url, text.trim()));
+                    pass.failure_reason = Some(without_userinfo(&format!(
+                        "url:{} return failed: {} FAILURE",
+                        row.url,
+                        text.trim()
+                    )));
                     BranchStatus::Failed
                 }
                 // FAILURE anywhere but a saga action must not stop the transaction: retry it.
@@ -245,7 +249,7 @@ pub fn absorb(
 
 fn note_error(pass: &mut Pass, url: &str, text: &str) {
     pass.saw_error = true;
-    pass.last_error = Some((url.to_owned(), text.to_owned()));
+    pass.last_error = Some((without_userinfo(url), without_userinfo(text)));
 }
 
 /// Base retry interval of a transaction in seconds (DTM's rule, §10.3 of the protocol notes).

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use self::policy::{OutboundPolicy, Refusal};
 use crate::engine::Outcome;
+use crate::model::without_userinfo;
 
 /// Longest part of a reply body kept for classification and error messages.
 const MAX_REPLY_BYTES: usize = 64 * 1024;
@@ -259,7 +260,14 @@ async fn read_limited(mut response: reqwest::Response) -> Result<String, reqwest
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-fn describe(error: reqwest::Error) -> String {
+/// The text of a call error: a refusal of the resolver hook as such, otherwise the error and its
+/// causes, with the URL's userinfo removed (the text goes into statuses, events and answers).
+fn describe(mut error: reqwest::Error) -> String {
+    if let Some(url) = error.url_mut() {
+        // Only fails for URLs that cannot have credentials, which then have none.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+    }
     // A refusal of the resolver hook says all there is to say.
     let mut source = std::error::Error::source(&error);
     while let Some(inner) = source {
@@ -279,7 +287,7 @@ fn describe(error: reqwest::Error) -> String {
             text.push_str(&inner.to_string());
             source = inner.source();
         }
-        text
+        without_userinfo(&text)
     }
 }
 
