@@ -140,6 +140,7 @@ async fn run(args: Args) -> Result<(), String> {
         reconcile: ReconcileConfig {
             policy: Policy::default(),
             request_timeout: Duration::from_secs(5),
+            max_request_timeout: Duration::from_secs(600),
             default_ttl: None,
             service_domain: "svc".to_owned(),
             store: store.clone(),

@@ -134,6 +134,18 @@ pub struct ServeArgs {
     /// Default branch call timeout in seconds.
     #[arg(long, env = "KUBETX_REQUEST_TIMEOUT")]
     pub request_timeout: Option<u64>,
+    /// Longest branch call timeout in seconds, whatever a transaction asks for.
+    #[arg(long, env = "KUBETX_MAX_REQUEST_TIMEOUT")]
+    pub max_request_timeout: Option<u64>,
+    /// Most passes running at once; beyond it, non-waiting submits are left to the scheduler.
+    #[arg(long, env = "KUBETX_MAX_CONCURRENT_PASSES")]
+    pub max_concurrent_passes: Option<usize>,
+    /// Longest time spent on one API request in seconds (503 after it).
+    #[arg(long, env = "KUBETX_HTTP_TIMEOUT")]
+    pub http_timeout: Option<u64>,
+    /// Most API requests handled at once.
+    #[arg(long, env = "KUBETX_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
     /// Lease length in seconds.
     #[arg(long, env = "KUBETX_LEASE")]
     pub lease: Option<u64>,
@@ -229,6 +241,10 @@ impl ServeArgs {
             max_retry_interval => max_retry_interval,
             timeout_to_fail => timeout_to_fail,
             request_timeout => request_timeout,
+            max_request_timeout => max_request_timeout,
+            max_concurrent_passes => max_concurrent_passes,
+            http_timeout => http_timeout,
+            max_concurrent_requests => max_concurrent_requests,
             lease => lease,
             poll_interval_ms => poll_interval_ms,
             max_body_bytes => max_body_bytes,
@@ -320,6 +336,7 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
         reconcile: ReconcileConfig {
             policy: config.scheduler().policy,
             request_timeout: Duration::from_secs(config.request_timeout),
+            max_request_timeout: Duration::from_secs(config.max_request_timeout),
             default_ttl: Some(args.default_ttl).filter(|ttl| *ttl > 0),
             service_domain: args.service_domain.clone(),
             // With PostgreSQL or MySQL, branch detail goes to SQL and the status keeps a summary.

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::Policy;
 use crate::invoke::policy::OutboundPolicy;
+use crate::limits::{self, MAX_CALL_TIMEOUT_SECONDS};
 use crate::scheduler::SchedulerConfig;
 use crate::store::retention::Retention;
 use crate::store::{StoreKind, StoreOptions, Synchronous};
@@ -98,6 +99,17 @@ pub struct Config {
     pub timeout_to_fail: i64,
     /// Branch call timeout of transactions that set none.
     pub request_timeout: u64,
+    /// Longest branch call timeout, whatever a transaction or resource asks for (at most the
+    /// schema's bound, 3,600).
+    pub max_request_timeout: u64,
+    /// Most passes running at once in this process; a transaction submitted without
+    /// `wait_result` beyond it is left due in the store for the scheduler.
+    pub max_concurrent_passes: usize,
+    /// Longest time the API spends on one request (a `wait_result` pass included), in seconds:
+    /// 503 after it.
+    pub http_timeout: u64,
+    /// Most API requests handled at once; more wait (within `http_timeout`).
+    pub max_concurrent_requests: usize,
     /// How long a process may drive a transaction before another may take it over.
     pub lease: u64,
     /// How often the scheduler looks for due transactions when idle, in milliseconds.
@@ -137,6 +149,10 @@ impl Default for Config {
             max_retry_interval: 300,
             timeout_to_fail: 35,
             request_timeout: 3,
+            max_request_timeout: 600,
+            max_concurrent_passes: 1024,
+            http_timeout: 60,
+            max_concurrent_requests: 1024,
             lease: 30,
             poll_interval_ms: 1000,
             max_body_bytes: 1024 * 1024,
@@ -178,6 +194,9 @@ impl Config {
             ("store_acquire_timeout_ms", self.store_acquire_timeout_ms as i64),
             ("retention_batch", self.retention_batch),
             ("retention_interval", self.retention_interval as i64),
+            ("http_timeout", self.http_timeout as i64),
+            ("max_concurrent_passes", self.max_concurrent_passes as i64),
+            ("max_concurrent_requests", self.max_concurrent_requests as i64),
         ];
         for (name, value) in positive {
             if value <= 0 {
@@ -189,6 +208,13 @@ impl Config {
                 "max_retry_interval must not be below retry_interval".to_owned(),
             ));
         }
+        limits::check_range(
+            "max_request_timeout",
+            self.max_request_timeout as i64,
+            self.request_timeout as i64,
+            MAX_CALL_TIMEOUT_SECONDS,
+        )
+        .map_err(ConfigError::Invalid)?;
         if self.lease <= self.request_timeout {
             return Err(ConfigError::Invalid(
                 "lease must be longer than request_timeout".to_owned(),
@@ -249,6 +275,8 @@ impl Config {
                 timeout_to_fail: self.timeout_to_fail,
             },
             request_timeout: Duration::from_secs(self.request_timeout),
+            max_request_timeout: Duration::from_secs(self.max_request_timeout),
+            max_concurrent_passes: self.max_concurrent_passes,
             lease: Duration::from_secs(self.lease),
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             alert_webhook: Some(self.alert_webhook.clone()).filter(|w| !w.is_empty()),

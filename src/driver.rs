@@ -78,6 +78,8 @@ pub struct PassContext<'a> {
     pub policy: &'a Policy,
     /// Branch call timeout when the transaction sets none.
     pub request_timeout: Duration,
+    /// Longest branch call timeout, whatever the transaction asks for.
+    pub max_request_timeout: Duration,
     /// Current time.
     pub now: &'a (dyn Fn() -> Millis + Send + Sync),
     /// Branch call counters.
@@ -149,7 +151,7 @@ pub async fn run_pass<S: PassSink>(
                 }
             }
             Plan::Invoke(calls) => {
-                let timeout = request_timeout(&global, context.request_timeout);
+                let timeout = request_timeout(&global, context.request_timeout).min(context.max_request_timeout);
                 if !sink
                     .before_calls(&global, now + timeout.as_millis() as Millis, now)
                     .await?
@@ -196,6 +198,25 @@ pub fn request_timeout(global: &GlobalTrans, default: Duration) -> Duration {
     }
 }
 
+/// A branch operation as a metric label: one of the fixed operations, or `other` (a workflow's
+/// resume call carries the client-chosen workflow name, which must not become a series).
+fn metric_op(operation: &str) -> &'static str {
+    use crate::model::op;
+    [
+        op::ACTION,
+        op::COMPENSATE,
+        op::TRY,
+        op::CONFIRM,
+        op::CANCEL,
+        op::COMMIT,
+        op::ROLLBACK,
+        op::MSG,
+    ]
+    .into_iter()
+    .find(|known| *known == operation)
+    .unwrap_or("other")
+}
+
 async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, timeout: Duration) -> Outcome {
     let outcome = context
         .invoker
@@ -222,7 +243,7 @@ async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, ti
         .branch_calls
         .get_or_create(&BranchLabels {
             trans_type: global.trans_type.as_str().to_owned(),
-            op: call.op.clone(),
+            op: metric_op(&call.op).to_owned(),
             outcome: label.to_owned(),
         })
         .inc();
@@ -231,4 +252,16 @@ async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, ti
         debug!(gid = %global.gid, %url, op = %call.op, error = %text, "branch did not succeed");
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_of_operations_are_a_fixed_set() {
+        assert_eq!(metric_op("compensate"), "compensate");
+        assert_eq!(metric_op("msg"), "msg");
+        assert_eq!(metric_op("my-workflow-name-4711"), "other");
+    }
 }

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub passes: Counter,
     /// Passes that stopped because another process took the lease or the status moved.
     pub leases_lost: Counter,
+    /// Passes not started at once for want of a free slot (left to the scheduler).
+    pub passes_deferred: Counter,
     /// Alert webhooks sent.
     pub alerts: Counter,
     /// Operator reconcile passes by kind.
@@ -109,6 +111,7 @@ impl Metrics {
         let branch_calls = Family::<BranchLabels, Counter>::default();
         let passes = Counter::default();
         let leases_lost = Counter::default();
+        let passes_deferred = Counter::default();
         let alerts = Counter::default();
         let reconciles = Family::<KindLabels, Counter>::default();
         let reconcile_failures = Family::<FailureLabels, Counter>::default();
@@ -145,6 +148,11 @@ impl Metrics {
             "Passes stopped because the lease or status moved",
             leases_lost.clone(),
         );
+        registry.register(
+            "passes_deferred",
+            "Passes left to the scheduler for want of a free slot",
+            passes_deferred.clone(),
+        );
         registry.register("alerts", "Alert webhooks sent", alerts.clone());
         registry.register("reconciles", "Operator reconcile passes by kind", reconciles.clone());
         registry.register(
@@ -167,6 +175,7 @@ impl Metrics {
             branch_calls,
             passes,
             leases_lost,
+            passes_deferred,
             alerts,
             reconciles,
             reconcile_failures,

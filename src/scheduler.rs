@@ -81,6 +81,8 @@ pub struct SchedulerConfig {
     pub policy: Policy,
     /// Branch call timeout when the transaction sets none.
     pub request_timeout: Duration,
+    /// Longest branch call timeout, whatever the transaction asks for.
+    pub max_request_timeout: Duration,
     /// How long a claim lasts before another process may take the transaction over.
     pub lease: Duration,
     /// How often the loop looks for due transactions when idle.
@@ -100,6 +102,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             policy: Policy::default(),
             request_timeout: Duration::from_secs(3),
+            max_request_timeout: Duration::from_secs(600),
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             claim_batch: 64,
@@ -201,12 +204,19 @@ impl Coordinator {
         self.wake.notify_one();
     }
 
-    /// Runs a pass in the background; the caller holds the lease.
+    /// Runs a pass in the background on a free slot; the caller holds the lease. Without a free
+    /// slot nothing is spawned: the transaction stays in the store and its lease expires, after
+    /// which the scheduler takes it (see [`Coordinator::spawn_pass_from`], which hands it back at
+    /// once). Clients that do not wait can never grow this process's work without bound.
     pub fn spawn_pass(self: &Arc<Self>, gid: String) {
+        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+            self.metrics.passes_deferred.inc();
+            debug!(%gid, "no free slot; the scheduler takes the transaction when its lease expires");
+            return;
+        };
         let this = Arc::clone(self);
         self.tracker.spawn(async move {
-            // The semaphore is never closed, so acquiring only waits.
-            let _permit = this.permits.clone().acquire_owned().await;
+            let _permit = permit;
             if let Err(error) = this.run_pass(&gid).await {
                 warn!(%gid, %error, "pass failed; the transaction is retried when its lease expires");
             }
@@ -214,17 +224,39 @@ impl Coordinator {
     }
 
     /// Like [`Coordinator::spawn_pass`], over the transaction as the caller just wrote it (see
-    /// [`Coordinator::run_pass_from`]).
-    pub fn spawn_pass_from(self: &Arc<Self>, global: GlobalTrans, branches: Option<Vec<Branch>>) {
+    /// [`Coordinator::run_pass_from`]). Without a free slot the transaction is handed back to the
+    /// scheduler, due at once.
+    pub async fn spawn_pass_from(
+        self: &Arc<Self>,
+        global: GlobalTrans,
+        branches: Option<Vec<Branch>>,
+    ) -> Result<(), SchedulerError> {
+        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+            return self.defer(&global).await;
+        };
         let this = Arc::clone(self);
         self.tracker.spawn(async move {
-            // The semaphore is never closed, so acquiring only waits.
-            let _permit = this.permits.clone().acquire_owned().await;
+            let _permit = permit;
             let gid = global.gid.clone();
             if let Err(error) = this.run_pass_from(global, branches).await {
                 warn!(%gid, %error, "pass failed; the transaction is retried when its lease expires");
             }
         });
+        Ok(())
+    }
+
+    /// Gives a transaction this process holds back to the scheduler, due now.
+    async fn defer(&self, global: &GlobalTrans) -> Result<(), SchedulerError> {
+        self.metrics.passes_deferred.inc();
+        let now = self.clock.now();
+        let guard = Guard {
+            gid: global.gid.clone(),
+            owner: self.owner.clone(),
+            status: global.status,
+        };
+        self.store.release(&guard, now, global.next_cron_interval, now).await?;
+        self.wake();
+        Ok(())
     }
 
     /// Claims the due transactions and runs their passes to completion. Returns how many ran.
@@ -356,6 +388,7 @@ impl Coordinator {
             invoker: &self.invoker,
             policy: &self.config.policy,
             request_timeout: self.config.request_timeout,
+            max_request_timeout: self.config.max_request_timeout,
             now: &now,
             metrics: &self.metrics,
         };

@@ -106,6 +106,8 @@ impl Server {
             Arc::clone(&coordinator),
             &ApiConfig {
                 max_body_bytes: config.max_body_bytes,
+                timeout: Duration::from_secs(config.http_timeout),
+                max_concurrent_requests: config.max_concurrent_requests,
             },
         )
         .route("/readyz", get(move || readyz(Arc::clone(&ready_store))));

@@ -867,3 +867,111 @@ async fn response_envelope_success_failure_and_ongoing() {
         "{body}"
     );
 }
+
+/// A branch service whose calls wait until the test opens it; counts the calls that arrived.
+struct Gate {
+    addr: std::net::SocketAddr,
+    open: tokio::sync::watch::Sender<bool>,
+    arrived: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Gate {
+    async fn start() -> Self {
+        let (open, opened) = tokio::sync::watch::channel(false);
+        let arrived = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = arrived.clone();
+        let app = axum::Router::new().fallback(axum::routing::any(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut opened = opened.clone();
+            async move {
+                // A closed channel only means the test is over.
+                let _ = opened.wait_for(|open| *open).await;
+                "SUCCESS"
+            }
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gate");
+        let addr = listener.local_addr().expect("gate addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Gate { addr, open, arrived }
+    }
+
+    fn arrived(&self) -> usize {
+        self.arrived.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn non_waiting_submits_beyond_the_free_slots_are_left_to_the_scheduler() {
+    let ts = TestServer::start_with(|c| c.max_concurrent_passes = 1).await;
+    let bank = Bank::start().await;
+    let gate = Gate::start().await;
+    // The only slot is held by a pass waiting at the gate.
+    let holder = json!({"gid": "holder", "trans_type": "saga",
+        "steps": [{"action": format!("http://{}/api/Hold", gate.addr), "compensate": ""}], "payloads": ["{}"]});
+    assert_eq!(ts.post("submit", holder).await, (200, success()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gate.arrived() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the holder's call never arrived");
+        tokio::task::yield_now().await;
+    }
+    for i in 0..20 {
+        assert_eq!(
+            ts.post("submit", transfer_saga(&format!("flood-{i}"), &bank)).await,
+            (200, success())
+        );
+    }
+    // Nothing was spawned for them: each is in the store, unowned and due now.
+    assert!(bank.calls().is_empty(), "no pass ran beyond the slot");
+    for i in 0..20 {
+        let flood = ts.transaction(&format!("flood-{i}")).await;
+        assert_eq!(flood["status"], "submitted");
+        assert!(flood.get("owner").is_none(), "handed back: {flood}");
+    }
+    let metrics = metrics_text(&ts).await;
+    assert!(metrics.contains("kubetx_passes_deferred_total 20"), "{metrics}");
+    // The scheduler runs them all; nothing is lost.
+    gate.open.send_replace(true);
+    for i in 0..20 {
+        let gid = format!("flood-{i}");
+        while ts.state(&gid).await.0 != "succeed" {
+            assert!(
+                std::time::Instant::now() < deadline + Duration::from_secs(10),
+                "{gid} not done"
+            );
+            ts.server.coordinator.tick().await.expect("tick");
+        }
+    }
+    assert_eq!(bank.calls().len(), 40);
+}
+
+#[tokio::test]
+async fn a_request_timeout_beyond_the_cap_is_cut_to_it() {
+    let ts = TestServer::start_with(|c| {
+        c.request_timeout = 1;
+        c.max_request_timeout = 1;
+    })
+    .await;
+    let gate = Gate::start().await;
+    let body = json!({"gid": "capped", "trans_type": "saga", "wait_result": true, "request_timeout": 3600,
+        "steps": [{"action": format!("http://{}/api/Hold", gate.addr), "compensate": ""}], "payloads": ["{}"]});
+    let started = std::time::Instant::now();
+    let (code, reply) = ts.post("submit", body).await;
+    assert_eq!(code, 425, "{reply}");
+    assert!(
+        reply["message"].as_str().is_some_and(|m| m.contains("timeout")),
+        "{reply}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "cut to the 1 s cap");
+}
+
+#[tokio::test]
+async fn a_request_longer_than_the_http_timeout_is_a_503() {
+    let ts = TestServer::start_with(|c| c.http_timeout = 1).await;
+    let gate = Gate::start().await;
+    let body = json!({"gid": "slow-answer", "trans_type": "saga", "wait_result": true,
+        "steps": [{"action": format!("http://{}/api/Hold", gate.addr), "compensate": ""}], "payloads": ["{}"]});
+    let (code, _) = ts.post("submit", body).await;
+    assert_eq!(code, 503);
+    // The transaction is safe in the store; the pass resumes after its lease.
+    assert_eq!(ts.transaction("slow-answer").await["status"], "submitted");
+}

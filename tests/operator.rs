@@ -65,6 +65,7 @@ impl Env {
                     timeout_to_fail: 35,
                 },
                 request_timeout: Duration::from_secs(2),
+                max_request_timeout: Duration::from_secs(600),
                 default_ttl: None,
                 service_domain: "svc".to_owned(),
                 store: None,

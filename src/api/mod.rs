@@ -16,6 +16,8 @@ use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
 
 use crate::metrics::{ApiLabels, RouteLabels};
 use crate::scheduler::{Coordinator, SchedulerError};
@@ -102,6 +104,10 @@ pub fn success() -> ApiResult {
 pub struct ApiConfig {
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
+    /// Longest time spent on one request, waiting for a slot included: 503 after it.
+    pub timeout: std::time::Duration,
+    /// Most requests handled at once; more wait for a slot.
+    pub max_concurrent_requests: usize,
 }
 
 /// Shared state of the handlers.
@@ -177,6 +183,11 @@ pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(GlobalConcurrencyLimitLayer::new(config.max_concurrent_requests.max(1)))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            config.timeout,
+        ))
         .with_state(state)
 }
 

@@ -179,7 +179,7 @@ async fn drive_created(
     wait_result: bool,
 ) -> ApiResult {
     if !wait_result {
-        coordinator.spawn_pass_from(global, Some(branches));
+        coordinator.spawn_pass_from(global, Some(branches)).await?;
         return success();
     }
     let report = coordinator.run_pass_from(global, Some(branches)).await?;
@@ -197,7 +197,7 @@ async fn drive_changed(
 ) -> ApiResult {
     let global = changed(existing, change);
     if !wait_result {
-        coordinator.spawn_pass_from(global, None);
+        coordinator.spawn_pass_from(global, None).await?;
         return success();
     }
     let report = coordinator.run_pass_from(global, None).await?;

@@ -102,6 +102,8 @@ pub struct ReconcileConfig {
     pub policy: Policy,
     /// Branch call timeout when a resource sets none.
     pub request_timeout: Duration,
+    /// Longest branch call timeout, whatever a resource asks for.
+    pub max_request_timeout: Duration,
     /// Seconds to keep finished resources when they set no TTL; `None` keeps them.
     pub default_ttl: Option<i64>,
     /// Cluster DNS domain suffix for Service endpoints (`svc` or `svc.cluster.local`).
@@ -445,6 +447,7 @@ async fn run_engine<K: Transactional>(
         invoker: &ctx.invoker,
         policy: &policy,
         request_timeout: ctx.config.request_timeout,
+        max_request_timeout: ctx.config.max_request_timeout,
         now: &now,
         metrics: &ctx.metrics,
     };
