@@ -10,7 +10,6 @@ use tracing_subscriber::EnvFilter;
 use std::time::Duration;
 
 use crate::config::{Config, ConfigError, LogFormat};
-use crate::invoke::Invoker;
 use crate::metrics::Metrics;
 use crate::operator::leader::LeaderConfig;
 use crate::operator::reconcile::ReconcileConfig;
@@ -178,6 +177,10 @@ pub struct ServeArgs {
     /// Address ranges branches may be called on (comma-separated CIDRs).
     #[arg(long, env = "KUBETX_ALLOW_CIDRS", value_delimiter = ',')]
     pub allow_cidrs: Vec<String>,
+    /// Classify branch replies by status and a JSON `dtm_result` only (not by the words
+    /// FAILURE and ONGOING anywhere in the body, as DTM does).
+    #[arg(long, env = "KUBETX_STRICT_RESULTS", num_args = 0..=1, default_missing_value = "true")]
+    pub strict_results: Option<bool>,
 }
 
 /// Flags of `operator`.
@@ -253,6 +256,7 @@ impl ServeArgs {
             drain_timeout => drain_timeout,
             log_level => log_level,
             log_format => log_format,
+            strict_results => strict_results,
         );
         if !self.allow_hosts.is_empty() {
             config.allow_hosts.clone_from(&self.allow_hosts);
@@ -314,7 +318,7 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     // One policy for the controllers and the DTM API beside them.
     let policy = config.operator_policy(&args.service_domain)?;
-    let invoker = Invoker::new(policy).map_err(|e| CliError::Serve(e.into()))?;
+    let invoker = config.invoker(policy).map_err(|e| CliError::Serve(e.into()))?;
     let server =
         Server::start_with_invoker(&config, Arc::clone(&clock), true, Arc::clone(&metrics), invoker.clone()).await?;
     let client = kube::Client::try_default()

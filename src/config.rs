@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::Policy;
 use crate::invoke::policy::OutboundPolicy;
+use crate::invoke::{InvokeError, Invoker};
 use crate::limits::{self, MAX_CALL_TIMEOUT_SECONDS};
 use crate::scheduler::SchedulerConfig;
 use crate::store::retention::Retention;
@@ -131,6 +132,9 @@ pub struct Config {
     pub allow_hosts: Vec<String>,
     /// Address ranges branches may be called on (CIDRs or addresses).
     pub allow_cidrs: Vec<String>,
+    /// Classify branch replies by status and a JSON `dtm_result` only, not by the words FAILURE
+    /// and ONGOING anywhere in the body (DTM's rule).
+    pub strict_results: bool,
 }
 
 impl Default for Config {
@@ -163,6 +167,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             allow_hosts: Vec::new(),
             allow_cidrs: Vec::new(),
+            strict_results: false,
         }
     }
 }
@@ -223,6 +228,11 @@ impl Config {
         self.store_kind()?;
         self.outbound_policy()?;
         Ok(())
+    }
+
+    /// The branch client of `kubetx serve` (its policy and classification).
+    pub fn invoker(&self, policy: OutboundPolicy) -> Result<Invoker, InvokeError> {
+        Invoker::builder(policy).strict_results(self.strict_results).build()
     }
 
     /// The outbound policy of `kubetx serve`: exactly the allowed hosts and CIDRs, or, when

@@ -77,7 +77,7 @@ impl Server {
         run_scheduler: bool,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ServeError> {
-        let invoker = Invoker::new(config.outbound_policy()?)?;
+        let invoker = config.invoker(config.outbound_policy()?)?;
         Self::start_with_invoker(config, clock, run_scheduler, metrics, invoker).await
     }
 

@@ -975,3 +975,34 @@ async fn a_request_longer_than_the_http_timeout_is_a_503() {
     // The transaction is safe in the store; the pass resumes after its lease.
     assert_eq!(ts.transaction("slow-answer").await["status"], "submitted");
 }
+
+/// A branch that answers 500 with an HTML page that happens to contain the word FAILURE.
+async fn failing_proxy() -> String {
+    let app = axum::Router::new().fallback(axum::routing::any(|| async {
+        (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "<html>upstream FAILURE</html>",
+        )
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/api/TransOut")
+}
+
+#[tokio::test]
+async fn a_500_saying_failure_is_a_failure_unless_results_are_strict() {
+    let url = failing_proxy().await;
+    let body = json!({"gid": "five-hundred", "trans_type": "saga", "wait_result": true,
+        "steps": [{"action": url, "compensate": ""}], "payloads": ["{}"]});
+    // DTM's rule, kept by default: the word FAILURE anywhere in the body, whatever the status.
+    let dtm = TestServer::start().await;
+    let (code, reply) = dtm.post("submit", body.clone()).await;
+    assert_eq!(code, 409, "{reply}");
+    assert_eq!(dtm.state("five-hundred").await.0, "failed");
+    // --strict-results: a 500 is an unknown outcome, retried, never a rollback.
+    let strict = TestServer::start_with(|c| c.strict_results = true).await;
+    let (code, reply) = strict.post("submit", body).await;
+    assert_eq!(code, 425, "{reply}");
+    assert_eq!(strict.state("five-hundred").await.0, "submitted");
+}

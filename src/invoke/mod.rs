@@ -51,6 +51,7 @@ pub struct BranchCall<'a> {
 pub struct Invoker {
     client: reqwest::Client,
     policy: Arc<OutboundPolicy>,
+    strict: bool,
 }
 
 /// Builds an [`Invoker`].
@@ -59,6 +60,7 @@ pub struct InvokerBuilder {
     policy: OutboundPolicy,
     source: Option<IpAddr>,
     hosts: HashMap<String, Vec<IpAddr>>,
+    strict: bool,
 }
 
 impl InvokerBuilder {
@@ -66,6 +68,12 @@ impl InvokerBuilder {
     /// tell replicas apart by address).
     pub fn source_address(mut self, source: IpAddr) -> Self {
         self.source = Some(source);
+        self
+    }
+
+    /// Classifies replies strictly ([`classify_strict`]) instead of as DTM does ([`classify`]).
+    pub fn strict_results(mut self, strict: bool) -> Self {
+        self.strict = strict;
         self
     }
 
@@ -101,7 +109,11 @@ impl InvokerBuilder {
             // Retrying is the engine's job, with backoff.
             .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()?;
-        Ok(Invoker { client, policy })
+        Ok(Invoker {
+            client,
+            policy,
+            strict: self.strict,
+        })
     }
 }
 
@@ -112,6 +124,7 @@ impl Invoker {
             policy,
             source: None,
             hosts: HashMap::new(),
+            strict: false,
         }
     }
 
@@ -179,6 +192,7 @@ impl Invoker {
         };
         let status = response.status().as_u16();
         match read_limited(response).await {
+            Ok(body) if self.strict => classify_strict(status, &body),
             Ok(body) => classify(status, &body),
             Err(error) => Outcome::Error(describe(error)),
         }
@@ -234,8 +248,10 @@ fn normal_name(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
 
-/// DTM's classification, in its exact order: ONGOING (425 or the word in the body), then FAILURE
-/// (409 or the word), then anything but 200 is an error, and only then success.
+/// DTM's classification, in its exact order: ONGOING (425 or the word anywhere in the body,
+/// whatever the status), then FAILURE (409 or the word anywhere in the body, whatever the status:
+/// a 500 whose body contains `FAILURE` is a failure), then anything but 200 is an error (an
+/// unknown outcome, retried), and only then success.
 pub fn classify(status: u16, body: &str) -> Outcome {
     if status == 425 || body.contains("ONGOING") {
         Outcome::Ongoing(body.to_owned())
@@ -245,6 +261,21 @@ pub fn classify(status: u16, body: &str) -> Outcome {
         Outcome::Error(format!("status {status}: {body}"))
     } else {
         Outcome::Success
+    }
+}
+
+/// The strict classification (`--strict-results`): only the status or a JSON body's
+/// `dtm_result` field count. ONGOING is 425 or `"dtm_result":"ONGOING"`, FAILURE is 409 or
+/// `"dtm_result":"FAILURE"`; any other status than 200 is an error whatever the body says.
+pub fn classify_strict(status: u16, body: &str) -> Outcome {
+    let result = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|json| json.get("dtm_result")?.as_str().map(str::to_owned));
+    match (status, result.as_deref()) {
+        (425, _) | (_, Some("ONGOING")) => Outcome::Ongoing(body.to_owned()),
+        (409, _) | (_, Some("FAILURE")) => Outcome::Failure(body.to_owned()),
+        (200, _) => Outcome::Success,
+        _ => Outcome::Error(format!("status {status}: {body}")),
     }
 }
 
@@ -322,5 +353,25 @@ mod tests {
         assert!(matches!(classify(201, ""), Outcome::Error(_)));
         assert!(matches!(classify(204, ""), Outcome::Error(_)));
         assert!(matches!(classify(404, "not found"), Outcome::Error(_)));
+    }
+
+    #[test]
+    fn strict_classification_reads_only_the_status_and_dtm_result() {
+        let html = "<h1>502: upstream FAILURE</h1>";
+        assert!(matches!(classify(502, html), Outcome::Failure(_)), "DTM's rule");
+        assert!(matches!(classify_strict(502, html), Outcome::Error(_)));
+        assert!(matches!(classify_strict(200, "ONGOING FAILURE"), Outcome::Success));
+        assert!(matches!(classify_strict(409, ""), Outcome::Failure(_)));
+        assert!(matches!(classify_strict(425, ""), Outcome::Ongoing(_)));
+        assert!(matches!(
+            classify_strict(200, r#"{"dtm_result":"FAILURE"}"#),
+            Outcome::Failure(_)
+        ));
+        assert!(matches!(
+            classify_strict(500, r#"{"dtm_result":"ONGOING"}"#),
+            Outcome::Ongoing(_)
+        ));
+        assert!(matches!(classify_strict(500, "FAILURE"), Outcome::Error(_)));
+        assert!(matches!(classify_strict(302, ""), Outcome::Error(_)));
     }
 }
