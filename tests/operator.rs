@@ -75,6 +75,18 @@ impl Env {
         }
     }
 
+    /// The test configuration with leader election under `identity` on a 3-second Lease.
+    fn elected(&self, identity: &str) -> OperatorConfig {
+        let mut config = self.config();
+        config.leader = Some(LeaderConfig {
+            lease_name: "kubetx-operator".to_owned(),
+            namespace: NS.to_owned(),
+            identity: identity.to_owned(),
+            lease_duration: Duration::from_secs(3),
+        });
+        config
+    }
+
     fn start(&self) -> Operator {
         self.start_with(self.config())
     }
@@ -641,16 +653,7 @@ async fn a_restarted_controller_resumes_a_saga_in_the_middle() {
 #[tokio::test]
 async fn with_leader_election_only_the_leader_calls_branches() {
     let env = Env::new().await;
-    let elected = |identity: &str| {
-        let mut config = env.config();
-        config.leader = Some(LeaderConfig {
-            lease_name: "kubetx-operator".to_owned(),
-            namespace: NS.to_owned(),
-            identity: identity.to_owned(),
-            lease_duration: Duration::from_secs(3),
-        });
-        config
-    };
+    let elected = |identity: &str| env.elected(identity);
     let leader = env.start_with(elected("replica-a"));
     env.double
         .wait_until(WAIT, |_| leader.health.ready().then_some(()))
@@ -692,16 +695,7 @@ async fn with_leader_election_only_the_leader_calls_branches() {
 #[tokio::test]
 async fn a_leader_cut_off_from_the_api_stops_before_the_standby_takes_over() {
     let env = Env::new().await;
-    let elected = |identity: &str| {
-        let mut config = env.config();
-        config.leader = Some(LeaderConfig {
-            lease_name: "kubetx-operator".to_owned(),
-            namespace: NS.to_owned(),
-            identity: identity.to_owned(),
-            lease_duration: Duration::from_secs(3),
-        });
-        config
-    };
+    let elected = |identity: &str| env.elected(identity);
     // The leader reaches the API server through a proxy the test can cut; each replica calls
     // branches from its own address, so that the bank tells who called.
     let proxy = common::FreezableProxy::start(env.double.addr()).await;

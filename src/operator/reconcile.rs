@@ -296,6 +296,15 @@ async fn reconcile_fenced<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> R
     run_and_record(&api, &obj, &ctx, seen, deleting, now).await
 }
 
+/// A `kubetx.io/retry-now` value not served yet. A value too long for the status could never be
+/// recorded as served, so it is ignored.
+fn new_retry_request<K: Transactional>(obj: &K, old: &TransactionStatus) -> Option<String> {
+    obj.annotations()
+        .get(RETRY_NOW)
+        .filter(|v| v.len() <= MAX_RETRY_REQUEST_LEN && old.retry_request.as_ref() != Some(*v))
+        .cloned()
+}
+
 /// Why a spec is refused before any call: invalid, or an endpoint outside the allow-list.
 fn check_spec<K: Transactional>(obj: &K, ctx: &Context) -> Option<(&'static str, String)> {
     if let Err(problem) = obj.validate() {
@@ -338,12 +347,7 @@ async fn run_and_record<K: Transactional>(
     if just_submitted {
         global.status = TransStatus::Submitted;
     }
-    // A value too long for the status could never be recorded as served: ignored.
-    let retry_request = obj
-        .annotations()
-        .get(RETRY_NOW)
-        .filter(|v| v.len() <= MAX_RETRY_REQUEST_LEN && old.retry_request.as_ref() != Some(*v))
-        .cloned();
+    let retry_request = new_retry_request(&**obj, &old);
     if retry_request.is_some() {
         // Due at once, backoff from the start.
         global.next_cron_time = now;
