@@ -181,6 +181,9 @@ pub struct ServeArgs {
     /// FAILURE and ONGOING anywhere in the body, as DTM does).
     #[arg(long, env = "KUBETX_STRICT_RESULTS", num_args = 0..=1, default_missing_value = "true")]
     pub strict_results: Option<bool>,
+    /// File of bearer tokens the DTM API and metrics require, one per line.
+    #[arg(long, env = "KUBETX_API_TOKENS_FILE")]
+    pub api_tokens_file: Option<String>,
 }
 
 /// Flags of `operator`.
@@ -257,7 +260,13 @@ impl ServeArgs {
             log_level => log_level,
             log_format => log_format,
             strict_results => strict_results,
+            api_tokens_file => api_tokens_file,
         );
+        // Bearer tokens come from the environment (comma-separated) or a file, never from the
+        // command line, which every user of the machine can read.
+        if let Ok(tokens) = std::env::var("KUBETX_API_TOKENS") {
+            config.api_tokens = tokens.split(',').map(str::to_owned).collect();
+        }
         if !self.allow_hosts.is_empty() {
             config.allow_hosts.clone_from(&self.allow_hosts);
         }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::api::auth::Tokens;
 use crate::engine::Policy;
 use crate::invoke::policy::OutboundPolicy;
 use crate::invoke::{InvokeError, Invoker};
@@ -135,6 +136,13 @@ pub struct Config {
     /// Classify branch replies by status and a JSON `dtm_result` only, not by the words FAILURE
     /// and ONGOING anywhere in the body (DTM's rule).
     pub strict_results: bool,
+    /// File of bearer tokens for the DTM API and metrics, one per line (`#` starts a comment);
+    /// empty for none. Several tokens allow rotation.
+    pub api_tokens_file: String,
+    /// Tokens given by the environment (`KUBETX_API_TOKENS`), never read from or written to a
+    /// file.
+    #[serde(skip)]
+    pub api_tokens: Vec<String>,
 }
 
 impl Default for Config {
@@ -168,6 +176,8 @@ impl Default for Config {
             allow_hosts: Vec::new(),
             allow_cidrs: Vec::new(),
             strict_results: false,
+            api_tokens_file: String::new(),
+            api_tokens: Vec::new(),
         }
     }
 }
@@ -228,6 +238,24 @@ impl Config {
         self.store_kind()?;
         self.outbound_policy()?;
         Ok(())
+    }
+
+    /// The API's bearer tokens: the environment's and the file's; none means no authentication.
+    pub fn tokens(&self) -> Result<Tokens, ConfigError> {
+        let mut tokens = self.api_tokens.clone();
+        if !self.api_tokens_file.is_empty() {
+            let text = std::fs::read_to_string(&self.api_tokens_file).map_err(|source| ConfigError::Read {
+                path: self.api_tokens_file.clone(),
+                source,
+            })?;
+            tokens.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                    .map(str::to_owned),
+            );
+        }
+        Ok(Tokens::new(tokens))
     }
 
     /// The branch client of `kubetx serve` (its policy and classification).

@@ -108,6 +108,7 @@ impl Server {
                 max_body_bytes: config.max_body_bytes,
                 timeout: Duration::from_secs(config.http_timeout),
                 max_concurrent_requests: config.max_concurrent_requests,
+                tokens: config.tokens()?,
             },
         )
         .route("/readyz", get(move || readyz(Arc::clone(&ready_store))));

@@ -1006,3 +1006,66 @@ async fn a_500_saying_failure_is_a_failure_unless_results_are_strict() {
     assert_eq!(code, 425, "{reply}");
     assert_eq!(strict.state("five-hundred").await.0, "submitted");
 }
+
+#[tokio::test]
+async fn with_tokens_every_route_needs_one_of_them() {
+    let ts = TestServer::start_with(|c| c.api_tokens = vec!["tok-old".to_owned(), "tok-new".to_owned()]).await;
+    let api = ts.server.dtm_url();
+    let base = format!("http://{}", ts.server.addr);
+    let routes: Vec<(reqwest::Method, String)> = [
+        ("GET", "version"),
+        ("GET", "newGid"),
+        ("GET", "query?gid=g"),
+        ("GET", "all"),
+        ("GET", "resetCronTime"),
+        ("GET", "subscribe?topic=t&url=http://127.0.0.1:1/x"),
+        ("GET", "unsubscribe?topic=t&url=http://127.0.0.1:1/x"),
+        ("GET", "scanKV?cat=topics"),
+        ("GET", "queryKV?cat=topics&key=t"),
+        ("POST", "prepare"),
+        ("POST", "submit"),
+        ("POST", "abort"),
+        ("POST", "forceStop"),
+        ("POST", "registerBranch"),
+        ("POST", "registerXaBranch"),
+        ("POST", "registerTccBranch"),
+        ("POST", "prepareWorkflow"),
+        ("POST", "resetNextCronTime"),
+        ("DELETE", "topic/t"),
+    ]
+    .into_iter()
+    .map(|(method, route)| (method.parse().expect("method"), format!("{api}/{route}")))
+    .chain([(reqwest::Method::GET, format!("{base}/api/metrics"))])
+    .collect();
+    let send = |method: reqwest::Method, url: String, token: Option<&'static str>| {
+        let mut request = ts.http.request(method, url).json(&json!({"gid": "auth-probe"}));
+        if let Some(token) = token {
+            request = request.header("authorization", token);
+        }
+        async move { request.send().await.expect("request").status().as_u16() }
+    };
+    for (method, url) in &routes {
+        assert_eq!(
+            send(method.clone(), url.clone(), None).await,
+            401,
+            "{method} {url} without a token"
+        );
+        for wrong in ["Bearer tok", "Bearer tok-old2", "Basic tok-old", "tok-new"] {
+            assert_eq!(
+                send(method.clone(), url.clone(), Some(wrong)).await,
+                401,
+                "{method} {url} {wrong}"
+            );
+        }
+        for right in ["Bearer tok-old", "bearer tok-new"] {
+            assert_ne!(
+                send(method.clone(), url.clone(), Some(right)).await,
+                401,
+                "{method} {url} {right}"
+            );
+        }
+    }
+    // Probes stay open.
+    assert_eq!(send(reqwest::Method::GET, format!("{base}/api/ping"), None).await, 200);
+    assert_eq!(send(reqwest::Method::GET, format!("{base}/readyz"), None).await, 200);
+}

@@ -1,6 +1,7 @@
 //! The DTM-compatible HTTP API (`/api/dtmsvr/...`), plus `/api/ping` and `/api/metrics`.
 
 mod admin;
+pub mod auth;
 mod trans;
 mod wire;
 
@@ -108,6 +109,8 @@ pub struct ApiConfig {
     pub timeout: std::time::Duration,
     /// Most requests handled at once; more wait for a slot.
     pub max_concurrent_requests: usize,
+    /// Bearer tokens of the DTM routes and metrics; empty: no authentication.
+    pub tokens: auth::Tokens,
 }
 
 /// Shared state of the handlers.
@@ -169,11 +172,21 @@ pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
         .route("/unsubscribe", get(admin::unsubscribe))
         .route("/topic/{name}", delete(admin::delete_topic))
         .route("/scanKV", get(admin::scan_kv))
-        .route("/queryKV", get(admin::query_kv));
+        .route("/queryKV", get(admin::query_kv))
+        .route_layer(middleware::from_fn_with_state(
+            config.tokens.clone(),
+            auth::require_token,
+        ));
+    let metrics = Router::new()
+        .route("/api/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(
+            config.tokens.clone(),
+            auth::require_token,
+        ));
     Router::new()
         .nest("/api/dtmsvr", dtm)
+        .merge(metrics)
         .route("/api/ping", any(|| async { Json(json!({"msg": "pong"})) }))
-        .route("/api/metrics", get(metrics))
         .method_not_allowed_fallback(|| async {
             (
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -1,0 +1,94 @@
+//! Bearer-token authentication of the DTM API and the metrics route. Several tokens may be
+//! accepted at once, so that a token can be rotated without downtime.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
+
+/// The accepted tokens, held as SHA-256 digests: compared in constant time whatever their length,
+/// and never kept in clear. Empty: no authentication.
+#[derive(Clone, Default)]
+pub struct Tokens {
+    digests: Arc<Vec<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({} configured)", self.digests.len())
+    }
+}
+
+impl Tokens {
+    /// The given tokens, blank ones (and surrounding whitespace) ignored.
+    pub fn new<S: AsRef<str>>(tokens: impl IntoIterator<Item = S>) -> Self {
+        let digests = tokens
+            .into_iter()
+            .map(|t| t.as_ref().trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .map(|t| digest(&t))
+            .collect();
+        Tokens {
+            digests: Arc::new(digests),
+        }
+    }
+
+    /// True when no token is configured (the API is open).
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// Whether `presented` is one of the tokens; every token is compared, in constant time.
+    pub fn accepts(&self, presented: &str) -> bool {
+        let presented = digest(presented);
+        let found = self
+            .digests
+            .iter()
+            .fold(Choice::from(0), |found, token| found | token.ct_eq(&presented));
+        found.into()
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer(request: &Request) -> Option<&str> {
+    let value = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Middleware: 401 unless tokens are off or the request carries one of them.
+pub async fn require_token(State(tokens): State<Tokens>, request: Request, next: Next) -> Response {
+    if tokens.is_empty() || bearer(&request).is_some_and(|token| tokens.accepts(token)) {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(json!({"message": "a valid bearer token is required (Authorization: Bearer <token>)"})),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_configured_token_is_accepted_and_nothing_else() {
+        let tokens = Tokens::new(["old-token", " new-token \n", ""]);
+        assert!(tokens.accepts("old-token") && tokens.accepts("new-token"));
+        assert!(!tokens.accepts("new-toke") && !tokens.accepts("") && !tokens.accepts("new-token2"));
+        assert!(Tokens::new(Vec::<String>::new()).is_empty());
+        assert_eq!(format!("{tokens:?}"), "Tokens(2 configured)");
+    }
+}
