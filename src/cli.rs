@@ -181,6 +181,12 @@ pub struct ServeArgs {
     /// FAILURE and ONGOING anywhere in the body, as DTM does).
     #[arg(long, env = "KUBETX_STRICT_RESULTS", num_args = 0..=1, default_missing_value = "true")]
     pub strict_results: Option<bool>,
+    /// PEM certificate chain of the API listener (HTTPS with --tls-key-file).
+    #[arg(long, env = "KUBETX_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<String>,
+    /// PEM private key of the API listener.
+    #[arg(long, env = "KUBETX_TLS_KEY_FILE")]
+    pub tls_key_file: Option<String>,
     /// File of bearer tokens the DTM API and metrics require, one per line.
     #[arg(long, env = "KUBETX_API_TOKENS_FILE")]
     pub api_tokens_file: Option<String>,
@@ -261,6 +267,8 @@ impl ServeArgs {
             log_format => log_format,
             strict_results => strict_results,
             api_tokens_file => api_tokens_file,
+            tls_cert_file => tls_cert_file,
+            tls_key_file => tls_key_file,
         );
         // Bearer tokens come from the environment (comma-separated) or a file, never from the
         // command line, which every user of the machine can read.

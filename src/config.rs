@@ -143,6 +143,11 @@ pub struct Config {
     /// file.
     #[serde(skip)]
     pub api_tokens: Vec<String>,
+    /// PEM certificate chain of the API listener; with `tls_key_file`, the API speaks HTTPS
+    /// only. Empty: plain HTTP.
+    pub tls_cert_file: String,
+    /// PEM private key of the API listener.
+    pub tls_key_file: String,
 }
 
 impl Default for Config {
@@ -178,6 +183,8 @@ impl Default for Config {
             strict_results: false,
             api_tokens_file: String::new(),
             api_tokens: Vec::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -237,6 +244,11 @@ impl Config {
         }
         self.store_kind()?;
         self.outbound_policy()?;
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            return Err(ConfigError::Invalid(
+                "tls_cert_file and tls_key_file go together".to_owned(),
+            ));
+        }
         Ok(())
     }
 

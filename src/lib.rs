@@ -19,3 +19,4 @@ pub mod operator;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod tls;

@@ -1,6 +1,7 @@
 //! Assembles store, invoker, scheduler and API into a running server.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use crate::invoke::{InvokeError, Invoker};
 use crate::metrics::Metrics;
 use crate::scheduler::{Clock, Coordinator};
 use crate::store::{self, Store, StoreError, retention};
+use crate::tls;
 
 /// How long `/readyz` waits for the store.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,6 +38,9 @@ pub enum ServeError {
     /// The HTTP client could not be built.
     #[error(transparent)]
     Invoke(#[from] InvokeError),
+    /// The API's certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -57,6 +62,7 @@ pub struct Server {
     /// The scheduler, for tests that step time by hand.
     pub coordinator: Arc<Coordinator>,
     shutdown: CancellationToken,
+    tls: bool,
     http: JoinHandle<Result<(), std::io::Error>>,
     scheduler: Option<JoinHandle<()>>,
     retention: Option<JoinHandle<()>>,
@@ -113,14 +119,14 @@ impl Server {
         )
         .route("/readyz", get(move || readyz(Arc::clone(&ready_store))));
         let shutdown = CancellationToken::new();
-        let http = tokio::spawn({
-            let stop = shutdown.clone();
-            async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            }
-        });
+        let tls = match config.tls_cert_file.is_empty() {
+            true => None,
+            false => Some(tls::server_config(
+                Path::new(&config.tls_cert_file),
+                Path::new(&config.tls_key_file),
+            )?),
+        };
+        let http = serve_http(listener, tls.clone(), router, shutdown.clone()).map_err(ServeError::Http)?;
         let scheduler = run_scheduler.then(|| tokio::spawn(Arc::clone(&coordinator).run(shutdown.clone())));
         let retention = run_scheduler.then(|| {
             let clock = Arc::clone(&coordinator);
@@ -136,6 +142,7 @@ impl Server {
             addr,
             coordinator,
             shutdown,
+            tls: tls.is_some(),
             http,
             scheduler,
             retention,
@@ -143,9 +150,10 @@ impl Server {
         })
     }
 
-    /// Base URL of the DTM API (`http://addr/api/dtmsvr`).
+    /// Base URL of the DTM API (`http://addr/api/dtmsvr`, `https://` with TLS).
     pub fn dtm_url(&self) -> String {
-        format!("http://{}/api/dtmsvr", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}/api/dtmsvr", self.addr)
     }
 
     /// Stops accepting requests, stops the scheduler loop and drains in-flight passes.
@@ -166,6 +174,32 @@ impl Server {
             Err(join) => Err(ServeError::Http(std::io::Error::other(join))),
         }
     }
+}
+
+/// Serves the router on `listener`, over TLS when configured, until `stop`.
+fn serve_http(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: axum::Router,
+    stop: CancellationToken,
+) -> std::io::Result<JoinHandle<Result<(), std::io::Error>>> {
+    let stopped = stop.clone();
+    let until_stopped = async move { stopped.cancelled().await };
+    Ok(match tls {
+        None => tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(until_stopped)
+                .await
+        }),
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config, stop)?;
+            tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(until_stopped)
+                    .await
+            })
+        }
+    })
 }
 
 /// `GET /readyz`: 200 when the store answers, 503 with the reason when it does not.

@@ -1069,3 +1069,62 @@ async fn with_tokens_every_route_needs_one_of_them() {
     assert_eq!(send(reqwest::Method::GET, format!("{base}/api/ping"), None).await, 200);
     assert_eq!(send(reqwest::Method::GET, format!("{base}/readyz"), None).await, 200);
 }
+
+/// The test CA, and a certificate for 127.0.0.1 and localhost it signed (valid for a century;
+/// made with `openssl req -x509` and `openssl x509 -req`, the key unencrypted).
+fn tls_fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[tokio::test]
+async fn tls_end_to_end_with_a_test_ca() {
+    let ts = TestServer::start_with(|c| {
+        c.tls_cert_file = tls_fixture("server.pem");
+        c.tls_key_file = tls_fixture("server.key");
+    })
+    .await;
+    let url = ts.url("version");
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(tls_fixture("ca.pem")).expect("ca file")).expect("ca");
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .expect("client");
+    let response = trusting.get(&url).send().await.expect("https request");
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(response.text().await.expect("body").contains("version"));
+    // Plain HTTP on the TLS port gets no answer; a client that does not trust the CA refuses.
+    let plain = reqwest::Client::new()
+        .get(url.replacen("https://", "http://", 1))
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.is_ok_and(|r| r.status().as_u16() != 200));
+    assert!(reqwest::Client::new().get(&url).send().await.is_err());
+    // The server keeps serving after those failed handshakes.
+    assert_eq!(trusting.get(&url).send().await.expect("again").status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn a_certificate_without_its_key_is_a_configuration_error() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = kubetx::config::Config {
+        listen: "127.0.0.1:0".to_owned(),
+        tls_cert_file: tls_fixture("server.pem"),
+        ..kubetx::config::Config::default()
+    };
+    assert!(config.validate().is_err());
+    let config = kubetx::config::Config {
+        tls_key_file: tls_fixture("ca.pem"),
+        sqlite: kubetx::config::SqliteConfig {
+            path: dir.path().join("kubetx.db").display().to_string(),
+            ..Default::default()
+        },
+        ..config
+    };
+    let clock = std::sync::Arc::new(kubetx::scheduler::OffsetClock::default());
+    let error = kubetx::server::Server::start(&config, clock, false)
+        .await
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("ca.pem"), "{error}");
+}

@@ -1,0 +1,122 @@
+//! TLS on the API listener (rustls): certificate and key from PEM files, handshakes off the
+//! accept loop so that a slow or silent client never holds up the others.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// Longest TLS handshake; a client that takes longer is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshaken connections waiting for the server to take them.
+const READY_BACKLOG: usize = 64;
+
+/// Errors setting TLS up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file cannot be read or holds no certificate or key.
+    #[error("cannot read {path}: {reason}")]
+    Pem {
+        /// File.
+        path: String,
+        /// Cause.
+        reason: String,
+    },
+    /// rustls refuses the certificate and key.
+    #[error("invalid certificate or key: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// A rustls server configuration from a PEM certificate chain and a PEM private key.
+pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    crate::invoke::install_crypto_provider();
+    let pem_error = |path: &Path, reason: String| TlsError::Pem {
+        path: path.display().to_string(),
+        reason,
+    };
+    let chain = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| pem_error(cert_file, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(pem_error(cert_file, "no certificate".to_owned()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| pem_error(key_file, e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A listener whose connections are TLS streams, for `axum::serve`.
+pub struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    addr: SocketAddr,
+}
+
+impl TlsListener {
+    /// Accepts on `tcp`, until `stop` is cancelled, and handshakes each connection in its own
+    /// task.
+    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>, stop: CancellationToken) -> io::Result<Self> {
+        let addr = tcp.local_addr()?;
+        let (sender, ready) = mpsc::channel(READY_BACKLOG);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = accept_loop(tcp, TlsAcceptor::from(config), sender) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+        Ok(TlsListener { ready, addr })
+    }
+}
+
+async fn accept_loop(tcp: TcpListener, acceptor: TlsAcceptor, ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>) {
+    loop {
+        let (stream, peer) = match tcp.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                debug!(%error, "accept failed");
+                // Out of file descriptors and the like: give the system a moment.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                // A closed channel means the server stopped: the connection is dropped.
+                Ok(Ok(tls)) => drop(ready.send((tls, peer)).await),
+                Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
+                Err(_) => debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            // The accept loop never ends while this listener exists.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
+}
