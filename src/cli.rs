@@ -187,6 +187,9 @@ pub struct ServeArgs {
     /// PEM private key of the API listener.
     #[arg(long, env = "KUBETX_TLS_KEY_FILE")]
     pub tls_key_file: Option<String>,
+    /// PEM bundle of the CAs whose client certificates the API requires (mTLS).
+    #[arg(long, env = "KUBETX_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<String>,
     /// File of bearer tokens the DTM API and metrics require, one per line.
     #[arg(long, env = "KUBETX_API_TOKENS_FILE")]
     pub api_tokens_file: Option<String>,
@@ -269,6 +272,7 @@ impl ServeArgs {
             api_tokens_file => api_tokens_file,
             tls_cert_file => tls_cert_file,
             tls_key_file => tls_key_file,
+            tls_client_ca_file => tls_client_ca_file,
         );
         // Bearer tokens come from the environment (comma-separated) or a file, never from the
         // command line, which every user of the machine can read.

@@ -148,6 +148,8 @@ pub struct Config {
     pub tls_cert_file: String,
     /// PEM private key of the API listener.
     pub tls_key_file: String,
+    /// PEM bundle of the CAs whose client certificates the API requires (mTLS); empty: none.
+    pub tls_client_ca_file: String,
 }
 
 impl Default for Config {
@@ -185,6 +187,7 @@ impl Default for Config {
             api_tokens: Vec::new(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
+            tls_client_ca_file: String::new(),
         }
     }
 }
@@ -244,6 +247,11 @@ impl Config {
         }
         self.store_kind()?;
         self.outbound_policy()?;
+        if !self.tls_client_ca_file.is_empty() && self.tls_cert_file.is_empty() {
+            return Err(ConfigError::Invalid(
+                "tls_client_ca_file needs tls_cert_file and tls_key_file".to_owned(),
+            ));
+        }
         if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
             return Err(ConfigError::Invalid(
                 "tls_cert_file and tls_key_file go together".to_owned(),

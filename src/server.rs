@@ -124,6 +124,7 @@ impl Server {
             false => Some(tls::server_config(
                 Path::new(&config.tls_cert_file),
                 Path::new(&config.tls_key_file),
+                Some(Path::new(&config.tls_client_ca_file)).filter(|p| !p.as_os_str().is_empty()),
             )?),
         };
         let http = serve_http(listener, tls.clone(), router, shutdown.clone()).map_err(ServeError::Http)?;

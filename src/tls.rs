@@ -35,25 +35,54 @@ pub enum TlsError {
     /// rustls refuses the certificate and key.
     #[error("invalid certificate or key: {0}")]
     Config(#[from] rustls::Error),
+    /// The client CA bundle is unusable.
+    #[error("invalid client CA bundle: {0}")]
+    ClientCa(String),
 }
 
-/// A rustls server configuration from a PEM certificate chain and a PEM private key.
-pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    crate::invoke::install_crypto_provider();
-    let pem_error = |path: &Path, reason: String| TlsError::Pem {
+fn pem_error(path: &Path, reason: String) -> TlsError {
+    TlsError::Pem {
         path: path.display().to_string(),
         reason,
-    };
-    let chain = CertificateDer::pem_file_iter(cert_file)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| pem_error(cert_file, e.to_string()))?;
-    if chain.is_empty() {
-        return Err(pem_error(cert_file, "no certificate".to_owned()));
     }
+}
+
+/// Every certificate of a PEM file; at least one.
+fn certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| pem_error(file, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem_error(file, "no certificate".to_owned()));
+    }
+    Ok(certs)
+}
+
+/// A rustls server configuration from a PEM certificate chain and a PEM private key; with
+/// `client_ca_file`, clients must present a certificate that CA bundle signed (mTLS).
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca_file: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    crate::invoke::install_crypto_provider();
+    let chain = certificates(cert_file)?;
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| pem_error(key_file, e.to_string()))?;
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(file) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in certificates(file)? {
+                roots.add(cert).map_err(|e| TlsError::ClientCa(e.to_string()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -1128,3 +1128,29 @@ async fn a_certificate_without_its_key_is_a_configuration_error() {
         .expect("refused");
     assert!(error.to_string().contains("ca.pem"), "{error}");
 }
+
+#[tokio::test]
+async fn mtls_refuses_a_client_without_a_certificate() {
+    let ts = TestServer::start_with(|c| {
+        c.tls_cert_file = tls_fixture("server.pem");
+        c.tls_key_file = tls_fixture("server.key");
+        c.tls_client_ca_file = tls_fixture("client-ca.pem");
+    })
+    .await;
+    let url = ts.url("version");
+    let ca = || reqwest::Certificate::from_pem(&std::fs::read(tls_fixture("ca.pem")).expect("ca file")).expect("ca");
+    let anonymous = reqwest::Client::builder()
+        .add_root_certificate(ca())
+        .build()
+        .expect("client");
+    assert!(anonymous.get(&url).send().await.is_err(), "no client certificate");
+    let mut pem = std::fs::read(tls_fixture("client.pem")).expect("client cert");
+    pem.extend(std::fs::read(tls_fixture("client.key")).expect("client key"));
+    let identified = reqwest::Client::builder()
+        .add_root_certificate(ca())
+        .identity(reqwest::Identity::from_pem(&pem).expect("identity"))
+        .build()
+        .expect("client");
+    let response = identified.get(&url).send().await.expect("mTLS request");
+    assert_eq!(response.status().as_u16(), 200);
+}
