@@ -1513,7 +1513,8 @@ async fn operator_makes_only_the_listed_api_calls() {
         .create_json(
             "secrets",
             "default",
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bank-token"},
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "bank-token", "labels": {"kubetx.io/branch-headers": "true"}},
                    "data": {"token": "QmVhcmVyIHMzY3JldA=="}}),
         )
         .expect("secret");

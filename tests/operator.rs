@@ -17,7 +17,7 @@ use kubetx::invoke::policy::OutboundPolicy;
 use kubetx::metrics::Metrics;
 use kubetx::operator::crd::{Msg, Saga, Tcc};
 use kubetx::operator::leader::LeaderConfig;
-use kubetx::operator::reconcile::{FINALIZER, RETRY_NOW, ReconcileConfig};
+use kubetx::operator::reconcile::{FINALIZER, RETRY_NOW, ReconcileConfig, SECRET_OPT_IN};
 use kubetx::operator::{Operator, OperatorConfig};
 use kubetx::scheduler::{Clock, OffsetClock};
 use serde_json::{Value, json};
@@ -603,6 +603,27 @@ async fn headers_come_from_secrets() {
     env.double
         .create_secret(NS, "bank-token", &[("token", "Bearer s3cret")]);
     let operator = env.start();
+    // Not opted in: refused before any call, with the reason.
+    let mut refused = env.transfer("unlabelled-secret", "TransIn");
+    refused["spec"]["headers"] =
+        json!([{"name": "authorization", "valueFrom": {"secretKeyRef": {"name": "bank-token", "key": "token"}}}]);
+    env.create("sagas", refused).await;
+    let refused = env.wait_phase("sagas", "unlabelled-secret", "Failed").await;
+    assert_eq!(
+        refused["status"]["message"],
+        format!(
+            "secret default/bank-token is not labelled {SECRET_OPT_IN}=true: label it to let transactions send its values as headers"
+        )
+    );
+    assert!(env.bank.calls().is_empty(), "nothing was called");
+    env.double
+        .patch_json(
+            "secrets",
+            NS,
+            "bank-token",
+            json!({"metadata": {"labels": {SECRET_OPT_IN: "true"}}}),
+        )
+        .expect("labelled");
     let mut saga = env.transfer("with-secret", "TransIn");
     saga["spec"]["headers"] = json!([
         {"name": "authorization", "valueFrom": {"secretKeyRef": {"name": "bank-token", "key": "token"}}},

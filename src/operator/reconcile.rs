@@ -40,6 +40,10 @@ pub const SKIP_COMPENSATION: &str = "kubetx.io/skip-compensation";
 /// Annotation that makes an unfinished resource due at once with its backoff reset. Any new
 /// value (a timestamp, say) asks again; the status records the last value served.
 pub const RETRY_NOW: &str = "kubetx.io/retry-now";
+/// Label a Secret must carry, set to "true", for transactions to send its values as headers:
+/// without it, whoever may create a Saga could ship any Secret of the namespace to a service of
+/// their choosing.
+pub const SECRET_OPT_IN: &str = "kubetx.io/branch-headers";
 /// Longest `kubetx.io/retry-now` value served (the status field's bound).
 pub const MAX_RETRY_REQUEST_LEN: usize = 64;
 /// Timeout of every Kubernetes API call.
@@ -57,6 +61,9 @@ pub enum ReconcileError {
     /// A header's Secret or key is missing.
     #[error("{0}")]
     Secret(String),
+    /// A header's Secret is not opted in to be sent ([`SECRET_OPT_IN`]).
+    #[error("{0}")]
+    SecretRefused(String),
     /// The SQL store holding branch detail failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -74,7 +81,7 @@ impl ReconcileError {
         match self {
             ReconcileError::Kube(_) => "kube",
             ReconcileError::Timeout => "timeout",
-            ReconcileError::Secret(_) => "secret",
+            ReconcileError::Secret(_) | ReconcileError::SecretRefused(_) => "secret",
             ReconcileError::Internal(_) => "internal",
             ReconcileError::Store(_) => "store",
             ReconcileError::Fenced => "fenced",
@@ -293,7 +300,15 @@ async fn reconcile_fenced<K: Transactional>(obj: Arc<K>, ctx: Arc<Context>) -> R
         seen.finalizer = true;
         ctx.written.record(&*obj, &seen);
     }
-    run_and_record(&api, &obj, &ctx, seen, deleting, now).await
+    let headers = match headers(&*obj, &ctx.client).await {
+        // Refused before anything ran: the resource fails with the reason. Later (the label
+        // removed mid-flight) the error is retried, so that what ran can still finish.
+        Err(ReconcileError::SecretRefused(message)) if seen.status.phase.is_none() => {
+            return reject(&api, &obj, &ctx, "SecretRefused", &message, now).await;
+        }
+        other => other?,
+    };
+    run_and_record(&api, &obj, &ctx, seen, headers, deleting, now).await
 }
 
 /// A `kubetx.io/retry-now` value not served yet. A value too long for the status could never be
@@ -324,11 +339,11 @@ async fn run_and_record<K: Transactional>(
     obj: &Arc<K>,
     ctx: &Context,
     seen: Seen,
+    headers: BTreeMap<String, String>,
     deleting: bool,
     now: Millis,
 ) -> Result<Action, ReconcileError> {
     let old = seen.status.clone();
-    let headers = headers(&**obj, &ctx.client).await?;
     let layout = obj.layout(
         &super::transaction::gid_of(&**obj),
         &|e| resolve(e, &**obj, &ctx.config.service_domain),
@@ -605,6 +620,12 @@ async fn headers<K: Transactional>(obj: &K, client: &Client) -> Result<BTreeMap<
                 let secret = timed(secrets.get_opt(&reference.name)).await?.ok_or_else(|| {
                     ReconcileError::Secret(format!("secret {}/{} not found", namespace, reference.name))
                 })?;
+                if secret.labels().get(SECRET_OPT_IN).map(String::as_str) != Some("true") {
+                    return Err(ReconcileError::SecretRefused(format!(
+                        "secret {namespace}/{} is not labelled {SECRET_OPT_IN}=true: label it to let transactions send its values as headers",
+                        reference.name
+                    )));
+                }
                 let bytes = secret
                     .data
                     .as_ref()
