@@ -69,7 +69,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the DTM-compatible API (SQLite by default; PostgreSQL or MySQL with --store).
     Serve(ServeArgs),
-    /// Run the Kubernetes operator (Saga, Tcc and Msg controllers) and the DTM API beside it.
+    /// Run the Kubernetes operator (Saga, Tcc and Msg controllers) and the DTM API beside it
+    /// (`--listen ""` turns the API off).
     Operator(OperatorArgs),
     /// Run the demo bank service the examples call.
     Bank {
@@ -94,7 +95,8 @@ pub struct ServeArgs {
     /// YAML configuration file (see config/kubetx.yaml).
     #[arg(short, long, env = "KUBETX_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address of the HTTP API.
+    /// Address of the HTTP API. For `kubetx operator`, an empty value (`--listen ""`) turns the
+    /// DTM API off: only the controllers and the health port run.
     #[arg(long, env = "KUBETX_LISTEN")]
     pub listen: Option<String>,
     /// Store URL: postgres://..., mysql://..., sqlite://path or a path; empty for --db.
@@ -325,6 +327,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 async fn serve(config: &Config) -> Result<(), CliError> {
+    // Only the operator has something to do without its API.
+    if config.listen.is_empty() {
+        return Err(ConfigError::Invalid("listen is empty: `kubetx serve` needs an API address".to_owned()).into());
+    }
     init_logging(&config.log_level, config.log_format);
     let server = Server::start(config, Arc::new(SystemClock), true).await?;
     shutdown_signal().await;

@@ -57,7 +57,8 @@ pub enum ServeError {
 
 /// A running server.
 pub struct Server {
-    /// The address actually bound (useful with port 0).
+    /// The address actually bound (useful with port 0); `0.0.0.0:0` when the API is off (an
+    /// empty `listen`, which only `kubetx operator` accepts).
     pub addr: SocketAddr,
     /// The scheduler, for tests that step time by hand.
     pub coordinator: Arc<Coordinator>,
@@ -100,13 +101,23 @@ impl Server {
         let options = config.store_options()?;
         let store = store::open(&options).await?;
         let coordinator = Arc::new(Coordinator::new(store, invoker, clock, config.scheduler(), metrics));
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: config.listen.clone(),
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(ServeError::Http)?;
+        // An empty address turns the API off: store, scheduler and retention still run (the
+        // operator's controllers use the store, and transactions already in it are finished).
+        let listener = match config.listen.is_empty() {
+            true => None,
+            false => Some(
+                TcpListener::bind(&config.listen)
+                    .await
+                    .map_err(|source| ServeError::Bind {
+                        addr: config.listen.clone(),
+                        source,
+                    })?,
+            ),
+        };
+        let addr = match &listener {
+            Some(listener) => listener.local_addr().map_err(ServeError::Http)?,
+            None => SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
         let ready_store = Arc::clone(coordinator.store());
         let router = api::router(
             Arc::clone(&coordinator),
@@ -127,7 +138,10 @@ impl Server {
                 Some(Path::new(&config.tls_client_ca_file)).filter(|p| !p.as_os_str().is_empty()),
             )?),
         };
-        let http = serve_http(listener, tls.clone(), router, shutdown.clone()).map_err(ServeError::Http)?;
+        let http = match listener {
+            Some(listener) => serve_http(listener, tls.clone(), router, shutdown.clone()).map_err(ServeError::Http)?,
+            None => tokio::spawn(async { Ok(()) }),
+        };
         let scheduler = run_scheduler.then(|| tokio::spawn(Arc::clone(&coordinator).run(shutdown.clone())));
         let retention = run_scheduler.then(|| {
             let clock = Arc::clone(&coordinator);
@@ -138,7 +152,10 @@ impl Server {
                 shutdown.clone(),
             ))
         });
-        info!(%addr, store = %options.kind.describe(), "kubetx serving the DTM API");
+        match config.listen.is_empty() {
+            true => info!(store = %options.kind.describe(), "the DTM API is off (empty listen address)"),
+            false => info!(%addr, store = %options.kind.describe(), "kubetx serving the DTM API"),
+        }
         Ok(Server {
             addr,
             coordinator,

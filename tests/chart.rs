@@ -182,6 +182,16 @@ const INLINE_CASES: &[(&str, &str)] = &[
          ports: {api: 9000, health: 9001}\nservice: {apiPort: 80, metricsPort: 9090}\n",
     ),
     ("named-release", "fullnameOverride: tx\nnameOverride: txop\n"),
+    (
+        "api-tokens-mtls",
+        "api: {tokens: {existingSecret: api-tokens, secretKey: list}, \
+         tls: {existingSecret: api-cert, clientCaSecret: client-ca, clientCaKey: bundle.pem}}\n",
+    ),
+    ("api-off", "api: {enabled: false, tokens: {existingSecret: unused}}\n"),
+    (
+        "open-api-policy",
+        "networkPolicy: {apiNamespaceLabels: {}, metricsFrom: [{podSelector: {}}]}\n",
+    ),
 ];
 
 fn cases() -> Vec<Case> {
@@ -277,6 +287,37 @@ impl Rendered {
         self.env()
             .get(name)
             .map(|e| e["value"].as_str().expect("plain value").to_owned())
+    }
+
+    /// The Secret and key behind the file a variable names: the file's directory is a read-only
+    /// mount of a Secret volume, and its name the path of one of that volume's items.
+    fn secret_file(&self, var: &str) -> Option<(String, String)> {
+        let path = self.env_value(var)?;
+        let (dir, file) = path.rsplit_once('/').expect("an absolute path");
+        let mount = self.container()["volumeMounts"]
+            .as_array()
+            .expect("volumeMounts")
+            .iter()
+            .find(|m| m["mountPath"] == dir)
+            .unwrap_or_else(|| panic!("{var}={path} is on no mount"));
+        assert_eq!(mount["readOnly"], true, "{var}: a read-only mount");
+        let volume = self.deployment()["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("the mount's volume");
+        let secret = &volume["secret"];
+        let item = secret["items"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{var}: volume {volume} is not a Secret with items"))
+            .iter()
+            .find(|i| i["path"] == file)
+            .unwrap_or_else(|| panic!("{var}: no item of {volume} is {file}"));
+        Some((
+            secret["secretName"].as_str().expect("secretName").to_owned(),
+            item["key"].as_str().expect("key").to_owned(),
+        ))
     }
 }
 
@@ -424,6 +465,17 @@ fn operator_calls() -> Vec<ApiCall> {
             false,
             "reconcile.rs write_status: api.patch_status with server-side apply",
         ));
+        calls.push(ApiCall {
+            exercised: Err("only when a status write meets a 409 conflict, which the test provokes by chance"),
+            ..call(
+                "kubetx.io",
+                &format!("{plural}/status"),
+                "get",
+                Scope::Watched,
+                false,
+                "reconcile.rs write_status: api.get_status re-reads the status after a 409 conflict",
+            )
+        });
     }
     calls.push(call(
         "events.k8s.io",
@@ -795,15 +847,24 @@ fn check_case(case: &Case, r: &Rendered) {
             )
         })
         .collect();
-    assert_eq!(ports.get("api"), v["ports"]["api"].as_i64().as_ref(), "{name}");
+    let api_on = v["api"]["enabled"] == true;
+    assert_eq!(
+        ports.get("api"),
+        v["ports"]["api"].as_i64().as_ref().filter(|_| api_on),
+        "{name}: an API port exactly when the API is on"
+    );
     assert_eq!(ports.get("health"), v["ports"]["health"].as_i64().as_ref(), "{name}");
     let listen = r.env_value("KUBETX_LISTEN").expect("KUBETX_LISTEN");
     let health_listen = r.env_value("KUBETX_HEALTH_LISTEN").expect("KUBETX_HEALTH_LISTEN");
-    assert_eq!(
-        Some(port_of(&listen)),
-        ports.get("api").copied(),
-        "{name}: KUBETX_LISTEN"
-    );
+    if api_on {
+        assert_eq!(
+            Some(port_of(&listen)),
+            ports.get("api").copied(),
+            "{name}: KUBETX_LISTEN"
+        );
+    } else {
+        assert_eq!(listen, "", "{name}: an empty KUBETX_LISTEN turns the API off");
+    }
     assert_eq!(
         Some(port_of(&health_listen)),
         ports.get("health").copied(),
@@ -815,7 +876,10 @@ fn check_case(case: &Case, r: &Rendered) {
     } else {
         bind.to_owned()
     };
-    assert!(listen.starts_with(&format!("{host}:")), "{name}: {listen} binds {host}");
+    assert!(
+        !api_on || listen.starts_with(&format!("{host}:")),
+        "{name}: {listen} binds {host}"
+    );
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         let get = &container[probe]["httpGet"];
         assert_eq!(get["path"], path, "{name}: {probe}");
@@ -983,6 +1047,33 @@ fn check_case(case: &Case, r: &Rendered) {
         assert_eq!(reference["key"], v["store"]["secretKey"], "{name}");
         assert!(env["KUBETX_STORE"].get("value").is_none(), "{name}: never inline");
     }
+    // The API's tokens and TLS files come from the named Secrets, never inline.
+    let secret = |name: &Value, key: &str| {
+        name.as_str()
+            .filter(|n| api_on && !n.is_empty())
+            .map(|n| (n.to_owned(), key.to_owned()))
+    };
+    let api = &v["api"];
+    let tokens_key = api["tokens"]["secretKey"].as_str().expect("secretKey");
+    assert_eq!(
+        r.secret_file("KUBETX_API_TOKENS_FILE"),
+        secret(&api["tokens"]["existingSecret"], tokens_key),
+        "{name}: tokens"
+    );
+    assert!(!env.contains_key("KUBETX_API_TOKENS"), "{name}: tokens never inline");
+    for (var, key) in [("KUBETX_TLS_CERT_FILE", "tls.crt"), ("KUBETX_TLS_KEY_FILE", "tls.key")] {
+        assert_eq!(
+            r.secret_file(var),
+            secret(&api["tls"]["existingSecret"], key),
+            "{name}: {var}"
+        );
+    }
+    let ca_key = api["tls"]["clientCaKey"].as_str().expect("clientCaKey");
+    assert_eq!(
+        r.secret_file("KUBETX_TLS_CLIENT_CA_FILE"),
+        secret(&api["tls"]["clientCaSecret"], ca_key),
+        "{name}: client CA"
+    );
     // Every variable set is one the binary reads.
     let known = operator_env_vars();
     for var in env.keys() {
@@ -1053,8 +1144,9 @@ fn check_case(case: &Case, r: &Rendered) {
         })
         .collect();
     assert_eq!(
-        service_ports["api"],
-        (v["service"]["apiPort"].as_i64().expect("apiPort"), "api".to_owned())
+        service_ports.get("api"),
+        Some(&(v["service"]["apiPort"].as_i64().expect("apiPort"), "api".to_owned())).filter(|_| api_on),
+        "{name}: the Service has an API port exactly when the API is on"
     );
     assert_eq!(
         service_ports["metrics"],
@@ -1146,6 +1238,25 @@ fn check_network_policy(
         }
     }
     assert_eq!(ingress_ports, ports.keys().cloned().collect(), "{name}: ingress ports");
+    // The API from namespaces with the chosen labels and the apiFrom peers; the health port from
+    // the metricsFrom peers. No peers: every source.
+    let np = &v["networkPolicy"];
+    let mut api_from: Vec<Value> = Vec::new();
+    if np["apiNamespaceLabels"].as_object().is_some_and(|l| !l.is_empty()) {
+        api_from.push(json!({"namespaceSelector": {"matchLabels": np["apiNamespaceLabels"]}}));
+    }
+    api_from.extend(np["apiFrom"].as_array().expect("apiFrom").iter().cloned());
+    let metrics_from = np["metricsFrom"].as_array().expect("metricsFrom").clone();
+    for rule in spec["ingress"].as_array().expect("ingress") {
+        let expected = match rule["ports"][0]["port"].as_str() {
+            Some("api") => &api_from,
+            _ => &metrics_from,
+        };
+        match rule.get("from") {
+            None => assert!(expected.is_empty(), "{name}: {rule} admits every source"),
+            Some(from) => assert_eq!(from, &Value::Array(expected.clone()), "{name}: ingress peers"),
+        }
+    }
     // Egress: DNS, the API server, branches, and the database of a SQL store.
     let egress = spec["egress"].as_array().expect("egress");
     let allows_port = |number: i64| {
@@ -1248,6 +1359,7 @@ fn defaults_run_one_operator_with_cluster_wide_minimal_rights() {
             "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
+            "NetworkPolicy",
             "Service",
             "ServiceAccount"
         ])
@@ -1288,6 +1400,267 @@ fn the_three_replica_setup_elects_a_leader() {
     assert!(!r.kind("PodDisruptionBudget").is_empty());
 }
 
+/// Renders the chart with these `--set` values.
+fn render_with(helm: &Path, set: &[&str]) -> Rendered {
+    let mut extra = Vec::new();
+    for value in set {
+        extra.extend(["--set", value]);
+    }
+    Rendered::of(&template(helm, &[], &extra).expect("helm template"))
+}
+
+#[test]
+fn api_tokens_come_from_a_secret_mounted_as_a_file() {
+    let helm = helm_or_skip!("api_tokens_come_from_a_secret_mounted_as_a_file");
+    let r = render_with(helm, &["api.tokens.existingSecret=dtm-tokens"]);
+    assert_eq!(
+        r.env_value("KUBETX_API_TOKENS_FILE").as_deref(),
+        Some("/etc/kubetx/api-tokens/tokens")
+    );
+    assert_eq!(
+        r.secret_file("KUBETX_API_TOKENS_FILE"),
+        Some(("dtm-tokens".to_owned(), "tokens".to_owned()))
+    );
+    let volume = r.deployment()["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "api-tokens")
+        .expect("api-tokens volume")
+        .clone();
+    // Readable by the pod's group (fsGroup) only.
+    assert_eq!(volume["secret"]["defaultMode"], 0o440);
+    let r = render_with(
+        helm,
+        &["api.tokens.existingSecret=dtm-tokens", "api.tokens.secretKey=v2"],
+    );
+    assert_eq!(
+        r.secret_file("KUBETX_API_TOKENS_FILE"),
+        Some(("dtm-tokens".to_owned(), "v2".to_owned()))
+    );
+    // Without the value: no tokens, no volume.
+    let r = render_with(helm, &[]);
+    assert_eq!(r.env_value("KUBETX_API_TOKENS_FILE"), None);
+    assert!(!r.deployment().to_string().contains("api-tokens"));
+}
+
+#[test]
+fn api_tls_and_mtls_come_from_secrets() {
+    let helm = helm_or_skip!("api_tls_and_mtls_come_from_secrets");
+    let r = render_with(helm, &["api.tls.existingSecret=dtm-cert"]);
+    assert_eq!(
+        r.secret_file("KUBETX_TLS_CERT_FILE"),
+        Some(("dtm-cert".to_owned(), "tls.crt".to_owned()))
+    );
+    assert_eq!(
+        r.secret_file("KUBETX_TLS_KEY_FILE"),
+        Some(("dtm-cert".to_owned(), "tls.key".to_owned()))
+    );
+    assert_eq!(r.env_value("KUBETX_TLS_CLIENT_CA_FILE"), None, "no mTLS unless asked");
+    let r = render_with(
+        helm,
+        &["api.tls.existingSecret=dtm-cert", "api.tls.clientCaSecret=dtm-clients"],
+    );
+    assert_eq!(
+        r.secret_file("KUBETX_TLS_CLIENT_CA_FILE"),
+        Some(("dtm-clients".to_owned(), "ca.crt".to_owned()))
+    );
+    assert_eq!(
+        r.secret_file("KUBETX_TLS_CERT_FILE"),
+        Some(("dtm-cert".to_owned(), "tls.crt".to_owned()))
+    );
+    // The probes stay on the plain health port.
+    assert_eq!(r.container()["readinessProbe"]["httpGet"]["port"], "health");
+    assert!(r.container()["readinessProbe"]["httpGet"].get("scheme").is_none());
+}
+
+#[test]
+fn api_off_leaves_no_api_port_anywhere() {
+    let helm = helm_or_skip!("api_off_leaves_no_api_port_anywhere");
+    let r = render_with(
+        helm,
+        &[
+            "api.enabled=false",
+            "api.tokens.existingSecret=t",
+            "api.tls.existingSecret=c",
+        ],
+    );
+    assert_eq!(r.env_value("KUBETX_LISTEN").as_deref(), Some(""));
+    for var in ["KUBETX_API_TOKENS_FILE", "KUBETX_TLS_CERT_FILE", "KUBETX_TLS_KEY_FILE"] {
+        assert_eq!(r.env_value(var), None, "{var}");
+    }
+    let ports = r.container()["ports"].to_string();
+    assert!(!ports.contains("\"api\""), "{ports}");
+    let service = r.one("Service")["spec"]["ports"].to_string();
+    assert!(!service.contains("\"api\""), "{service}");
+    let policy = r.one("NetworkPolicy")["spec"]["ingress"].to_string();
+    assert!(!policy.contains("\"api\""), "{policy}");
+    assert!(policy.contains("\"health\""), "{policy}");
+}
+
+#[test]
+fn network_policy_is_on_by_default_and_admits_the_api_from_labelled_namespaces() {
+    let helm = helm_or_skip!("network_policy_is_on_by_default_and_admits_the_api_from_labelled_namespaces");
+    let ingress_of = |r: &Rendered, port: &str| -> Value {
+        r.one("NetworkPolicy")["spec"]["ingress"]
+            .as_array()
+            .expect("ingress")
+            .iter()
+            .find(|rule| rule["ports"][0]["port"] == port)
+            .unwrap_or_else(|| panic!("no ingress rule for {port}"))
+            .clone()
+    };
+    let r = render_with(helm, &[]);
+    assert_eq!(
+        ingress_of(&r, "api")["from"],
+        json!([{"namespaceSelector": {"matchLabels": {"kubetx.io/api-access": "true"}}}]),
+        "the API from namespaces labelled kubetx.io/api-access=true only"
+    );
+    assert!(
+        ingress_of(&r, "health").get("from").is_none(),
+        "probes and scrapes from anywhere, as before"
+    );
+    // Another label, and extra peers beside it.
+    let r = render_with(
+        helm,
+        &[
+            "networkPolicy.apiNamespaceLabels.team=payments",
+            "networkPolicy.apiNamespaceLabels.kubetx\\.io/api-access=null",
+            "networkPolicy.apiFrom[0].podSelector.matchLabels.app=jobs",
+        ],
+    );
+    assert_eq!(
+        ingress_of(&r, "api")["from"],
+        json!([
+            {"namespaceSelector": {"matchLabels": {"team": "payments"}}},
+            {"podSelector": {"matchLabels": {"app": "jobs"}}},
+        ])
+    );
+    // Turned off on purpose.
+    let r = render_with(helm, &["networkPolicy.enabled=false"]);
+    assert!(r.kind("NetworkPolicy").is_empty());
+}
+
+/// The chart's `api.enabled: false` environment, given to the real binary against the API
+/// double: the operator comes up ready and listens on its health port only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_runs_without_its_api() {
+    let helm = helm_or_skip!("the_operator_runs_without_its_api");
+    let r = render_with(helm, &["api.enabled=false"]);
+    let listen = r.env_value("KUBETX_LISTEN").expect("KUBETX_LISTEN");
+    let double = KubeDouble::start(&[
+        ResourceKind::of_crd::<Saga>(),
+        ResourceKind::of_crd::<Tcc>(),
+        ResourceKind::of_crd::<Msg>(),
+    ])
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, KUBECONFIG.replace("SERVER", &double.url())).expect("kubeconfig");
+    let health_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr").port()
+    };
+    let log = std::fs::File::create(dir.path().join("operator.log")).expect("log file");
+    let log_text = || std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kubetx"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("KUBETX_") || key.starts_with("KUBERNETES_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    let mut operator = command
+        .arg("operator")
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAME", "kubetx-0")
+        .env("POD_NAMESPACE", NAMESPACE)
+        .env("KUBETX_LEADER_ELECTION", "false")
+        .env("KUBETX_LISTEN", &listen)
+        .env("KUBETX_HEALTH_LISTEN", format!("127.0.0.1:{health_port}"))
+        .env("KUBETX_DB", dir.path().join("kubetx.db"))
+        .env("KUBETX_LOG_LEVEL", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start kubetx operator");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = operator.try_wait().expect("poll") {
+            panic!("the operator exited ({status}) without its API\n{}", log_text());
+        }
+        if answers_200(health_port, "/readyz").await {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = operator.kill();
+            panic!("the operator never became ready\n{}", log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listening = listening_ports(operator.id());
+    let _ = Command::new("kill")
+        .args(["-TERM", &operator.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while operator.try_wait().expect("poll").is_none() {
+        if Instant::now() > deadline {
+            let _ = operator.kill();
+            panic!("the operator did not stop on SIGTERM\n{}", log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        listening,
+        vec![health_port],
+        "the operator listens on its health port only\n{}",
+        log_text()
+    );
+    assert!(log_text().contains("the DTM API is off"), "{}", log_text());
+}
+
+/// Whether `GET path` on 127.0.0.1:port answers 200 (plain HTTP/1.0, no client library).
+async fn answers_200(port: u16, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.is_ok() && head.ends_with(b" 200")
+}
+
+/// TCP ports a process listens on: its socket inodes matched against /proc/net/tcp{,6}.
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, state (0A: LISTEN), inode.
+            if fields.len() > 9 && fields[3] == "0A" && inodes.contains(fields[9]) {
+                let port = fields[1].rsplit(':').next().expect("port");
+                ports.push(u16::from_str_radix(port, 16).expect("hex port"));
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports
+}
+
 #[test]
 fn unsafe_or_incomplete_values_are_refused() {
     let helm = helm_or_skip!("unsafe_or_incomplete_values_are_refused");
@@ -1322,6 +1695,12 @@ fn unsafe_or_incomplete_values_are_refused() {
             "serviceAccount: {create: false}\n",
             "serviceAccount.name is required",
         ),
+        (
+            "mtls-without-tls",
+            "api: {tls: {clientCaSecret: client-ca}}\n",
+            "needs api.tls.existingSecret",
+        ),
+        ("misspelt-api-key", "api: {token: {existingSecret: x}}\n", "token"),
     ] {
         let path = dir.join(format!("{file}.yaml"));
         std::fs::write(&path, yaml).expect("write");

@@ -115,6 +115,9 @@ rule), which only happens when every namespace is watched.
 
 {{/* Checks of value combinations that would deploy something broken or unsafe. */}}
 {{- define "kubetx.validate" -}}
+{{- if and .Values.api.tls.clientCaSecret (not .Values.api.tls.existingSecret) }}
+{{- fail "api.tls.clientCaSecret (mTLS) needs api.tls.existingSecret: client certificates are checked on a TLS listener only" }}
+{{- end }}
 {{- if and (gt (int .Values.replicaCount) 1) (ne (include "kubetx.leaderElection" .) "true") }}
 {{- fail "replicaCount > 1 needs leader election (leaderElection.enabled: true or null): without it every replica would drive the same transactions" }}
 {{- end }}
@@ -140,10 +143,11 @@ rule), which only happens when every namespace is watched.
 - apiGroups: [kubetx.io]
   resources: [sagas, tccs, msgs]
   verbs: [get, list, watch, patch, delete]
-# Their status, written with server-side apply.
+# Their status, written with server-side apply (patch), and read again when that write meets a
+# conflict (get).
 - apiGroups: [kubetx.io]
   resources: [sagas/status, tccs/status, msgs/status]
-  verbs: [patch]
+  verbs: [get, patch]
 # Events on phase transitions, in the resource's namespace; a repeat is patched into a series.
 - apiGroups: [events.k8s.io]
   resources: [events]
