@@ -1617,6 +1617,23 @@ async fn the_operator_runs_without_its_api() {
         log_text()
     );
     assert!(log_text().contains("the DTM API is off"), "{}", log_text());
+    // `kubetx serve` has nothing to do without its API: an empty address is a configuration error.
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_kubetx"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("KUBETX_") {
+            serve.env_remove(key);
+        }
+    }
+    let serve = serve
+        .arg("serve")
+        .env("KUBETX_LISTEN", "")
+        .env("KUBETX_DB", dir.path().join("serve.db"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubetx serve");
+    assert!(!serve.status.success(), "kubetx serve ran without an address");
+    let stderr = String::from_utf8_lossy(&serve.stderr);
+    assert!(stderr.contains("listen is empty"), "{stderr}");
 }
 
 /// Whether `GET path` on 127.0.0.1:port answers 200 (plain HTTP/1.0, no client library).
