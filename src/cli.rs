@@ -195,6 +195,15 @@ pub struct ServeArgs {
     /// File of bearer tokens the DTM API and metrics require, one per line.
     #[arg(long, env = "KUBETX_API_TOKENS_FILE")]
     pub api_tokens_file: Option<String>,
+    /// PEM bundle of CAs trusted for HTTPS branch calls, besides the system's roots.
+    #[arg(long, env = "KUBETX_BRANCH_CA_FILE")]
+    pub branch_ca_file: Option<String>,
+    /// PEM certificate chain presented to HTTPS branches (mTLS; with --branch-client-key-file).
+    #[arg(long, env = "KUBETX_BRANCH_CLIENT_CERT_FILE")]
+    pub branch_client_cert_file: Option<String>,
+    /// PEM private key of --branch-client-cert-file.
+    #[arg(long, env = "KUBETX_BRANCH_CLIENT_KEY_FILE")]
+    pub branch_client_key_file: Option<String>,
 }
 
 /// Flags of `operator`.
@@ -275,6 +284,9 @@ impl ServeArgs {
             tls_cert_file => tls_cert_file,
             tls_key_file => tls_key_file,
             tls_client_ca_file => tls_client_ca_file,
+            branch_ca_file => branch_ca_file,
+            branch_client_cert_file => branch_client_cert_file,
+            branch_client_key_file => branch_client_key_file,
         );
         // Bearer tokens come from the environment (comma-separated) or a file, never from the
         // command line, which every user of the machine can read.

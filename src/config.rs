@@ -150,6 +150,14 @@ pub struct Config {
     pub tls_key_file: String,
     /// PEM bundle of the CAs whose client certificates the API requires (mTLS); empty: none.
     pub tls_client_ca_file: String,
+    /// PEM bundle of CAs trusted for HTTPS branch calls, besides the system's roots; empty:
+    /// the system's only.
+    pub branch_ca_file: String,
+    /// PEM certificate chain presented to HTTPS branches that ask for one (mTLS); with
+    /// `branch_client_key_file`.
+    pub branch_client_cert_file: String,
+    /// PEM private key of `branch_client_cert_file`.
+    pub branch_client_key_file: String,
 }
 
 impl Default for Config {
@@ -188,6 +196,9 @@ impl Default for Config {
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             tls_client_ca_file: String::new(),
+            branch_ca_file: String::new(),
+            branch_client_cert_file: String::new(),
+            branch_client_key_file: String::new(),
         }
     }
 }
@@ -257,6 +268,11 @@ impl Config {
                 "tls_cert_file and tls_key_file go together".to_owned(),
             ));
         }
+        if self.branch_client_cert_file.is_empty() != self.branch_client_key_file.is_empty() {
+            return Err(ConfigError::Invalid(
+                "branch_client_cert_file and branch_client_key_file go together".to_owned(),
+            ));
+        }
         Ok(())
     }
 
@@ -280,7 +296,14 @@ impl Config {
 
     /// The branch client of `kubetx serve` (its policy and classification).
     pub fn invoker(&self, policy: OutboundPolicy) -> Result<Invoker, InvokeError> {
-        Invoker::builder(policy).strict_results(self.strict_results).build()
+        let mut builder = Invoker::builder(policy).strict_results(self.strict_results);
+        if !self.branch_ca_file.is_empty() {
+            builder = builder.ca_file(&self.branch_ca_file);
+        }
+        if !self.branch_client_cert_file.is_empty() || !self.branch_client_key_file.is_empty() {
+            builder = builder.client_identity_files(&self.branch_client_cert_file, &self.branch_client_key_file);
+        }
+        builder.build()
     }
 
     /// The outbound policy of `kubetx serve`: exactly the allowed hosts and CIDRs, or, when

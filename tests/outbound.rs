@@ -2,7 +2,8 @@
 //! at submit and registerBranch, before any call; a DNS name resolving to a refused address and
 //! a redirect to one are never followed. Every service listens on 127.0.0.x (the "refused" one on
 //! 127.0.0.2); no traffic leaves the loopback range. And what is sent is not shown: header values
-//! and URL credentials never appear in an answer or a log line.
+//! and URL credentials never appear in an answer or a log line. HTTPS branches are trusted
+//! through the configured CA bundle and get the configured client certificate (mTLS).
 
 mod common;
 
@@ -38,17 +39,21 @@ impl Api {
     }
 
     async fn start(policy: OutboundPolicy) -> Self {
+        let invoker = Invoker::builder(policy)
+            .static_host("bank.allowed.test", &[IpAddr::from(BANK_IP)])
+            .static_host("trap.allowed.test", &[IpAddr::from(TRAP_IP)])
+            .build()
+            .expect("client");
+        Self::with_invoker(invoker).await
+    }
+
+    async fn with_invoker(invoker: Invoker) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config {
             listen: "127.0.0.1:0".to_owned(),
             ..Config::default()
         };
         config.sqlite.path = dir.path().join("kubetx.db").display().to_string();
-        let invoker = Invoker::builder(policy)
-            .static_host("bank.allowed.test", &[IpAddr::from(BANK_IP)])
-            .static_host("trap.allowed.test", &[IpAddr::from(TRAP_IP)])
-            .build()
-            .expect("client");
         let clock = Arc::new(OffsetClock::default());
         let server = Server::start_with_invoker(&config, clock, false, Arc::new(Metrics::new()), invoker)
             .await
@@ -254,4 +259,182 @@ async fn header_values_and_url_credentials_are_never_shown() {
         assert!(!text.contains("s3cret-t0ken"), "header value shown: {text}");
         assert!(!text.contains(PASSWORD), "URL password shown: {text}");
     }
+}
+
+fn tls_fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A branch service on HTTPS (127.0.0.1, the test CA's server certificate) answering SUCCESS;
+/// with `client_ca`, it requires a client certificate that CA signed.
+struct HttpsBranch {
+    addr: std::net::SocketAddr,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl HttpsBranch {
+    async fn start(client_ca: Option<&str>) -> Self {
+        let client_ca = client_ca.map(tls_fixture);
+        let config = kubetx::tls::server_config(
+            tls_fixture("server.pem").as_ref(),
+            tls_fixture("server.key").as_ref(),
+            client_ca.as_deref().map(std::path::Path::new),
+        )
+        .expect("server TLS");
+        let tcp = tokio::net::TcpListener::bind((IpAddr::from(BANK_IP), 0))
+            .await
+            .expect("bind");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let listener = kubetx::tls::TlsListener::new(tcp, config, stop.clone()).expect("listener");
+        let addr = axum::serve::Listener::local_addr(&listener).expect("address");
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&hits);
+        let router = axum::Router::new().route(
+            "/ok",
+            axum::routing::any(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { r#"{"dtm_result":"SUCCESS"}"# }
+            }),
+        );
+        let until = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { until.cancelled().await })
+                .await
+        });
+        HttpsBranch { addr, hits, stop }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}/ok", self.addr)
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for HttpsBranch {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A server whose branch client is configured as `adjust` sets the configuration's branch TLS
+/// keys (the path `kubetx serve` and `kubetx operator` take).
+async fn api_with_branch_tls(adjust: impl FnOnce(&mut Config)) -> Api {
+    let mut config = Config::default();
+    adjust(&mut config);
+    config.validate().expect("valid configuration");
+    let invoker = config
+        .invoker(config.outbound_policy().expect("policy"))
+        .expect("client");
+    Api::with_invoker(invoker).await
+}
+
+#[tokio::test]
+async fn an_https_branch_signed_by_the_configured_ca_is_trusted() {
+    let branch = HttpsBranch::start(None).await;
+    let trusting = api_with_branch_tls(|c| c.branch_ca_file = tls_fixture("ca.pem")).await;
+    let (status, body) = trusting.saga("https-trusted", &[branch.url()]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(branch.hits(), 1);
+    // Without the CA, the certificate is not trusted: an unknown outcome, retried, not a failure.
+    let plain = api_with_branch_tls(|_| {}).await;
+    let (status, body) = plain.saga("https-untrusted", &[branch.url()]).await;
+    assert_eq!(status, 425, "retried, not failed: {body}");
+    assert!(message(&body).contains("certificate"), "{body}");
+    assert_eq!(branch.hits(), 1, "no request was sent over the untrusted connection");
+}
+
+#[tokio::test]
+async fn a_branch_requiring_a_client_certificate_gets_the_configured_one() {
+    let branch = HttpsBranch::start(Some("client-ca.pem")).await;
+    let identified = api_with_branch_tls(|c| {
+        c.branch_ca_file = tls_fixture("ca.pem");
+        c.branch_client_cert_file = tls_fixture("client.pem");
+        c.branch_client_key_file = tls_fixture("client.key");
+    })
+    .await;
+    let (status, body) = identified.saga("mtls-identified", &[branch.url()]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(branch.hits(), 1);
+    let anonymous = api_with_branch_tls(|c| c.branch_ca_file = tls_fixture("ca.pem")).await;
+    let (status, body) = anonymous.saga("mtls-anonymous", &[branch.url()]).await;
+    assert_eq!(status, 425, "retried, not failed: {body}");
+    assert_eq!(branch.hits(), 1, "the branch never saw the anonymous call");
+}
+
+#[test]
+fn branch_tls_files_are_checked_at_start_and_never_quoted() {
+    let key_text = std::fs::read_to_string(tls_fixture("client.key")).expect("key");
+    let key_line = key_text.lines().nth(1).expect("a base64 line");
+    // (CA bundle, client certificate, client key): empty for none.
+    let start = |[ca, cert, key]: [&str; 3]| -> Result<(), String> {
+        let file = |name: &str| {
+            if name.is_empty() {
+                String::new()
+            } else {
+                tls_fixture(name)
+            }
+        };
+        let config = Config {
+            branch_ca_file: file(ca),
+            branch_client_cert_file: file(cert),
+            branch_client_key_file: file(key),
+            ..Config::default()
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        config
+            .invoker(OutboundPolicy::permissive())
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    // Certificate and key go together.
+    let error = start(["", "client.pem", ""]).unwrap_err();
+    assert!(error.contains("branch_client_key_file"), "{error}");
+    let error = start(["", "", "client.key"]).unwrap_err();
+    assert!(error.contains("branch_client_cert_file"), "{error}");
+    let cases = [
+        ("missing.pem", ["missing.pem", "", ""]),
+        // A key where the CA bundle goes: no certificate, and the key is not shown.
+        ("client.key", ["client.key", "", ""]),
+        ("client.key", ["", "client.key", "client.key"]),
+        ("ca.pem", ["", "client.pem", "ca.pem"]),
+        // The key of another certificate.
+        ("server.key", ["", "client.pem", "server.key"]),
+    ];
+    for (file, files) in cases {
+        let error = start(files).expect_err(file);
+        assert!(error.contains(file), "{file}: {error}");
+        assert!(!error.contains(key_line) && !error.contains("BEGIN"), "{file}: {error}");
+    }
+    start(["ca.pem", "client.pem", "client.key"]).expect("the fixtures are usable");
+}
+
+#[test]
+fn branch_tls_flags_and_config_file_keys_reach_the_configuration() {
+    use clap::Parser as _;
+    use kubetx::cli::{Cli, Command};
+    let cli = Cli::try_parse_from([
+        "kubetx",
+        "operator",
+        "--branch-ca-file",
+        "/ca.pem",
+        "--branch-client-cert-file",
+        "/client.pem",
+        "--branch-client-key-file",
+        "/client.key",
+    ])
+    .expect("flags parse");
+    let Some(Command::Operator(args)) = cli.command else {
+        panic!("operator");
+    };
+    let config = args.serve.config().expect("config");
+    assert_eq!(config.branch_ca_file, "/ca.pem");
+    assert_eq!(config.branch_client_cert_file, "/client.pem");
+    assert_eq!(config.branch_client_key_file, "/client.key");
+    let yaml: Config = serde_yaml::from_str("branch_ca_file: /etc/ca.pem").expect("key parses");
+    assert_eq!(yaml.branch_ca_file, "/etc/ca.pem");
 }

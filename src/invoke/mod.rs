@@ -5,8 +5,12 @@ pub mod policy;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use self::policy::{OutboundPolicy, Refusal};
 use crate::engine::Outcome;
@@ -21,6 +25,15 @@ pub enum InvokeError {
     /// The TLS or connection-pool setup failed.
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    /// A CA bundle, client certificate or key file is unreadable or unusable. The reason never
+    /// quotes the file.
+    #[error("cannot use {path}: {reason}")]
+    Pem {
+        /// File.
+        path: String,
+        /// Cause.
+        reason: String,
+    },
 }
 
 /// One branch call.
@@ -61,9 +74,25 @@ pub struct InvokerBuilder {
     source: Option<IpAddr>,
     hosts: HashMap<String, Vec<IpAddr>>,
     strict: bool,
+    ca_file: Option<PathBuf>,
+    identity_files: Option<(PathBuf, PathBuf)>,
 }
 
 impl InvokerBuilder {
+    /// Trusts the CAs of the PEM bundle `file` (one or more certificates) for HTTPS branches, in
+    /// addition to the system's roots.
+    pub fn ca_file(mut self, file: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(file.into());
+        self
+    }
+
+    /// Presents the PEM certificate chain `cert_file` with the PEM private key `key_file` to
+    /// HTTPS branches that ask for a client certificate (mTLS).
+    pub fn client_identity_files(mut self, cert_file: impl Into<PathBuf>, key_file: impl Into<PathBuf>) -> Self {
+        self.identity_files = Some((cert_file.into(), key_file.into()));
+        self
+    }
+
     /// Branch calls leave from `source` (a node with several addresses, where branch services
     /// tell replicas apart by address).
     pub fn source_address(mut self, source: IpAddr) -> Self {
@@ -92,7 +121,14 @@ impl InvokerBuilder {
             policy: Arc::clone(&policy),
             hosts: Arc::new(self.hosts),
         };
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(file) = &self.ca_file {
+            builder = builder.tls_certs_merge(ca_bundle(file)?);
+        }
+        if let Some((cert_file, key_file)) = &self.identity_files {
+            builder = builder.identity(client_identity(cert_file, key_file)?);
+        }
+        let client = builder
             .local_address(self.source)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
@@ -125,6 +161,8 @@ impl Invoker {
             source: None,
             hosts: HashMap::new(),
             strict: false,
+            ca_file: None,
+            identity_files: None,
         }
     }
 
@@ -197,6 +235,73 @@ impl Invoker {
             Err(error) => Outcome::Error(describe(error)),
         }
     }
+}
+
+fn pem_error(path: &Path, reason: impl Into<String>) -> InvokeError {
+    InvokeError::Pem {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Every certificate of a PEM file (at least one). Errors say what is wrong, never what the file
+/// holds.
+fn pem_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, InvokeError> {
+    let bytes = std::fs::read(file).map_err(|e| pem_error(file, e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| pem_error(file, "not a valid PEM file"))?;
+    if certs.is_empty() {
+        return Err(pem_error(file, "no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+/// The CA certificates of a PEM bundle, each checked to be a usable trust anchor.
+fn ca_bundle(file: &Path) -> Result<Vec<reqwest::Certificate>, InvokeError> {
+    let mut roots = Vec::new();
+    for cert in pem_certificates(file)? {
+        rustls::RootCertStore::empty()
+            .add(cert.clone())
+            .map_err(|e| pem_error(file, format!("invalid CA certificate: {e}")))?;
+        roots.push(reqwest::Certificate::from_der(&cert).map_err(|_| pem_error(file, "invalid CA certificate"))?);
+    }
+    Ok(roots)
+}
+
+/// A client certificate chain and its private key, checked to belong together.
+fn client_identity(cert_file: &Path, key_file: &Path) -> Result<reqwest::Identity, InvokeError> {
+    let chain = pem_certificates(cert_file)?;
+    let bytes = std::fs::read(key_file).map_err(|e| pem_error(key_file, e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| pem_error(key_file, "no PEM private key"))?;
+    let label = match &key {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    let key_der = key.secret_der().to_vec();
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain.clone(), key, &provider)
+        .map_err(|e| pem_error(key_file, format!("unusable with {}: {e}", cert_file.display())))?;
+    // reqwest takes the identity as one PEM text; written afresh, so that only the certificates
+    // and the key reach it.
+    let mut pem = String::new();
+    for cert in &chain {
+        pem_section(&mut pem, "CERTIFICATE", cert);
+    }
+    pem_section(&mut pem, label, &key_der);
+    reqwest::Identity::from_pem(pem.as_bytes()).map_err(|_| pem_error(key_file, "unusable client identity"))
+}
+
+fn pem_section(pem: &mut String, label: &str, der: &[u8]) {
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD.encode(der);
+    pem.push_str(&format!("-----BEGIN {label}-----\n"));
+    for line in text.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str(&format!("-----END {label}-----\n"));
 }
 
 fn header_map(headers: &BTreeMap<String, String>) -> Result<reqwest::header::HeaderMap, Outcome> {
