@@ -13,6 +13,8 @@ pub const MAX_DEPENDS_ON: usize = 16;
 pub const MAX_NAME_LEN: usize = 63;
 /// Longest branch URL.
 pub const MAX_URL_LEN: usize = 2048;
+/// Longest path of a Service endpoint.
+pub const MAX_PATH_LEN: usize = 1024;
 /// Most headers sent on every branch call.
 pub const MAX_HEADERS: usize = 32;
 /// Longest header name.

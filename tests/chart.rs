@@ -1563,17 +1563,7 @@ async fn the_operator_runs_without_its_api() {
     };
     let log = std::fs::File::create(dir.path().join("operator.log")).expect("log file");
     let log_text = || std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kubetx"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("KUBETX_") || key.starts_with("KUBERNETES_") || key == "RUST_LOG" {
-            command.env_remove(key);
-        }
-    }
-    let mut operator = command
-        .arg("operator")
-        .env("KUBECONFIG", &kubeconfig)
-        .env("POD_NAME", "kubetx-0")
-        .env("POD_NAMESPACE", NAMESPACE)
+    let mut operator = operator_command(&kubeconfig)
         .env("KUBETX_LEADER_ELECTION", "false")
         .env("KUBETX_LISTEN", &listen)
         .env("KUBETX_HEALTH_LISTEN", format!("127.0.0.1:{health_port}"))
@@ -1618,14 +1608,7 @@ async fn the_operator_runs_without_its_api() {
     );
     assert!(log_text().contains("the DTM API is off"), "{}", log_text());
     // `kubetx serve` has nothing to do without its API: an empty address is a configuration error.
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_kubetx"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("KUBETX_") {
-            serve.env_remove(key);
-        }
-    }
-    let serve = serve
-        .arg("serve")
+    let serve = kubetx_command("serve")
         .env("KUBETX_LISTEN", "")
         .env("KUBETX_DB", dir.path().join("serve.db"))
         .stdin(Stdio::null())
@@ -1880,17 +1863,7 @@ async fn operator_makes_only_the_listed_api_calls() {
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, KUBECONFIG.replace("SERVER", &double.url())).expect("kubeconfig");
     let log = std::fs::File::create(dir.path().join("operator.log")).expect("log file");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kubetx"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("KUBETX_") || key.starts_with("KUBERNETES_") || key == "RUST_LOG" {
-            command.env_remove(key);
-        }
-    }
-    let mut operator = command
-        .arg("operator")
-        .env("KUBECONFIG", &kubeconfig)
-        .env("POD_NAME", "kubetx-0")
-        .env("POD_NAMESPACE", NAMESPACE)
+    let mut operator = operator_command(&kubeconfig)
         .env("KUBETX_LEADER_ELECTION", "true")
         .env("KUBETX_LEASE_NAME", "kubetx-leader")
         .env("KUBETX_LISTEN", "127.0.0.1:0")
@@ -2369,4 +2342,27 @@ fn static_build_runs_in_an_empty_root() {
         jail.path().join("var/lib/kubetx/kubetx.db").exists(),
         "the SQLite file is where KUBETX_DB says"
     );
+}
+
+/// The kubetx binary running `subcommand`, with none of this process's kubetx, Kubernetes or log
+/// settings in its environment.
+fn kubetx_command(subcommand: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kubetx"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("KUBETX_") || key.starts_with("KUBERNETES_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    command.arg(subcommand);
+    command
+}
+
+/// `kubetx operator` as the chart's pod runs it, against the API server of `kubeconfig`.
+fn operator_command(kubeconfig: &Path) -> Command {
+    let mut command = kubetx_command("operator");
+    command
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAME", "kubetx-0")
+        .env("POD_NAMESPACE", NAMESPACE);
+    command
 }

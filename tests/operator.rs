@@ -87,6 +87,18 @@ impl Env {
         config
     }
 
+    /// Deletes a saga and waits until the API server has removed it (its finalizer gone).
+    async fn delete_saga_and_wait_gone(&self, name: &str) {
+        let api: Api<Saga> = Api::namespaced(self.double.client(), NS);
+        api.delete(name, &DeleteParams::default())
+            .await
+            .expect("delete accepted");
+        self.double
+            .wait_for("sagas", NS, name, WAIT, |o| o.is_none())
+            .await
+            .expect("the saga is gone");
+    }
+
     fn start(&self) -> Operator {
         self.start_with(self.config())
     }
@@ -423,14 +435,7 @@ async fn deleting_a_running_saga_compensates_it_first() {
         .expect("finalizer added")
         .expect("exists");
     let gid = running["status"]["gid"].as_str().expect("gid").to_owned();
-    let api: Api<Saga> = Api::namespaced(env.double.client(), NS);
-    api.delete("doomed", &DeleteParams::default())
-        .await
-        .expect("delete accepted");
-    env.double
-        .wait_for("sagas", NS, "doomed", WAIT, |o| o.is_none())
-        .await
-        .expect("deleted after compensating");
+    env.delete_saga_and_wait_gone("doomed").await;
     let routes = env.bank.routes(&gid);
     assert!(
         routes.ends_with(&["TransInRevert".to_owned(), "TransOutRevert".to_owned()]),
@@ -448,14 +453,7 @@ async fn a_saga_deleted_during_its_first_pass_compensates() {
     env.create("sagas", env.transfer("pruned", "TransIn")).await;
     // Deleted while the first branch call is in flight, as a script or a GitOps prune would.
     let calls = env.bank.wait_calls_on("TransOut", 1).await;
-    let api: Api<Saga> = Api::namespaced(env.double.client(), NS);
-    api.delete("pruned", &DeleteParams::default())
-        .await
-        .expect("delete accepted");
-    env.double
-        .wait_for("sagas", NS, "pruned", WAIT, |o| o.is_none())
-        .await
-        .expect("deleted after compensating");
+    env.delete_saga_and_wait_gone("pruned").await;
     let routes = env.bank.routes(&calls[0].gid);
     assert!(routes.contains(&"TransOutRevert".to_owned()), "{routes:?}");
     operator.stop().await.expect("stops");
@@ -516,14 +514,7 @@ async fn an_annotation_deletes_a_running_saga_without_compensating() {
             json!({"metadata": {"annotations": {"kubetx.io/skip-compensation": "true"}}}),
         )
         .expect("annotated");
-    let api: Api<Saga> = Api::namespaced(env.double.client(), NS);
-    api.delete("abandoned", &DeleteParams::default())
-        .await
-        .expect("delete accepted");
-    env.double
-        .wait_for("sagas", NS, "abandoned", WAIT, |o| o.is_none())
-        .await
-        .expect("deleted");
+    env.delete_saga_and_wait_gone("abandoned").await;
     assert!(
         !env.bank.routes(&gid).iter().any(|r| r.ends_with("Revert")),
         "nothing was compensated"

@@ -12,12 +12,10 @@ use serde_json::Value;
 
 use crate::limits::{
     DNS_LABEL_PATTERN, HEADER_NAME_PATTERN, MAX_CALL_TIMEOUT_SECONDS, MAX_DEPENDS_ON, MAX_GID_LEN, MAX_HEADER_NAME_LEN,
-    MAX_HEADER_VALUE_LEN, MAX_HEADERS, MAX_NAME_LEN, MAX_OBJECT_NAME_LEN, MAX_RETRY_INTERVAL_SECONDS, MAX_RETRY_LIMIT,
-    MAX_STEPS, MAX_TIMEOUT_SECONDS, MAX_URL_LEN,
+    MAX_HEADER_VALUE_LEN, MAX_HEADERS, MAX_NAME_LEN, MAX_OBJECT_NAME_LEN, MAX_PATH_LEN, MAX_RETRY_INTERVAL_SECONDS,
+    MAX_RETRY_LIMIT, MAX_STEPS, MAX_TIMEOUT_SECONDS, MAX_URL_LEN,
 };
 
-/// Longest Service path.
-const MAX_PATH_LEN: usize = 1024;
 /// Most status rows: three operations per Tcc branch.
 const MAX_STATUS_ROWS: usize = 3 * MAX_STEPS;
 /// Longest short text in the status (a time, a branch id, a state, a progress).

@@ -17,7 +17,8 @@ use sha2::{Digest, Sha256};
 use crate::engine::{self, MsgTarget, SagaOrders, SagaStep};
 use crate::limits::{
     self, MAX_CALL_TIMEOUT_SECONDS, MAX_DEPENDS_ON, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_HEADERS,
-    MAX_NAME_LEN, MAX_RETRY_INTERVAL_SECONDS, MAX_RETRY_LIMIT, MAX_STEPS, MAX_TIMEOUT_SECONDS, MAX_URL_LEN,
+    MAX_NAME_LEN, MAX_PATH_LEN, MAX_RETRY_INTERVAL_SECONDS, MAX_RETRY_LIMIT, MAX_STEPS, MAX_TIMEOUT_SECONDS,
+    MAX_URL_LEN,
 };
 use crate::model::{
     Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType, branch_id_for, op,
@@ -436,7 +437,11 @@ fn check_endpoint(endpoint: &Endpoint) -> Result<(), String> {
                 ));
             }
         }
-        limits::check_len("service.path", service.path.as_deref().unwrap_or_default(), MAX_URL_LEN)?;
+        limits::check_len(
+            "service.path",
+            service.path.as_deref().unwrap_or_default(),
+            MAX_PATH_LEN,
+        )?;
     }
     Ok(())
 }
