@@ -786,11 +786,9 @@ async fn a_leader_cut_off_from_the_api_stops_before_the_standby_takes_over() {
     standby.stop().await.expect("standby stops");
 }
 
-#[tokio::test]
-async fn with_a_sql_store_the_status_keeps_a_summary_in_three_writes() {
-    let env = Env::new().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = kubetx::store::open(&kubetx::store::StoreOptions {
+/// A SQLite detail store in `dir` (`detail.db`).
+async fn detail_store(dir: &tempfile::TempDir) -> Arc<dyn kubetx::store::Store> {
+    kubetx::store::open(&kubetx::store::StoreOptions {
         kind: kubetx::store::StoreKind::Sqlite(dir.path().join("detail.db").display().to_string()),
         synchronous: kubetx::store::Synchronous::Normal,
         migrate: true,
@@ -798,7 +796,69 @@ async fn with_a_sql_store_the_status_keeps_a_summary_in_three_writes() {
         acquire_timeout: Duration::from_secs(2),
     })
     .await
-    .expect("store opens");
+    .expect("store opens")
+}
+
+#[tokio::test]
+async fn with_a_sql_store_secret_header_values_are_sent_but_never_written() {
+    let env = Env::new().await;
+    env.double
+        .create_secret(NS, "bank-token", &[("token", "Bearer s3cret")]);
+    env.double
+        .patch_json(
+            "secrets",
+            NS,
+            "bank-token",
+            json!({"metadata": {"labels": {SECRET_OPT_IN: "true"}}}),
+        )
+        .expect("labelled");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = detail_store(&dir).await;
+    let mut config = env.config();
+    config.reconcile.store = Some(Arc::clone(&store));
+    let operator = env.start_with(config);
+    let mut saga = env.transfer("sql-secret", "TransIn");
+    saga["spec"]["headers"] = json!([
+        {"name": "authorization", "valueFrom": {"secretKeyRef": {"name": "bank-token", "key": "token"}}},
+        {"name": "x-tenant", "value": "blue"},
+    ]);
+    env.create("sagas", saga).await;
+    let saga = env.wait_phase("sagas", "sql-secret", "Succeeded").await;
+    let gid = saga["status"]["gid"].as_str().expect("gid");
+    let calls = env.bank.calls();
+    assert!(calls.iter().any(|c| c.gid == gid), "the bank was called");
+    for call in calls.iter().filter(|c| c.gid == gid) {
+        assert_eq!(call.headers["authorization"], "Bearer s3cret");
+    }
+    // SQL keeps where each value comes from, never the value.
+    let global = store.find(gid).await.expect("reads").expect("saved");
+    assert_eq!(
+        global.options.branch_headers,
+        [
+            (
+                "authorization".to_owned(),
+                "(from secret bank-token key token)".to_owned()
+            ),
+            ("x-tenant".to_owned(), "(inline in the resource spec)".to_owned()),
+        ]
+        .into()
+    );
+    operator.stop().await.expect("stops");
+    drop(store);
+    for file in std::fs::read_dir(dir.path()).expect("lists") {
+        let bytes = std::fs::read(file.expect("entry").path()).expect("reads");
+        assert!(
+            !bytes.windows(6).any(|w| w == b"s3cret"),
+            "a database file holds the secret value"
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_a_sql_store_the_status_keeps_a_summary_in_three_writes() {
+    let env = Env::new().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = detail_store(&dir).await;
     let mut config = env.config();
     config.reconcile.store = Some(Arc::clone(&store));
     let operator = env.start_with(config);

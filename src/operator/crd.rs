@@ -87,6 +87,17 @@ pub struct Header {
     pub value_from: Option<HeaderSource>,
 }
 
+impl Header {
+    /// Where the value comes from, never the value: what a durable record of the transaction
+    /// keeps, so that a database dump or `/query` cannot leak a Secret.
+    pub fn source(&self) -> String {
+        match &self.value_from {
+            Some(HeaderSource { secret_key_ref: r }) => format!("(from secret {} key {})", r.name, r.key),
+            None => "(inline in the resource spec)".to_owned(),
+        }
+    }
+}
+
 /// Where a header value comes from.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -403,7 +403,7 @@ async fn run_and_record<K: Transactional>(
             store.as_ref(),
             &ctx.identity,
             saved_status,
-            &global,
+            &without_header_values(&**obj, &global),
             &branches,
             &loaded,
             now,
@@ -605,6 +605,13 @@ fn service_url(service: &ServiceRef, namespace: &str, domain: &str) -> Result<ur
         None => url.set_path(path),
     }
     Ok(url)
+}
+
+/// `global` with each header's source in place of its value: what SQL may keep.
+fn without_header_values<K: Transactional>(obj: &K, global: &GlobalTrans) -> GlobalTrans {
+    let mut record = global.clone();
+    record.options.branch_headers = obj.headers().iter().map(|h| (h.name.clone(), h.source())).collect();
+    record
 }
 
 /// Header values, reading Secrets in the resource's namespace.

@@ -46,7 +46,8 @@ pub async fn load(store: &dyn Store, gid: &str, branches: &mut [Branch]) -> Resu
 }
 
 /// Records a pass under `identity`: the whole transaction the first time, then the branches that
-/// changed and the status. `loaded` are the rows as they were before the pass. A new leader first
+/// changed and the status. `global`'s header values must already be replaced by their sources
+/// (values are resolved from the resource at every pass and never written to SQL). `loaded` are the rows as they were before the pass. A new leader first
 /// takes the transaction over from the previous one, whose writes the store refuses from then on.
 /// False when another replica wrote since this pass read the transaction: nothing was recorded.
 pub async fn save(
