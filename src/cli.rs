@@ -192,6 +192,9 @@ pub struct ServeArgs {
     /// PEM bundle of the CAs whose client certificates the API requires (mTLS).
     #[arg(long, env = "KUBETX_TLS_CLIENT_CA_FILE")]
     pub tls_client_ca_file: Option<String>,
+    /// Seconds between checks of the token file and the TLS files for changes.
+    #[arg(long, env = "KUBETX_RELOAD_INTERVAL")]
+    pub reload_interval: Option<u64>,
     /// File of bearer tokens the DTM API and metrics require, one per line.
     #[arg(long, env = "KUBETX_API_TOKENS_FILE")]
     pub api_tokens_file: Option<String>,
@@ -284,6 +287,7 @@ impl ServeArgs {
             tls_cert_file => tls_cert_file,
             tls_key_file => tls_key_file,
             tls_client_ca_file => tls_client_ca_file,
+            reload_interval => reload_interval,
             branch_ca_file => branch_ca_file,
             branch_client_cert_file => branch_client_cert_file,
             branch_client_key_file => branch_client_key_file,

@@ -1,15 +1,18 @@
 //! Server configuration: defaults, then a YAML file, then environment variables, then flags.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use crate::api::auth::Tokens;
+use crate::api::auth::{TokenSet, Tokens};
 use crate::engine::Policy;
 use crate::invoke::policy::OutboundPolicy;
 use crate::invoke::{InvokeError, Invoker};
 use crate::limits::{self, MAX_CALL_TIMEOUT_SECONDS};
+use crate::reload;
 use crate::scheduler::SchedulerConfig;
 use crate::store::retention::Retention;
 use crate::store::{StoreKind, StoreOptions, Synchronous};
@@ -148,6 +151,9 @@ pub struct Config {
     pub tls_cert_file: String,
     /// PEM private key of the API listener.
     pub tls_key_file: String,
+    /// How often the token file and the listener's TLS files are checked for changes, in
+    /// seconds; a change takes effect without a restart.
+    pub reload_interval: u64,
     /// PEM bundle of the CAs whose client certificates the API requires (mTLS); empty: none.
     pub tls_client_ca_file: String,
     /// PEM bundle of CAs trusted for HTTPS branch calls, besides the system's roots; empty:
@@ -196,6 +202,7 @@ impl Default for Config {
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             tls_client_ca_file: String::new(),
+            reload_interval: 10,
             branch_ca_file: String::new(),
             branch_client_cert_file: String::new(),
             branch_client_key_file: String::new(),
@@ -231,6 +238,7 @@ impl Config {
             ("retention_batch", self.retention_batch),
             ("retention_interval", self.retention_interval as i64),
             ("http_timeout", self.http_timeout as i64),
+            ("reload_interval", self.reload_interval as i64),
             ("max_concurrent_passes", self.max_concurrent_passes as i64),
             ("max_concurrent_requests", self.max_concurrent_requests as i64),
         ];
@@ -251,6 +259,8 @@ impl Config {
             MAX_CALL_TIMEOUT_SECONDS,
         )
         .map_err(ConfigError::Invalid)?;
+        // An interval past a day is a mistake, and a huge one would overflow the timer.
+        limits::check_range("reload_interval", self.reload_interval as i64, 1, 86_400).map_err(ConfigError::Invalid)?;
         if self.lease <= self.request_timeout {
             return Err(ConfigError::Invalid(
                 "lease must be longer than request_timeout".to_owned(),
@@ -277,21 +287,46 @@ impl Config {
     }
 
     /// The API's bearer tokens: the environment's and the file's; none means no authentication.
-    pub fn tokens(&self) -> Result<Tokens, ConfigError> {
+    /// A token file that holds no token is an error rather than an open API.
+    pub fn token_set(&self) -> Result<TokenSet, ConfigError> {
         let mut tokens = self.api_tokens.clone();
         if !self.api_tokens_file.is_empty() {
             let text = std::fs::read_to_string(&self.api_tokens_file).map_err(|source| ConfigError::Read {
                 path: self.api_tokens_file.clone(),
                 source,
             })?;
+            let before = tokens.len();
             tokens.extend(
                 text.lines()
                     .map(str::trim)
                     .filter(|line| !line.is_empty() && !line.starts_with('#'))
                     .map(str::to_owned),
             );
+            if tokens.len() == before {
+                return Err(ConfigError::Invalid(format!(
+                    "api_tokens_file {} holds no token",
+                    self.api_tokens_file
+                )));
+            }
         }
-        Ok(Tokens::new(tokens))
+        Ok(TokenSet::new(tokens))
+    }
+
+    /// The API's bearer tokens, re-read every `reload_interval` from the token file when there is
+    /// one, until `stop`.
+    pub fn tokens(&self, stop: &CancellationToken) -> Result<Tokens, ConfigError> {
+        if self.api_tokens_file.is_empty() {
+            return Ok(watch::channel(self.token_set()?).1.into());
+        }
+        let config = self.clone();
+        let tokens = reload::watch_files(
+            "API tokens",
+            vec![PathBuf::from(&self.api_tokens_file)],
+            Duration::from_secs(self.reload_interval),
+            move || config.token_set(),
+            stop.clone(),
+        )?;
+        Ok(tokens.into())
     }
 
     /// The branch client of `kubetx serve` (its policy and classification).

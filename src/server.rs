@@ -1,7 +1,7 @@
 //! Assembles store, invoker, scheduler and API into a running server.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -21,7 +22,7 @@ use crate::invoke::{InvokeError, Invoker};
 use crate::metrics::Metrics;
 use crate::scheduler::{Clock, Coordinator};
 use crate::store::{self, Store, StoreError, retention};
-use crate::tls;
+use crate::{reload, tls};
 
 /// How long `/readyz` waits for the store.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -119,24 +120,20 @@ impl Server {
             None => SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         let ready_store = Arc::clone(coordinator.store());
+        let shutdown = CancellationToken::new();
         let router = api::router(
             Arc::clone(&coordinator),
             &ApiConfig {
                 max_body_bytes: config.max_body_bytes,
                 timeout: Duration::from_secs(config.http_timeout),
                 max_concurrent_requests: config.max_concurrent_requests,
-                tokens: config.tokens()?,
+                tokens: config.tokens(&shutdown)?,
             },
         )
         .route("/readyz", get(move || readyz(Arc::clone(&ready_store))));
-        let shutdown = CancellationToken::new();
         let tls = match config.tls_cert_file.is_empty() {
             true => None,
-            false => Some(tls::server_config(
-                Path::new(&config.tls_cert_file),
-                Path::new(&config.tls_key_file),
-                Some(Path::new(&config.tls_client_ca_file)).filter(|p| !p.as_os_str().is_empty()),
-            )?),
+            false => Some(reloading_tls(config, &shutdown)?),
         };
         let http = match listener {
             Some(listener) => serve_http(listener, tls.clone(), router, shutdown.clone()).map_err(ServeError::Http)?,
@@ -194,10 +191,40 @@ impl Server {
     }
 }
 
+/// The listener's TLS configuration, rebuilt when its certificate, key or client CA files change.
+fn reloading_tls(
+    config: &Config,
+    stop: &CancellationToken,
+) -> Result<watch::Receiver<Arc<rustls::ServerConfig>>, ServeError> {
+    let files: Vec<PathBuf> = [&config.tls_cert_file, &config.tls_key_file, &config.tls_client_ca_file]
+        .into_iter()
+        .filter(|file| !file.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    let build = {
+        let config = config.clone();
+        move || {
+            tls::server_config(
+                Path::new(&config.tls_cert_file),
+                Path::new(&config.tls_key_file),
+                Some(Path::new(&config.tls_client_ca_file)).filter(|p| !p.as_os_str().is_empty()),
+            )
+        }
+    };
+    let tls = reload::watch_files(
+        "API TLS certificate",
+        files,
+        Duration::from_secs(config.reload_interval),
+        build,
+        stop.clone(),
+    )?;
+    Ok(tls)
+}
+
 /// Serves the router on `listener`, over TLS when configured, until `stop`.
 fn serve_http(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<watch::Receiver<Arc<rustls::ServerConfig>>>,
     router: axum::Router,
     stop: CancellationToken,
 ) -> std::io::Result<JoinHandle<Result<(), std::io::Error>>> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -95,13 +95,18 @@ pub struct TlsListener {
 
 impl TlsListener {
     /// Accepts on `tcp`, until `stop` is cancelled, and handshakes each connection in its own
-    /// task.
-    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>, stop: CancellationToken) -> io::Result<Self> {
+    /// task with the configuration `config` holds at that moment (reloaded certificates apply to
+    /// new connections).
+    pub fn new(
+        tcp: TcpListener,
+        config: watch::Receiver<Arc<rustls::ServerConfig>>,
+        stop: CancellationToken,
+    ) -> io::Result<Self> {
         let addr = tcp.local_addr()?;
         let (sender, ready) = mpsc::channel(READY_BACKLOG);
         tokio::spawn(async move {
             tokio::select! {
-                _ = accept_loop(tcp, TlsAcceptor::from(config), sender) => {}
+                _ = accept_loop(tcp, config, sender) => {}
                 _ = stop.cancelled() => {}
             }
         });
@@ -109,7 +114,11 @@ impl TlsListener {
     }
 }
 
-async fn accept_loop(tcp: TcpListener, acceptor: TlsAcceptor, ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>) {
+async fn accept_loop(
+    tcp: TcpListener,
+    config: watch::Receiver<Arc<rustls::ServerConfig>>,
+    ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+) {
     loop {
         let (stream, peer) = match tcp.accept().await {
             Ok(accepted) => accepted,
@@ -120,7 +129,7 @@ async fn accept_loop(tcp: TcpListener, acceptor: TlsAcceptor, ready: mpsc::Sende
                 continue;
             }
         };
-        let acceptor = acceptor.clone();
+        let acceptor = TlsAcceptor::from(Arc::clone(&config.borrow()));
         let ready = ready.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {

@@ -1154,3 +1154,80 @@ async fn mtls_refuses_a_client_without_a_certificate() {
     let response = identified.get(&url).send().await.expect("mTLS request");
     assert_eq!(response.status().as_u16(), 200);
 }
+
+/// Polls `check` every 100 ms until it holds, for at most 15 s.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn tokens_are_rotated_by_editing_their_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "# rotated by hand\ntok-a\n").expect("writes");
+    let path = file.display().to_string();
+    let ts = TestServer::start_with(|c| {
+        c.api_tokens_file = path;
+        c.reload_interval = 1;
+    })
+    .await;
+    let url = ts.url("version");
+    let status = |token: &'static str| {
+        let request = ts.http.get(&url).bearer_auth(token);
+        async move { request.send().await.expect("request").status().as_u16() }
+    };
+    assert_eq!((status("tok-a").await, status("tok-b").await), (200, 401));
+    // Both during the rotation, then only the new one: no restart.
+    std::fs::write(&file, "tok-a\ntok-b\n").expect("writes");
+    eventually("tok-b accepted", || async { status("tok-b").await == 200 }).await;
+    assert_eq!(status("tok-a").await, 200);
+    std::fs::write(&file, "tok-b\n").expect("writes");
+    eventually("tok-a refused", || async { status("tok-a").await == 401 }).await;
+    assert_eq!(status("tok-b").await, 200);
+}
+
+#[test]
+fn a_token_file_without_tokens_is_refused_rather_than_opening_the_api() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "# all commented out\n\n").expect("writes");
+    let config = kubetx::config::Config {
+        api_tokens_file: file.display().to_string(),
+        ..kubetx::config::Config::default()
+    };
+    let error = config.token_set().err().expect("refused");
+    assert!(error.to_string().contains("holds no token"), "{error}");
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::copy(tls_fixture("server.pem"), &cert).expect("copies");
+    std::fs::copy(tls_fixture("server.key"), &key).expect("copies");
+    let (cert_path, key_path) = (cert.display().to_string(), key.display().to_string());
+    let ts = TestServer::start_with(|c| {
+        c.tls_cert_file = cert_path;
+        c.tls_key_file = key_path;
+        c.reload_interval = 1;
+    })
+    .await;
+    let url = ts.url("version");
+    // A new client per attempt: each request is a new connection and handshake.
+    let trusting = |ca: &str| {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(tls_fixture(ca)).expect("ca file")).expect("ca");
+        let client = reqwest::Client::builder().tls_certs_only([ca]).build().expect("client");
+        let url = url.clone();
+        async move { client.get(url).send().await.is_ok_and(|r| r.status().as_u16() == 200) }
+    };
+    assert!(trusting("ca.pem").await && !trusting("ca2.pem").await);
+    // Key first, as a careless renewal would: the mismatched pair is not loaded meanwhile.
+    std::fs::copy(tls_fixture("server2.key"), &key).expect("copies");
+    std::fs::copy(tls_fixture("server2.pem"), &cert).expect("copies");
+    eventually("the renewed certificate served", || trusting("ca2.pem")).await;
+    assert!(!trusting("ca.pem").await, "the old certificate is gone");
+}

@@ -286,6 +286,7 @@ impl HttpsBranch {
             .await
             .expect("bind");
         let stop = tokio_util::sync::CancellationToken::new();
+        let config = tokio::sync::watch::channel(config).1;
         let listener = kubetx::tls::TlsListener::new(tcp, config, stop.clone()).expect("listener");
         let addr = axum::serve::Listener::local_addr(&listener).expect("address");
         let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -11,44 +11,81 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
+use tokio::sync::watch;
 
-/// The accepted tokens, held as SHA-256 digests: compared in constant time whatever their length,
-/// and never kept in clear. Empty: no authentication.
+/// A set of accepted tokens, held as SHA-256 digests: compared in constant time whatever their
+/// length, and never kept in clear.
 #[derive(Clone, Default)]
+pub struct TokenSet(Arc<[[u8; 32]]>);
+
+impl TokenSet {
+    /// The given tokens, blank ones (and surrounding whitespace) ignored.
+    pub fn new<S: AsRef<str>>(tokens: impl IntoIterator<Item = S>) -> Self {
+        TokenSet(
+            tokens
+                .into_iter()
+                .map(|t| t.as_ref().trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .map(|t| digest(&t))
+                .collect(),
+        )
+    }
+
+    /// How many tokens the set holds.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when the set holds no token.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The tokens the API accepts now; empty: no authentication. The set may be replaced while the
+/// server runs (rotation by editing the token file, see [`crate::reload`]).
+#[derive(Clone)]
 pub struct Tokens {
-    digests: Arc<Vec<[u8; 32]>>,
+    current: watch::Receiver<TokenSet>,
+}
+
+impl Default for Tokens {
+    fn default() -> Self {
+        Tokens::new(Vec::<String>::new())
+    }
 }
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tokens({} configured)", self.digests.len())
+        write!(f, "Tokens({} configured)", self.current.borrow().len())
+    }
+}
+
+impl From<watch::Receiver<TokenSet>> for Tokens {
+    fn from(current: watch::Receiver<TokenSet>) -> Self {
+        Tokens { current }
     }
 }
 
 impl Tokens {
-    /// The given tokens, blank ones (and surrounding whitespace) ignored.
+    /// A fixed set of tokens, blank ones (and surrounding whitespace) ignored.
     pub fn new<S: AsRef<str>>(tokens: impl IntoIterator<Item = S>) -> Self {
-        let digests = tokens
-            .into_iter()
-            .map(|t| t.as_ref().trim().to_owned())
-            .filter(|t| !t.is_empty())
-            .map(|t| digest(&t))
-            .collect();
-        Tokens {
-            digests: Arc::new(digests),
-        }
+        // The sender is dropped at once: the receiver keeps this value for good.
+        watch::channel(TokenSet::new(tokens)).1.into()
     }
 
     /// True when no token is configured (the API is open).
     pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
+        self.current.borrow().is_empty()
     }
 
     /// Whether `presented` is one of the tokens; every token is compared, in constant time.
     pub fn accepts(&self, presented: &str) -> bool {
         let presented = digest(presented);
         let found = self
-            .digests
+            .current
+            .borrow()
+            .0
             .iter()
             .fold(Choice::from(0), |found, token| found | token.ct_eq(&presented));
         found.into()
