@@ -189,6 +189,10 @@ const INLINE_CASES: &[(&str, &str)] = &[
     ),
     ("api-off", "api: {enabled: false, tokens: {existingSecret: unused}}\n"),
     (
+        "branch-mtls",
+        "branchTls: {caSecret: branch-ca, caKey: bundle.pem, clientSecret: branch-client}\n",
+    ),
+    (
         "open-api-policy",
         "networkPolicy: {apiNamespaceLabels: {}, metricsFrom: [{podSelector: {}}]}\n",
     ),
@@ -1074,6 +1078,29 @@ fn check_case(case: &Case, r: &Rendered) {
         secret(&api["tls"]["clientCaSecret"], ca_key),
         "{name}: client CA"
     );
+    // Branch TLS files too, whether the API is on or not.
+    let branch = &v["branchTls"];
+    let branch_secret = |name: &Value, key: &str| {
+        name.as_str()
+            .filter(|n| !n.is_empty())
+            .map(|n| (n.to_owned(), key.to_owned()))
+    };
+    let branch_ca_key = branch["caKey"].as_str().expect("caKey");
+    assert_eq!(
+        r.secret_file("KUBETX_BRANCH_CA_FILE"),
+        branch_secret(&branch["caSecret"], branch_ca_key),
+        "{name}: branch CA"
+    );
+    for (var, key) in [
+        ("KUBETX_BRANCH_CLIENT_CERT_FILE", "tls.crt"),
+        ("KUBETX_BRANCH_CLIENT_KEY_FILE", "tls.key"),
+    ] {
+        assert_eq!(
+            r.secret_file(var),
+            branch_secret(&branch["clientSecret"], key),
+            "{name}: {var}"
+        );
+    }
     // Every variable set is one the binary reads.
     let known = operator_env_vars();
     for var in env.keys() {
