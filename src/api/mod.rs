@@ -2,6 +2,8 @@
 
 mod admin;
 pub mod auth;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 mod trans;
 mod wire;
 
