@@ -150,6 +150,10 @@ pub struct ServeArgs {
     /// Lease length in seconds.
     #[arg(long, env = "KUBETX_LEASE")]
     pub lease: Option<u64>,
+    /// This process's identity on a shared store (a pod name; empty: fresh per process). A
+    /// restart under the same identity resumes its predecessor's transactions at once.
+    #[arg(long, env = "KUBETX_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// Idle polling interval of the scheduler in milliseconds.
     #[arg(long, env = "KUBETX_POLL_INTERVAL_MS")]
     pub poll_interval_ms: Option<u64>,
@@ -275,6 +279,7 @@ impl ServeArgs {
             http_timeout => http_timeout,
             max_concurrent_requests => max_concurrent_requests,
             lease => lease,
+            instance_id => instance_id,
             poll_interval_ms => poll_interval_ms,
             max_body_bytes => max_body_bytes,
             alert_webhook => alert_webhook,

@@ -117,6 +117,11 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// How long a process may drive a transaction before another may take it over.
     pub lease: u64,
+    /// This process's identity on a shared store (the chart sets the pod name): a restart under
+    /// the same identity resumes its predecessor's transactions at once instead of waiting for
+    /// their leases to expire. Empty: a fresh identity per process. At most one live process
+    /// may use an identity.
+    pub instance_id: String,
     /// How often the scheduler looks for due transactions when idle, in milliseconds.
     pub poll_interval_ms: u64,
     /// Largest accepted request body.
@@ -187,6 +192,7 @@ impl Default for Config {
             http_timeout: 60,
             max_concurrent_requests: 1024,
             lease: 30,
+            instance_id: String::new(),
             poll_interval_ms: 1000,
             max_body_bytes: 1024 * 1024,
             alert_webhook: String::new(),
@@ -266,6 +272,7 @@ impl Config {
                 "lease must be longer than request_timeout".to_owned(),
             ));
         }
+        check_instance_id(&self.instance_id).map_err(ConfigError::Invalid)?;
         self.store_kind()?;
         self.outbound_policy()?;
         if !self.tls_client_ca_file.is_empty() && self.tls_cert_file.is_empty() {
@@ -397,9 +404,23 @@ impl Config {
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             alert_webhook: Some(self.alert_webhook.clone()).filter(|w| !w.is_empty()),
             alert_retry_limit: self.alert_retry_limit,
+            instance_id: self.instance_id.clone(),
             ..SchedulerConfig::default()
         }
     }
+}
+
+/// An instance id is empty (generated) or a short name of letters, digits, `.`, `_` and `-`
+/// (a pod name): it starts every lease owner, so it must not contain the owner's `/`.
+fn check_instance_id(id: &str) -> Result<(), String> {
+    limits::check_len("instance_id", id, limits::MAX_INSTANCE_ID_LEN)?;
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("instance_id: only letters, digits, '.', '_' and '-' are allowed".to_owned());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -453,5 +474,17 @@ mod tests {
         };
         assert!(config.validate().is_err());
         assert!(Config::default().validate().is_ok());
+        for (id, ok) in [
+            ("kubetx-7d9f8-abcde", true),
+            ("a/b", false),
+            ("has space", false),
+            (&"x".repeat(limits::MAX_INSTANCE_ID_LEN + 1), false),
+        ] {
+            let config = Config {
+                instance_id: id.to_owned(),
+                ..Config::default()
+            };
+            assert_eq!(config.validate().is_ok(), ok, "{id}");
+        }
     }
 }

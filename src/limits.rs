@@ -26,6 +26,10 @@ pub const MAX_GID_LEN: usize = 128;
 /// Longest Kubernetes object name referenced (a Secret: a DNS subdomain).
 pub const MAX_OBJECT_NAME_LEN: usize = 253;
 
+/// Longest instance id (`--instance-id`): a pod name fits, and with the lease nonce it stays
+/// within the stores' 128-byte owner column.
+pub const MAX_INSTANCE_ID_LEN: usize = 100;
+
 /// Longest transaction timeout, msg delay or TTL in seconds: one year.
 pub const MAX_TIMEOUT_SECONDS: i64 = 365 * 24 * 3600;
 /// Longest timeout of one branch call in seconds: one hour.

@@ -95,6 +95,9 @@ pub struct SchedulerConfig {
     pub alert_webhook: Option<String>,
     /// Backoff doublings before an alert is sent.
     pub alert_retry_limit: u32,
+    /// This process's stable identity on a shared store (a pod name): a restart under the same
+    /// identity takes its predecessor's leases back at once. Empty: a fresh one per process.
+    pub instance_id: String,
 }
 
 impl Default for SchedulerConfig {
@@ -109,6 +112,7 @@ impl Default for SchedulerConfig {
             max_concurrent_passes: 1024,
             alert_webhook: None,
             alert_retry_limit: 3,
+            instance_id: String::new(),
         }
     }
 }
@@ -130,6 +134,7 @@ pub struct Coordinator {
     invoker: Invoker,
     clock: Arc<dyn Clock>,
     config: SchedulerConfig,
+    instance: String,
     owner: String,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
@@ -138,7 +143,9 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Creates a coordinator with a fresh lease-owner id.
+    /// Creates a coordinator with a fresh lease-owner id, `{instance}/{nonce}`: the instance
+    /// says whose leases a restart may take back, the nonce keeps a previous process of the same
+    /// instance from writing after a restart has taken them.
     pub fn new(
         store: Arc<dyn Store>,
         invoker: Invoker,
@@ -146,13 +153,22 @@ impl Coordinator {
         config: SchedulerConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let owner = format!("kubetx-{:016x}", rand::random::<u64>());
+        let instance = match config.instance_id.is_empty() {
+            true => format!("kubetx-{:016x}", rand::random::<u64>()),
+            false => config.instance_id.clone(),
+        };
+        let owner = format!(
+            "{}{:016x}",
+            crate::store::instance_prefix(&instance),
+            rand::random::<u64>()
+        );
         let permits = Arc::new(Semaphore::new(config.max_concurrent_passes.max(1)));
         Coordinator {
             store,
             invoker,
             clock,
             config,
+            instance,
             owner,
             metrics,
             tracker: TaskTracker::new(),
@@ -197,6 +213,23 @@ impl Coordinator {
     /// This process's lease-owner id.
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+
+    /// This process's instance identity.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Takes back at once the leases a previous process of this instance held (on SQLite, whose
+    /// file lock proves the previous owner gone, every lease), making them due now; call it
+    /// before the loop starts. Returns how many.
+    pub async fn reclaim_leases(&self) -> Result<u64, SchedulerError> {
+        let now = self.clock.now();
+        let reclaimed = self.store.reclaim_leases(&self.instance, &self.owner, now).await?;
+        if reclaimed > 0 {
+            info!(reclaimed, instance = %self.instance, "took back the leases of a previous process; resuming them now");
+        }
+        Ok(reclaimed)
     }
 
     /// Wakes the background loop (something became due now).

@@ -20,7 +20,7 @@ use crate::api::{self, ApiConfig};
 use crate::config::Config;
 use crate::invoke::{InvokeError, Invoker};
 use crate::metrics::Metrics;
-use crate::scheduler::{Clock, Coordinator};
+use crate::scheduler::{Clock, Coordinator, SchedulerError};
 use crate::store::{self, Store, StoreError, retention};
 use crate::{reload, tls};
 
@@ -102,6 +102,11 @@ impl Server {
         let options = config.store_options()?;
         let store = store::open(&options).await?;
         let coordinator = Arc::new(Coordinator::new(store, invoker, clock, config.scheduler(), metrics));
+        // Before the API answers: a restarted process resumes its predecessor's work at once.
+        coordinator.reclaim_leases().await.map_err(|error| match error {
+            SchedulerError::Store(error) => ServeError::Store(error),
+            other => ServeError::Store(StoreError::Unavailable(other.to_string())),
+        })?;
         // An empty address turns the API off: store, scheduler and retention still run (the
         // operator's controllers use the store, and transactions already in it are finished).
         let listener = match config.listen.is_empty() {

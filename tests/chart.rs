@@ -973,6 +973,11 @@ fn check_case(case: &Case, r: &Rendered) {
         env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace",
         "{name}"
     );
+    // The pod name is also the store identity: a restarted container resumes its leases.
+    assert_eq!(
+        env["KUBETX_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name",
+        "{name}"
+    );
 
     // Leader election: on above one replica unless set; Recreate whenever it is off.
     let setup = Setup::from_values(v, &fullname);

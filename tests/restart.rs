@@ -1,6 +1,11 @@
 //! Crash recovery and graceful shutdown with the real `kubetx` binary: SIGKILL while many sagas
 //! and TCCs are mid-flight, then a new process on the same database finishes every one of them;
 //! SIGTERM drains the passes in flight, exits 0 and leaves no lease held.
+//!
+//! Restarts resume at once, not after the dead process's leases expire: on SQLite (whose lock
+//! file proves the restarted process alone, and refuses a second one), and on PostgreSQL and
+//! MySQL for a replica restarted under the same `--instance-id`, while a replica of another
+//! identity waits for the leases to expire.
 
 mod common;
 
@@ -10,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use common::db::{Backend, TestDb};
 use common::{Bank, Reply, free_addr, transfer_saga};
 use futures::future::join_all;
 use kubetx::model::{Branch, GlobalTrans};
@@ -30,16 +36,27 @@ struct Kubetx {
 
 impl Kubetx {
     async fn start(db: &Path, log: PathBuf) -> Self {
+        Self::start_with(&db_args(db), "2", log).await
+    }
+
+    /// A process on the store `store_args` names, with leases of `lease` seconds.
+    async fn start_with(store_args: &[String], lease: &str, log: PathBuf) -> Self {
+        let kubetx = Self::spawn(store_args, lease, &log);
+        kubetx.wait_ready().await;
+        kubetx
+    }
+
+    fn spawn(store_args: &[String], lease: &str, log: &Path) -> Self {
         // reqwest is built without a default TLS provider.
         kubetx::invoke::install_crypto_provider();
         let addr = free_addr();
-        let stderr = std::fs::File::create(&log).expect("log file");
+        let stderr = std::fs::File::create(log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_kubetx"))
-            .args(["serve", "--listen", &addr.to_string(), "--db"])
-            .arg(db)
+            .args(["serve", "--listen", &addr.to_string()])
+            .args(store_args)
             .args([
                 "--lease",
-                "2",
+                lease,
                 "--poll-interval-ms",
                 "100",
                 "--retry-interval",
@@ -58,14 +75,12 @@ impl Kubetx {
             .stderr(stderr)
             .spawn()
             .expect("kubetx starts");
-        let kubetx = Kubetx {
+        Kubetx {
             child,
             addr,
-            log,
+            log: log.to_owned(),
             http: reqwest::Client::new(),
-        };
-        kubetx.wait_ready().await;
-        kubetx
+        }
     }
 
     async fn wait_ready(&self) {
@@ -152,6 +167,10 @@ impl Drop for Kubetx {
             common::print_log_tail(&self.log, 80);
         }
     }
+}
+
+fn db_args(db: &Path) -> Vec<String> {
+    vec!["--db".to_owned(), db.display().to_string()]
 }
 
 fn saga_gid(i: usize) -> String {
@@ -444,4 +463,237 @@ async fn sigterm_drains_passes_in_flight_exits_0_and_a_restart_completes() {
     let repeated = assert_effects(&second, &bank, sagas, tccs).await;
     assert_eq!(repeated, 0, "a drained process leaves nothing to redo");
     eprintln!("{finished} finished during the drain, {parked} parked and finished after the restart");
+}
+
+/// A lease far longer than any deadline below: a transaction resumed before it could expire was
+/// taken back by the restart, not after expiry.
+const LONG_LEASE: &str = "60";
+/// How long a restart may take to finish what the crash left (generous for a loaded machine;
+/// the time itself is a benchmark figure, printed, not asserted).
+const RESUME_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Submits 2-step sagas whose second step is slow, and waits until every one is inside that
+/// call: each is then leased by the process, mid-flight.
+async fn submit_slow_sagas(k: &Kubetx, bank: &Bank, gids: &[String]) {
+    bank.script("TransIn", &vec![Reply::Slow(800); gids.len()]);
+    join_all(gids.iter().map(|gid| submit_saga(k, bank, gid))).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reached: HashSet<String> = bank
+            .calls_on("TransIn")
+            .into_iter()
+            .map(|c| c.gid)
+            .filter(|gid| gids.contains(gid))
+            .collect();
+        if reached.len() == gids.len() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} sagas reached TransIn",
+            reached.len()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits (polling, with a deadline) until every one of `gids` succeeded; returns how long it took.
+async fn wait_gids_succeed(k: &Kubetx, gids: &[String], within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let page = k.get("all?status=succeed&limit=1000").await;
+        let done: HashSet<&str> = page["transactions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["gid"].as_str())
+            .collect();
+        let open: Vec<&String> = gids.iter().filter(|gid| !done.contains(gid.as_str())).collect();
+        if open.is_empty() {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{} of {} still unfinished after {within:?}: {open:?}",
+            open.len(),
+            gids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_on_the_same_sqlite_file_resumes_at_once_not_after_the_lease() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("kubetx.db");
+    let bank = Bank::start().await;
+    let gids: Vec<String> = (0..SAGAS).map(saga_gid).collect();
+    let first = Kubetx::start_with(&db_args(&db), LONG_LEASE, dir.path().join("first.log")).await;
+    submit_slow_sagas(&first, &bank, &gids).await;
+    first.kill();
+
+    let crashed = read_db(&db).await;
+    let leased = crashed
+        .iter()
+        .filter(|(g, _)| !g.status.is_finished() && !g.owner.is_empty())
+        .count();
+    assert_eq!(leased, SAGAS, "every saga was mid-call, leased by the dead process");
+
+    let second = Kubetx::start_with(&db_args(&db), LONG_LEASE, dir.path().join("second.log")).await;
+    let took = wait_gids_succeed(&second, &gids, RESUME_DEADLINE).await;
+    eprintln!("SQLite: {SAGAS} sagas leased by the killed process finished {took:?} after the restart answered");
+    assert_effects(&second, &bank, SAGAS, 0).await;
+    let log = second.log_text();
+    assert!(log.contains("took back the leases of a previous process"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_process_on_the_same_sqlite_file_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("kubetx.db");
+    let bank = Bank::start().await;
+    let first = Kubetx::start(&db, dir.path().join("first.log")).await;
+
+    let mut second = Kubetx::spawn(&db_args(&db), "2", &dir.path().join("second.log"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the second process kept running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success(), "the second process exited with {status}");
+    let log = second.log_text();
+    assert!(log.contains("is in use by another kubetx process"), "{log}");
+    assert!(log.contains(&format!("{}.lock", db.display())), "{log}");
+
+    // The first one is untouched and keeps working.
+    let gid = "after-refusal".to_owned();
+    submit_saga(&first, &bank, &gid).await;
+    wait_gids_succeed(&first, &[gid], RESUME_DEADLINE).await;
+}
+
+fn sql_args(url: &str, instance: &str) -> Vec<String> {
+    ["--store", url, "--instance-id", instance].map(str::to_owned).to_vec()
+}
+
+/// The transactions of a PostgreSQL or MySQL database, read straight from it.
+async fn read_sql(url: &str, gids: &[String]) -> Vec<GlobalTrans> {
+    let store = kubetx::store::open(&kubetx::store::StoreOptions {
+        kind: kubetx::store::StoreKind::parse(url, "").expect("url"),
+        synchronous: Synchronous::Normal,
+        migrate: false,
+        max_connections: 2,
+        acquire_timeout: Duration::from_secs(5),
+    })
+    .await
+    .expect("open the database");
+    let mut out = Vec::new();
+    for gid in gids {
+        out.push(store.find(gid).await.expect("find").expect("stored"));
+    }
+    out
+}
+
+/// The instant of a wall-clock time in epoch milliseconds (lease expiries are stored so).
+fn instant_of(epoch_ms: i64) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64;
+    let offset = Duration::from_millis(epoch_ms.abs_diff(now_ms));
+    if epoch_ms >= now_ms { now + offset } else { now - offset }
+}
+
+/// A replica SIGKILLed mid-flight and restarted under the same `--instance-id` resumes at once;
+/// one killed and followed by a replica of another identity leaves its transactions alone until
+/// their leases expire.
+async fn sql_replica_restart(backend: Backend) {
+    let db = TestDb::create(backend).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bank = Bank::start().await;
+    let n = 12;
+
+    // Same identity: back at once.
+    let same: Vec<String> = (0..n).map(|i| format!("same-id-{i:02}")).collect();
+    let a = Kubetx::start_with(&sql_args(&db.url, "replica-a"), LONG_LEASE, dir.path().join("a1.log")).await;
+    submit_slow_sagas(&a, &bank, &same).await;
+    a.kill();
+    for global in read_sql(&db.url, &same).await {
+        assert!(!global.status.is_finished(), "{} finished before the kill", global.gid);
+        assert!(
+            global.owner.starts_with("replica-a/"),
+            "{}: {}",
+            global.gid,
+            global.owner
+        );
+    }
+    let a = Kubetx::start_with(&sql_args(&db.url, "replica-a"), LONG_LEASE, dir.path().join("a2.log")).await;
+    let took = wait_gids_succeed(&a, &same, RESUME_DEADLINE).await;
+    eprintln!(
+        "{}: {n} sagas of the killed replica finished {took:?} after its restart answered",
+        backend.name()
+    );
+    let log = a.log_text();
+    assert!(log.contains("took back the leases of a previous process"), "{log}");
+    a.kill();
+
+    // Another identity: only after expiry.
+    let other: Vec<String> = (0..n).map(|i| format!("other-id-{i:02}")).collect();
+    let b = Kubetx::start_with(&sql_args(&db.url, "replica-b"), "4", dir.path().join("b.log")).await;
+    submit_slow_sagas(&b, &bank, &other).await;
+    b.kill();
+    let killed_at = std::time::Instant::now();
+    let mut expiry = HashMap::new();
+    for global in read_sql(&db.url, &other).await {
+        assert!(
+            global.owner.starts_with("replica-b/"),
+            "{}: {}",
+            global.gid,
+            global.owner
+        );
+        expiry.insert(global.gid.clone(), instant_of(global.next_cron_time));
+    }
+    let c = Kubetx::start_with(&sql_args(&db.url, "replica-c"), "4", dir.path().join("c.log")).await;
+    wait_gids_succeed(&c, &other, RESUME_DEADLINE).await;
+    let log = c.log_text();
+    assert!(!log.contains("took back the leases"), "{log}");
+    for gid in &other {
+        let first_after_kill = bank
+            .calls_for(gid)
+            .into_iter()
+            .map(|call| call.at)
+            .find(|at| *at > killed_at)
+            .expect("resumed after the kill");
+        // A millisecond of slack: the stored expiry is in whole milliseconds.
+        assert!(
+            first_after_kill + Duration::from_millis(1) >= expiry[gid],
+            "{gid} was resumed {:?} before its lease expired",
+            expiry[gid] - first_after_kill
+        );
+    }
+    // No effect ran twice except the calls in flight at each kill, which the bank dedupes.
+    let applied = bank.applied();
+    for gid in same.iter().chain(&other) {
+        for (branch, op) in [("01", "action"), ("02", "action")] {
+            let key = (gid.clone(), branch.to_owned(), op.to_owned());
+            assert!(applied.get(&key).copied().unwrap_or(0) >= 1, "{key:?} never applied");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_replica_restarted_under_its_identity_resumes_at_once() {
+    if common::db::available(Backend::Postgres, "the SQL replica restart test") {
+        sql_replica_restart(Backend::Postgres).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mysql_replica_restarted_under_its_identity_resumes_at_once() {
+    if common::db::available(Backend::MySql, "the SQL replica restart test") {
+        sql_replica_restart(Backend::MySql).await;
+    }
 }

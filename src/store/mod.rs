@@ -219,6 +219,16 @@ pub trait Store: Send + Sync + 'static {
     /// Takes the leases of up to `limit` due transactions, earliest first. Never blocks on others.
     async fn claim_due(&self, lease: &Lease, now: Millis, limit: i64) -> Result<Vec<String>>;
 
+    /// Releases, due at once, the leases of unfinished transactions that a previous process of
+    /// this instance held, so that a restart resumes them without waiting for expiry: on a
+    /// shared database the owners `{instance}/…` other than `owner`; on a store that proves it
+    /// has no other process (SQLite's file lock), every lease other than `owner`. Returns how
+    /// many were released. A store that cannot prove either releases nothing (the default).
+    async fn reclaim_leases(&self, instance: &str, owner: &str, now: Millis) -> Result<u64> {
+        let _ = (instance, owner, now);
+        Ok(0)
+    }
+
     /// Extends a held lease.
     async fn extend_lease(&self, guard: &Guard, until: Millis) -> Result<bool>;
 
@@ -269,6 +279,12 @@ pub(crate) async fn change_then_load<S: Store + ?Sized>(
         return Ok(None);
     };
     Ok(Some((global, store.branches(&change.gid).await?)))
+}
+
+/// The start of every lease owner of a scheduler running as `instance`: `{instance}/`, then a
+/// per-process nonce.
+pub fn instance_prefix(instance: &str) -> String {
+    format!("{instance}/")
 }
 
 /// Longest gid, branch id, op, KV category and KV key every store accepts (DTM's width).

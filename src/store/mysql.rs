@@ -486,6 +486,26 @@ impl Store for MySqlStore {
         db!(self.reach, claim_due_tx(&self.pool, lease, now, limit).await)
     }
 
+    async fn reclaim_leases(&self, instance: &str, owner: &str, now: Millis) -> Result<u64> {
+        // A process of the same instance is gone (one identity runs once: a pod name); leases of
+        // other instances wait for expiry.
+        let prefix = super::instance_prefix(instance);
+        let done = db!(self.reach, {
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE trans_global SET owner = '', next_cron_time = ? \
+                     WHERE status IN {UNFINISHED} AND LEFT(owner, ?) = ? AND owner <> ?"
+            )))
+            .bind(now)
+            .bind(prefix.len() as i64)
+            .bind(&prefix)
+            .bind(owner)
+            .execute(&self.pool)
+            .await
+        })?
+        .rows_affected();
+        Ok(done)
+    }
+
     async fn extend_lease(&self, guard: &Guard, until: Millis) -> Result<bool> {
         let done = db!(self.reach, {
             sqlx::query("UPDATE trans_global SET next_cron_time = ? WHERE gid = ? AND owner = ? AND status = ?")

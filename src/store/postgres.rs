@@ -461,6 +461,26 @@ impl Store for PgStore {
         })
     }
 
+    async fn reclaim_leases(&self, instance: &str, owner: &str, now: Millis) -> Result<u64> {
+        // A process of the same instance is gone (one identity runs once: a pod name); leases of
+        // other instances wait for expiry.
+        let prefix = super::instance_prefix(instance);
+        let done = db!(self.reach, {
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE trans_global SET owner = '', next_cron_time = $1 \
+                     WHERE status IN {UNFINISHED} AND left(owner, $2::int) = $3 AND owner <> $4"
+            )))
+            .bind(now)
+            .bind(prefix.len() as i64)
+            .bind(&prefix)
+            .bind(owner)
+            .execute(&self.pool)
+            .await
+        })?
+        .rows_affected();
+        Ok(done)
+    }
+
     async fn extend_lease(&self, guard: &Guard, until: Millis) -> Result<bool> {
         let done = db!(self.reach, {
             sqlx::query("UPDATE trans_global SET next_cron_time = $1 WHERE gid = $2 AND owner = $3 AND status = $4")

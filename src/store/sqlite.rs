@@ -92,6 +92,7 @@ enum Write {
     Release(Guard, Millis, i64, Millis),
     ResetNextCronTime(String, Millis),
     ResetCronTimes(Millis, Millis, i64),
+    ReclaimLeases(String, Millis),
     KvCreate(String, String, String, Millis),
     KvUpdate(String, String, String, i64, Millis),
     KvDelete(String, String),
@@ -123,6 +124,8 @@ impl SqliteStore {
                 Synchronous::Normal => SqliteSynchronous::Normal,
             })
             .busy_timeout(BUSY_TIMEOUT);
+        // Nothing touches the file before this process knows it is the only one using it.
+        let lock = lock_file(options.get_filename())?;
         // The first connection creates the file, switches it to WAL and migrates it.
         let mut setup = SqliteConnection::connect_with(&options).await?;
         if migrate {
@@ -134,6 +137,7 @@ impl SqliteStore {
         let file = options.get_filename().to_path_buf();
         setup.close().await?;
         let readers = std::sync::Arc::new(Readers {
+            _lock: lock,
             idle: std::sync::Mutex::new(vec![open_reader(&file)?]),
             file: file.clone(),
         });
@@ -171,6 +175,34 @@ impl SqliteStore {
         match self.write(write).await? {
             Reply::Flag(flag) => Ok(flag),
             other => Err(StoreError::Corrupt(format!("unexpected writer reply {other:?}"))),
+        }
+    }
+}
+
+/// Takes the exclusive lock of `<file>.lock` for as long as the store lives, so that this
+/// process knows it is the only one using the file: every lease it finds at start belongs to a
+/// dead process (see [`Store::reclaim_leases`]). A second process is refused here, before it
+/// writes anything. The lock is the kernel's and goes with the process, however it ends.
+fn lock_file(file: &std::path::Path) -> Result<std::fs::File> {
+    let mut path = file.as_os_str().to_owned();
+    path.push(".lock");
+    let path = std::path::PathBuf::from(path);
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open the lock file {}: {e}", path.display())))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
+            "{} is in use by another kubetx process (it holds {}); stop that process or use another database file",
+            file.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StoreError::Unavailable(format!("cannot lock {}: {e}", path.display())))
         }
     }
 }
@@ -407,6 +439,17 @@ fn apply(conn: &Connection, write: Write) -> Result<Reply> {
                 .execute(params![cat, key, value, now, now])?;
             Ok(Reply::Flag(done == 1))
         }
+        Write::ReclaimLeases(owner, now) => {
+            // The file lock proves that no other process uses the file: every other lease is a
+            // dead process's.
+            let done = conn
+                .prepare_cached(&format!(
+                    "UPDATE trans_global SET owner = '', next_cron_time = ?1 \
+                     WHERE status IN {UNFINISHED} AND owner <> '' AND owner <> ?2"
+                ))?
+                .execute(params![now, owner])?;
+            Ok(Reply::Count(done as u64))
+        }
         Write::KvUpdate(cat, key, value, version, now) => {
             let done = conn
                 .prepare_cached(
@@ -586,6 +629,8 @@ fn query_all<T>(
 /// ever ran at once.
 #[derive(Debug)]
 struct Readers {
+    /// The file lock, held while any handle of the store lives.
+    _lock: std::fs::File,
     file: std::path::PathBuf,
     idle: std::sync::Mutex<Vec<Connection>>,
 }
@@ -692,6 +737,13 @@ impl Store for SqliteStore {
     async fn claim_due(&self, lease: &Lease, now: Millis, limit: i64) -> Result<Vec<String>> {
         match self.write(Write::ClaimDue(lease.clone(), now, limit)).await? {
             Reply::Gids(gids) => Ok(gids),
+            other => Err(StoreError::Corrupt(format!("unexpected writer reply {other:?}"))),
+        }
+    }
+
+    async fn reclaim_leases(&self, _instance: &str, owner: &str, now: Millis) -> Result<u64> {
+        match self.write(Write::ReclaimLeases(owner.to_owned(), now)).await? {
+            Reply::Count(count) => Ok(count),
             other => Err(StoreError::Corrupt(format!("unexpected writer reply {other:?}"))),
         }
     }
