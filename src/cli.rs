@@ -382,9 +382,12 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
             max_request_timeout: Duration::from_secs(config.max_request_timeout),
             default_ttl: Some(args.default_ttl).filter(|ttl| *ttl > 0),
             service_domain: args.service_domain.clone(),
-            // With PostgreSQL or MySQL, branch detail goes to SQL and the status keeps a summary.
+            // With PostgreSQL, MySQL or Redis, branch detail goes to the store and the status keeps
+            // a summary.
             store: match config.store_kind()? {
-                StoreKind::Postgres(_) | StoreKind::MySql(_) => Some(Arc::clone(server.coordinator.store())),
+                StoreKind::Postgres(_) | StoreKind::MySql(_) | StoreKind::Redis(_) => {
+                    Some(Arc::clone(server.coordinator.store()))
+                }
                 StoreKind::Sqlite(_) => None,
             },
         },

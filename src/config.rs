@@ -400,6 +400,11 @@ mod tests {
             store: "redis://cache".to_owned(),
             ..Config::default()
         };
+        assert!(matches!(config.store_kind(), Ok(StoreKind::Redis(_))));
+        let config = Config {
+            store: "memcached://cache".to_owned(),
+            ..Config::default()
+        };
         assert!(config.validate().is_err());
         assert!(Config::default().retention().max_age.is_some());
         let keep = Config {
