@@ -487,6 +487,9 @@ impl RedisStore {
 
     /// Loads transactions by gid in one pipelined round trip, skipping deleted ones.
     async fn load_globals(&self, gids: &[String]) -> Result<Vec<GlobalTrans>> {
+        if gids.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
         for gid in gids {
             pipe.hgetall(self.keys(gid).1);
