@@ -18,12 +18,14 @@
 //! and the KV records (`{<prefix>:kv}:…`) have tags of their own.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, IntoConnectionInfo, Script, ScriptInvocation};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::redis_lua as lua;
 use super::{
@@ -43,6 +45,8 @@ pub const DEFAULT_PREFIX: &str = "kubetx";
 pub const PASSWORD_ENV: &str = "KUBETX_REDIS_PASSWORD";
 /// How long a command may take before it fails (a `list` with filters walks a shard).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between two connection attempts of the probe while Redis is unreachable.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
 impl From<redis::RedisError> for StoreError {
     fn from(error: redis::RedisError) -> Self {
@@ -102,9 +106,107 @@ impl RedisTarget {
 /// The Redis store.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    link: Link,
     prefix: String,
     shards: u32,
+}
+
+/// The connection, and whether Redis is known to be unreachable.
+#[derive(Clone)]
+struct Link {
+    conn: ConnectionManager,
+    health: Arc<Health>,
+}
+
+/// Tracks whether Redis answers. After a connectivity failure a background probe connects
+/// outside the shared connection until Redis answers again; meanwhile every call fails at once
+/// with `Unavailable` instead of waiting for the connection manager's reconnect attempts.
+struct Health {
+    down: AtomicBool,
+    probing: AtomicBool,
+    last_error: Mutex<String>,
+    client: redis::Client,
+    timeout: Duration,
+}
+
+impl Link {
+    /// Runs one call on the shared connection, failing fast while Redis is known to be down.
+    async fn call<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.health.check()?;
+        call(self.conn.clone()).await.map_err(|error| {
+            if error.is_io_error()
+                || error.is_connection_refusal()
+                || error.is_timeout()
+                || error.is_connection_dropped()
+            {
+                Health::start_probe(&self.health, error.to_string());
+            }
+            StoreError::from(error)
+        })
+    }
+
+    /// Runs a script invocation.
+    async fn run<T: redis::FromRedisValue>(&self, invocation: &ScriptInvocation<'_>) -> Result<T> {
+        self.call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await
+    }
+}
+
+impl Health {
+    fn check(&self) -> Result<()> {
+        if self.down.load(Ordering::Acquire) {
+            let last = self.last_error.lock().map(|e| e.clone()).unwrap_or_default();
+            return Err(StoreError::Unavailable(format!(
+                "redis is unreachable ({last}); retry later"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Answers PING on a fresh connection within the timeout.
+    async fn probe(&self) -> Result<(), String> {
+        let attempt = async {
+            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err("connection attempt timed out".to_owned()),
+        }
+    }
+
+    fn start_probe(this: &Arc<Self>, error: String) {
+        if let Ok(mut last) = this.last_error.lock() {
+            *last = error;
+        }
+        if this.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = Arc::clone(this);
+        tokio::spawn(async move {
+            let mut reported = false;
+            while let Err(error) = this.probe().await {
+                if !reported {
+                    warn!(%error, "redis unreachable; calls fail fast until it answers");
+                    reported = true;
+                }
+                if let Ok(mut last) = this.last_error.lock() {
+                    *last = error;
+                }
+                this.down.store(true, Ordering::Release);
+                tokio::time::sleep(PROBE_INTERVAL).await;
+            }
+            if this.down.swap(false, Ordering::AcqRel) {
+                info!("redis reachable again");
+            }
+            this.probing.store(false, Ordering::Release);
+        });
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -113,12 +215,6 @@ impl std::fmt::Debug for RedisStore {
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
-}
-
-/// Runs a script invocation.
-async fn run<T: redis::FromRedisValue>(conn: &ConnectionManager, invocation: &ScriptInvocation<'_>) -> Result<T> {
-    let mut conn = conn.clone();
-    Ok(invocation.invoke_async(&mut conn).await?)
 }
 
 /// An optional script argument: `+value` or `-`.
@@ -332,13 +428,20 @@ impl RedisStore {
             info = info.set_redis_settings(settings);
         }
         let client = redis::Client::open(info)?;
+        let health = Arc::new(Health {
+            down: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
+            last_error: Mutex::new(String::new()),
+            client: client.clone(),
+            timeout: options.acquire_timeout,
+        });
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.acquire_timeout))
             .set_response_timeout(Some(RESPONSE_TIMEOUT.max(options.acquire_timeout)))
             .set_number_of_retries(2);
         let conn = ConnectionManager::new_with_config(client, config).await?;
         let store = RedisStore {
-            conn,
+            link: Link { conn, health },
             prefix: target.prefix,
             shards: target.shards,
         };
@@ -353,9 +456,14 @@ impl RedisStore {
     /// other shards and their transactions would be lost to the indexes.
     async fn pin_shards(&self) -> Result<()> {
         let key = format!("{{{}}}:shards", self.prefix);
-        let mut conn = self.conn.clone();
-        let _: bool = conn.set_nx(&key, self.shards).await?;
-        let stored: u32 = conn.get(&key).await?;
+        let shards = self.shards;
+        let stored: u32 = self
+            .link
+            .call(|mut conn| async move {
+                let _: bool = conn.set_nx(&key, shards).await?;
+                conn.get(&key).await
+            })
+            .await?;
         if stored != self.shards {
             return Err(StoreError::Invalid(format!(
                 "this Redis data set was created with shards={stored}; the URL says shards={}",
@@ -367,7 +475,7 @@ impl RedisStore {
 
     /// What `/readyz` and the start-up log say about the server's durability.
     async fn durability_warnings(&self) -> Vec<String> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn.clone();
         let info: String = match redis::cmd("INFO").arg("persistence").query_async(&mut conn).await {
             Ok(info) => info,
             Err(error) => return vec![format!("redis: cannot read INFO persistence ({error})")],
@@ -443,8 +551,10 @@ impl RedisStore {
                 .arg(0)
                 .arg(limit);
         }
-        let mut conn = self.conn.clone();
-        let per_shard: Vec<Vec<(String, f64)>> = pipe.query_async(&mut conn).await?;
+        let per_shard: Vec<Vec<(String, f64)>> = self
+            .link
+            .call(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await?;
         let mut all: Vec<(f64, u32, String)> = per_shard
             .into_iter()
             .zip(0..)
@@ -479,8 +589,7 @@ impl RedisStore {
                 invocation.arg(arg);
             }
             invocation.arg(&base).arg(gids);
-            let conn = self.conn.clone();
-            async move { run::<T>(&conn, &invocation).await }
+            async move { self.link.run::<T>(&invocation).await }
         });
         futures::future::try_join_all(calls).await
     }
@@ -494,8 +603,10 @@ impl RedisStore {
         for gid in gids {
             pipe.hgetall(self.keys(gid).1);
         }
-        let mut conn = self.conn.clone();
-        let rows: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        let rows: Vec<HashMap<String, String>> = self
+            .link
+            .call(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             out.extend(decode_global(row)?);
@@ -507,8 +618,10 @@ impl RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn ping(&self) -> Result<()> {
-        let mut conn = self.conn.clone();
-        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        let _: String = self
+            .link
+            .call(|mut conn| async move { redis::cmd("PING").query_async(&mut conn).await })
+            .await?;
         Ok(())
     }
 
@@ -518,8 +631,11 @@ impl Store for RedisStore {
 
     async fn create(&self, global: &GlobalTrans, branches: &[Branch]) -> Result<bool> {
         check_new(global, branches)?;
-        let mut conn = self.conn.clone();
-        let id: i64 = conn.incr(format!("{{{}}}:seq", self.prefix), 1).await?;
+        let seq = format!("{{{}}}:seq", self.prefix);
+        let id: i64 = self
+            .link
+            .call(|mut conn| async move { conn.incr(seq, 1).await })
+            .await?;
         let (base, g, bd, bs) = self.keys(&global.gid);
         let fields = global_fields(global, id, branches.len())?;
         let mut invocation = lua::CREATE.prepare_invoke();
@@ -546,19 +662,24 @@ impl Store for RedisStore {
                 .arg(branch_data(branch))
                 .arg(branch_state(seq, branch));
         }
-        Ok(run::<i64>(&self.conn, &invocation).await? == 1)
+        Ok(self.link.run::<i64>(&invocation).await? == 1)
     }
 
     async fn find(&self, gid: &str) -> Result<Option<GlobalTrans>> {
-        let mut conn = self.conn.clone();
-        decode_global(conn.hgetall(self.keys(gid).1).await?)
+        let key = self.keys(gid).1;
+        decode_global(
+            self.link
+                .call(|mut conn| async move { conn.hgetall(key).await })
+                .await?,
+        )
     }
 
     async fn branches(&self, gid: &str) -> Result<Vec<Branch>> {
         let (_, _, bd, bs) = self.keys(gid);
-        let mut conn = self.conn.clone();
-        let (data, states): (HashMap<Vec<u8>, Vec<u8>>, HashMap<Vec<u8>, Vec<u8>>) =
-            redis::pipe().hgetall(bd).hgetall(bs).query_async(&mut conn).await?;
+        let (data, states): (HashMap<Vec<u8>, Vec<u8>>, HashMap<Vec<u8>, Vec<u8>>) = self
+            .link
+            .call(|mut conn| async move { redis::pipe().hgetall(bd).hgetall(bs).query_async(&mut conn).await })
+            .await?;
         decode_branches(gid, data, states)
     }
 
@@ -586,7 +707,7 @@ impl Store for RedisStore {
                 .arg(opt_time(branch.finish_time))
                 .arg(opt_time(branch.rollback_time));
         }
-        let answer: Vec<Vec<u8>> = run(&self.conn, &invocation).await?;
+        let answer: Vec<Vec<u8>> = self.link.run(&invocation).await?;
         let text =
             |i: usize| String::from_utf8_lossy(answer.get(i).map(Vec::as_slice).unwrap_or_default()).into_owned();
         Ok(match text(0).as_str() {
@@ -617,7 +738,7 @@ impl Store for RedisStore {
             .arg(guard.status.as_str())
             .arg(now);
         push_updates(&mut invocation, updates);
-        Ok(run::<i64>(&self.conn, &invocation).await? == 1)
+        Ok(self.link.run::<i64>(&invocation).await? == 1)
     }
 
     async fn claim(&self, gid: &str, lease: &Lease, now: Millis) -> Result<bool> {
@@ -630,7 +751,7 @@ impl Store for RedisStore {
             .arg(lease.until)
             .arg(now)
             .arg(gid);
-        Ok(run::<i64>(&self.conn, &invocation).await? == 1)
+        Ok(self.link.run::<i64>(&invocation).await? == 1)
     }
 
     async fn claim_due(&self, lease: &Lease, now: Millis, limit: i64) -> Result<Vec<String>> {
@@ -655,7 +776,7 @@ impl Store for RedisStore {
             .arg(guard.status.as_str())
             .arg(until)
             .arg(&guard.gid);
-        Ok(run::<i64>(&self.conn, &invocation).await? == 1)
+        Ok(self.link.run::<i64>(&invocation).await? == 1)
     }
 
     async fn release(&self, guard: &Guard, next_cron_time: Millis, interval: i64, now: Millis) -> Result<bool> {
@@ -670,7 +791,7 @@ impl Store for RedisStore {
             .arg(interval)
             .arg(now)
             .arg(&guard.gid);
-        Ok(run::<i64>(&self.conn, &invocation).await? == 1)
+        Ok(self.link.run::<i64>(&invocation).await? == 1)
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<GlobalTrans>> {
@@ -692,8 +813,7 @@ impl Store for RedisStore {
                 .arg(query.created_from.map(|t| t.to_string()).unwrap_or_default())
                 .arg(query.created_to.map(|t| t.to_string()).unwrap_or_default())
                 .arg(&base);
-            let conn = self.conn.clone();
-            async move { run::<Vec<(String, i64)>>(&conn, &invocation).await }
+            async move { self.link.run::<Vec<(String, i64)>>(&invocation).await }
         });
         let mut found: Vec<(String, i64)> = futures::future::try_join_all(calls)
             .await?
@@ -710,7 +830,7 @@ impl Store for RedisStore {
         let (base, g, _, _) = self.keys(gid);
         let mut invocation = lua::RESET_ONE.prepare_invoke();
         invocation.key(g).key(format!("{base}due")).arg(now).arg(gid);
-        Ok(run::<i64>(&self.conn, &invocation).await? >= 0)
+        Ok(self.link.run::<i64>(&invocation).await? >= 0)
     }
 
     async fn reset_cron_times(&self, after: Millis, now: Millis, limit: i64) -> Result<u64> {
@@ -727,8 +847,11 @@ impl Store for RedisStore {
 
     async fn kv_get(&self, cat: &str, key: &str) -> Result<Option<KvEntry>> {
         let (hash, _, _) = self.kv_keys(cat);
-        let mut conn = self.conn.clone();
-        let record: Option<Vec<u8>> = conn.hget(hash, key).await?;
+        let field = key.to_owned();
+        let record: Option<Vec<u8>> = self
+            .link
+            .call(|mut conn| async move { conn.hget(hash, field).await })
+            .await?;
         record.map(|r| decode_kv(cat, key.to_owned(), &r)).transpose()
     }
 
@@ -736,7 +859,7 @@ impl Store for RedisStore {
         let (hash, ids, _) = self.kv_keys(cat);
         let mut invocation = lua::KV_SCAN.prepare_invoke();
         invocation.key(hash).key(ids).arg(after_id).arg(limit.max(0));
-        let rows: Vec<(String, Vec<u8>)> = run(&self.conn, &invocation).await?;
+        let rows: Vec<(String, Vec<u8>)> = self.link.run(&invocation).await?;
         rows.into_iter()
             .map(|(key, record)| decode_kv(cat, key, &record))
             .collect()
@@ -749,7 +872,7 @@ impl Store for RedisStore {
         let (hash, ids, seq) = self.kv_keys(cat);
         let mut invocation = lua::KV_CREATE.prepare_invoke();
         invocation.key(hash).key(ids).key(seq).arg(key).arg(value).arg(now);
-        Ok(run::<i64>(&self.conn, &invocation).await? == 1)
+        Ok(self.link.run::<i64>(&invocation).await? == 1)
     }
 
     async fn kv_update(&self, cat: &str, key: &str, value: &str, version: i64, now: Millis) -> Result<bool> {
@@ -757,14 +880,14 @@ impl Store for RedisStore {
         let (hash, _, _) = self.kv_keys(cat);
         let mut invocation = lua::KV_UPDATE.prepare_invoke();
         invocation.key(hash).arg(key).arg(value).arg(version).arg(now);
-        Ok(run::<i64>(&self.conn, &invocation).await? == 1)
+        Ok(self.link.run::<i64>(&invocation).await? == 1)
     }
 
     async fn kv_delete(&self, cat: &str, key: &str) -> Result<bool> {
         let (hash, ids, _) = self.kv_keys(cat);
         let mut invocation = lua::KV_DELETE.prepare_invoke();
         invocation.key(hash).key(ids).arg(key);
-        Ok(run::<i64>(&self.conn, &invocation).await? == 1)
+        Ok(self.link.run::<i64>(&invocation).await? == 1)
     }
 
     async fn purge_finished(&self, before: Millis, limit: i64) -> Result<u64> {
@@ -817,7 +940,7 @@ impl RedisStore {
             HashMap<Vec<u8>, Vec<u8>>,
             HashMap<Vec<u8>, Vec<u8>>,
         );
-        let (changed, global, data, states): Changed = run(&self.conn, &invocation).await?;
+        let (changed, global, data, states): Changed = self.link.run(&invocation).await?;
         if changed != 1 || !load {
             return Ok((changed == 1, None));
         }
