@@ -99,7 +99,8 @@ pub struct ServeArgs {
     /// DTM API off: only the controllers and the health port run.
     #[arg(long, env = "KUBETX_LISTEN")]
     pub listen: Option<String>,
-    /// Store URL: postgres://..., mysql://..., sqlite://path or a path; empty for --db.
+    /// Store URL: postgres://..., mysql://..., redis://... (rediss:// for TLS; password also from
+    /// KUBETX_REDIS_PASSWORD), sqlite://path or a path; empty for --db.
     #[arg(long, env = "KUBETX_STORE")]
     pub store: Option<String>,
     /// Do not run the store's schema migrations on start.

@@ -5,6 +5,9 @@
 //! both of its effects applied. `/readyz` says nothing with AOF always, and warns once the server
 //! runs with a weaker setting.
 //!
+//! Also on the test's own server: a password, from the URL or from `KUBETX_REDIS_PASSWORD`, and
+//! never in a log line or an error.
+//!
 //! Needs the `redis-server` binary (override with `KUBETX_TEST_REDIS_SERVER`); without it the
 //! test prints SKIPPED and passes.
 
@@ -50,12 +53,25 @@ struct RedisProcess {
 
 impl RedisProcess {
     async fn start(bin: &str, addr: SocketAddr, dir: &Path, generation: usize) -> RedisProcess {
+        Self::start_with(bin, addr, dir, generation, &[], None).await
+    }
+
+    /// Starts one with extra arguments; `password` is what its PING needs.
+    async fn start_with(
+        bin: &str,
+        addr: SocketAddr,
+        dir: &Path,
+        generation: usize,
+        extra: &[&str],
+        password: Option<&str>,
+    ) -> RedisProcess {
         let log = dir.join(format!("redis-{generation}.log"));
         let child = Command::new(bin)
             .args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
             .args(["--dir", &dir.display().to_string()])
             .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
             .args(["--logfile", &log.display().to_string()])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -63,7 +79,7 @@ impl RedisProcess {
             .expect("redis-server starts");
         let process = RedisProcess { child, log };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while redis_ping(addr).await.is_err() {
+        while redis_ping(addr, password).await.is_err() {
             assert!(Instant::now() < deadline, "redis-server on {addr} never answered");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -86,8 +102,9 @@ impl Drop for RedisProcess {
     }
 }
 
-async fn redis_ping(addr: SocketAddr) -> redis::RedisResult<()> {
-    let client = redis::Client::open(format!("redis://{addr}/0"))?;
+async fn redis_ping(addr: SocketAddr, password: Option<&str>) -> redis::RedisResult<()> {
+    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+    let client = redis::Client::open(format!("redis://{auth}{addr}/0"))?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ())
 }
@@ -266,4 +283,74 @@ async fn a_redis_crash_loses_no_acknowledged_saga_with_aof_always() {
     );
     server.stop().await.expect("stops");
     drop(redis);
+}
+
+fn store_options(url: &str) -> StoreOptions {
+    StoreOptions {
+        kind: StoreKind::parse(url, "").expect("url"),
+        synchronous: Synchronous::Normal,
+        migrate: true,
+        max_connections: 1,
+        acquire_timeout: Duration::from_secs(5),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_comes_from_the_url_or_the_environment_and_is_never_shown() {
+    let Some(bin) = redis_server_bin() else {
+        eprintln!("SKIPPED: the Redis password test (no redis-server binary)");
+        return;
+    };
+    const SECRET: &str = "s3cret-Pw";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let addr = free_addr();
+    let _redis = RedisProcess::start_with(&bin, addr, dir.path(), 0, &["--requirepass", SECRET], Some(SECRET)).await;
+
+    // In the URL.
+    let store = store::open(&store_options(&format!("redis://:{SECRET}@{addr}/0?prefix=auth")))
+        .await
+        .expect("opens with the URL's password");
+    store.ping().await.expect("ping");
+    let kind = StoreKind::parse(&format!("redis://:{SECRET}@{addr}/0"), "").expect("url");
+    assert!(!kind.describe().contains(SECRET), "{}", kind.describe());
+    // A wrong one is refused, and the error does not quote it.
+    let wrong = match store::open(&store_options(&format!("redis://:not-{SECRET}@{addr}/0"))).await {
+        Ok(_) => panic!("a wrong password was accepted"),
+        Err(error) => error.to_string(),
+    };
+    assert!(!wrong.contains(SECRET), "{wrong}");
+
+    // From the environment: a real `kubetx serve`, whose log must not show it either.
+    let log = dir.path().join("kubetx.log");
+    let listen = free_addr();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kubetx"))
+        .args(["serve", "--listen", &listen.to_string()])
+        .args(["--store", &format!("redis://{addr}/0?prefix=auth")])
+        .args(["--log-level", "debug"])
+        .env_remove("RUST_LOG")
+        .env_remove("KUBETX_CONFIG")
+        .env("KUBETX_REDIS_PASSWORD", SECRET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("kubetx starts");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = http.get(format!("http://{listen}/readyz")).send().await;
+        if matches!(&ready, Ok(r) if r.status().is_success()) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            common::print_log_tail(&log, 30);
+            panic!("kubetx never became ready with the password from KUBETX_REDIS_PASSWORD");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(!text.contains(SECRET), "the log shows the password");
 }
