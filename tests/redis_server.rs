@@ -1,4 +1,4 @@
-//! A Redis crash mid-run: kubetx runs on the test's own `redis-server` (another 127.0.0.1 port,
+//! kubetx on the test's own `redis-server`. A Redis crash mid-run: kubetx runs on the test's own `redis-server` (another 127.0.0.1 port,
 //! a temporary directory, `appendonly yes` + `appendfsync always`, no RDB snapshots). Sagas are
 //! submitted continuously; Redis is SIGKILLed and restarted on the same data while they flow.
 //! Every saga whose submit was acknowledged (200) is still there afterwards and succeeds, with
@@ -7,6 +7,9 @@
 //!
 //! Also on the test's own server: a password, from the URL or from `KUBETX_REDIS_PASSWORD`, and
 //! never in a log line or an error.
+//!
+//! And `rediss://`: TLS to a TLS-only port of the test's server, trusted through the CA that
+//! `SSL_CERT_FILE` names and refused without it.
 //!
 //! Needs the `redis-server` binary (override with `KUBETX_TEST_REDIS_SERVER`); without it the
 //! test prints SKIPPED and passes.
@@ -322,35 +325,82 @@ async fn a_password_comes_from_the_url_or_the_environment_and_is_never_shown() {
 
     // From the environment: a real `kubetx serve`, whose log must not show it either.
     let log = dir.path().join("kubetx.log");
+    let store = format!("redis://{addr}/0?prefix=auth");
+    let ready = serve_until_ready(&store, &log, &[("KUBETX_REDIS_PASSWORD", SECRET)]).await;
+    assert!(
+        ready,
+        "kubetx never became ready with the password from KUBETX_REDIS_PASSWORD"
+    );
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(!text.contains(SECRET), "the log shows the password");
+}
+
+/// Runs `kubetx serve --store <store>` with `env` until `/readyz` answers 200 (true) or the
+/// process exits (false); then kills it.
+async fn serve_until_ready(store: &str, log: &Path, env: &[(&str, &str)]) -> bool {
     let listen = free_addr();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kubetx"))
-        .args(["serve", "--listen", &listen.to_string()])
-        .args(["--store", &format!("redis://{addr}/0?prefix=auth")])
+        .args(["serve", "--listen", &listen.to_string(), "--store", store])
         .args(["--log-level", "debug"])
         .env_remove("RUST_LOG")
         .env_remove("KUBETX_CONFIG")
-        .env("KUBETX_REDIS_PASSWORD", SECRET)
+        .env_remove("SSL_CERT_FILE")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
+        .stderr(std::fs::File::create(log).expect("log"))
         .spawn()
         .expect("kubetx starts");
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let ready = loop {
         let ready = http.get(format!("http://{listen}/readyz")).send().await;
         if matches!(&ready, Ok(r) if r.status().is_success()) {
-            break;
+            break true;
         }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            common::print_log_tail(&log, 30);
-            panic!("kubetx never became ready with the password from KUBETX_REDIS_PASSWORD");
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            break false;
         }
+        assert!(Instant::now() < deadline, "kubetx neither became ready nor exited");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
     let _ = child.kill();
     let _ = child.wait();
-    let text = std::fs::read_to_string(&log).expect("log");
-    assert!(!text.contains(SECRET), "the log shows the password");
+    ready
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_trusts_the_configured_ca_only() {
+    let Some(bin) = redis_server_bin() else {
+        eprintln!("SKIPPED: the rediss:// test (no redis-server binary)");
+        return;
+    };
+    let fixture = |name: &str| format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (plain, tls) = (free_addr(), free_addr());
+    let tls_port = tls.port().to_string();
+    let (cert, key, ca) = (fixture("server.pem"), fixture("server.key"), fixture("ca.pem"));
+    let args = [
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+    ];
+    let _redis = RedisProcess::start_with(&bin, plain, dir.path(), 0, &args, None).await;
+    let store = format!("rediss://{tls}/0?prefix=tls");
+    let trusted = serve_until_ready(&store, &dir.path().join("trusted.log"), &[("SSL_CERT_FILE", &ca)]).await;
+    if !trusted {
+        common::print_log_tail(&dir.path().join("trusted.log"), 20);
+    }
+    assert!(trusted, "kubetx reaches Redis over TLS with the CA trusted");
+    let untrusted = serve_until_ready(&store, &dir.path().join("untrusted.log"), &[]).await;
+    assert!(!untrusted, "an unknown CA is refused");
+    let log = std::fs::read_to_string(dir.path().join("untrusted.log")).expect("log");
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
 }
