@@ -1,9 +1,9 @@
 //! kubetx on the test's own `redis-server`. A Redis crash mid-run: kubetx runs on the test's own
 //! `redis-server` (another 127.0.0.1 port, a temporary directory, `appendonly yes` +
 //! `appendfsync always`, no RDB snapshots). Sagas are submitted continuously; Redis is SIGKILLed
-//! and restarted on the same data while they flow. Every saga whose submit was acknowledged (200) is still there afterwards and succeeds, with
-//! both of its effects applied. `/readyz` says nothing with AOF always, and warns once the server
-//! runs with a weaker setting.
+//! and restarted on the same data while they flow. Every saga whose submit was acknowledged
+//! (200) is still there afterwards and succeeds, with both of its effects applied. `/readyz` says
+//! nothing with AOF always, and warns once the server runs with a weaker setting.
 //!
 //! Also on the test's own server: a password, from the URL or from `KUBETX_REDIS_PASSWORD`, and
 //! never in a log line or an error.
