@@ -99,7 +99,8 @@ pub struct ServeArgs {
     /// DTM API off: only the controllers and the health port run.
     #[arg(long, env = "KUBETX_LISTEN")]
     pub listen: Option<String>,
-    /// Store URL: postgres://..., mysql://..., sqlite://path or a path; empty for --db.
+    /// Store URL: postgres://..., mysql://..., redis://... (rediss:// for TLS; password also from
+    /// KUBETX_REDIS_PASSWORD), sqlite://path or a path; empty for --db.
     #[arg(long, env = "KUBETX_STORE")]
     pub store: Option<String>,
     /// Do not run the store's schema migrations on start.
@@ -391,9 +392,12 @@ async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
             max_request_timeout: Duration::from_secs(config.max_request_timeout),
             default_ttl: Some(args.default_ttl).filter(|ttl| *ttl > 0),
             service_domain: args.service_domain.clone(),
-            // With PostgreSQL or MySQL, branch detail goes to SQL and the status keeps a summary.
+            // With PostgreSQL, MySQL or Redis, branch detail goes to the store and the status keeps
+            // a summary.
             store: match config.store_kind()? {
-                StoreKind::Postgres(_) | StoreKind::MySql(_) => Some(Arc::clone(server.coordinator.store())),
+                StoreKind::Postgres(_) | StoreKind::MySql(_) | StoreKind::Redis(_) => {
+                    Some(Arc::clone(server.coordinator.store()))
+                }
                 StoreKind::Sqlite(_) => None,
             },
         },

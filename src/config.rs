@@ -80,7 +80,8 @@ pub struct Config {
     /// Address of the DTM-compatible HTTP API.
     pub listen: String,
     /// Where transactions live: empty for the SQLite file of `sqlite.path`; `postgres://...` or
-    /// `mysql://...` for a database several replicas share; `sqlite://path` or a path for SQLite.
+    /// `mysql://...` or `redis://...` for a database several replicas share; `sqlite://path` or a
+    /// path for SQLite.
     pub store: String,
     /// Do not run the store's schema migrations on start.
     pub skip_migrations: bool,
@@ -454,6 +455,11 @@ mod tests {
         assert!(matches!(config.store_kind(), Ok(StoreKind::Postgres(_))));
         let config = Config {
             store: "redis://cache".to_owned(),
+            ..Config::default()
+        };
+        assert!(matches!(config.store_kind(), Ok(StoreKind::Redis(_))));
+        let config = Config {
+            store: "memcached://cache".to_owned(),
             ..Config::default()
         };
         assert!(config.validate().is_err());

@@ -252,10 +252,20 @@ fn serve_http(
     })
 }
 
-/// `GET /readyz`: 200 when the store answers, 503 with the reason when it does not.
+/// `GET /readyz`: 200 when the store answers (with the store's durability warnings, if any),
+/// 503 with the reason when it does not.
 async fn readyz(store: Arc<dyn Store>) -> Response {
     let answer = match tokio::time::timeout(READY_TIMEOUT, store.ping()).await {
-        Ok(Ok(())) => return (StatusCode::OK, Json(json!({"status": "ready"}))).into_response(),
+        Ok(Ok(())) => {
+            let warnings = tokio::time::timeout(READY_TIMEOUT, store.warnings())
+                .await
+                .unwrap_or_default();
+            let body = match warnings.is_empty() {
+                true => json!({"status": "ready"}),
+                false => json!({"status": "ready", "warnings": warnings}),
+            };
+            return (StatusCode::OK, Json(body)).into_response();
+        }
         Ok(Err(error)) => error.to_string(),
         Err(_) => format!("store did not answer within {} ms", READY_TIMEOUT.as_millis()),
     };

@@ -1,4 +1,4 @@
-//! Database outage: kubetx reaches PostgreSQL (or MariaDB/MySQL) through a TCP proxy that the
+//! Database outage: kubetx reaches PostgreSQL (or MariaDB/MySQL, or Redis) through a TCP proxy that the
 //! test cuts mid-run, with sagas in flight. While the database is gone the API answers 503 at
 //! once with a clear message and `/readyz` reports it; `/api/ping` stays up. When the proxy
 //! comes back everything resumes and no acknowledged saga is lost.
@@ -23,6 +23,13 @@ use tokio::time::Instant;
 async fn postgres_outage_fails_fast_and_loses_nothing() {
     if common::db::available(Backend::Postgres, "the outage suite") {
         outage(Backend::Postgres).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_outage_fails_fast_and_loses_nothing() {
+    if common::db::available(Backend::Redis, "the outage suite") {
+        outage(Backend::Redis).await;
     }
 }
 

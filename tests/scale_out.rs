@@ -1,5 +1,5 @@
 //! Scale-out: three real `kubetx serve` processes on one PostgreSQL database (and, separately,
-//! one MariaDB/MySQL database). Thousands of sagas are submitted across them while random
+//! one MariaDB/MySQL database, and one Redis key prefix). Thousands of sagas are submitted across them while random
 //! replicas are SIGKILLed and restarted. Every saga reaches its terminal state, every branch
 //! effect is applied exactly once by a bank that deduplicates like a barrier, and no saga is
 //! ever driven by two replicas at the same moment: the bank records the interval of every call,
@@ -48,6 +48,13 @@ async fn three_replicas_share_a_postgres_database_through_kills() {
 async fn three_replicas_share_a_mysql_database_through_kills() {
     if common::db::available(Backend::MySql, "the scale-out suite") {
         scale_out(Backend::MySql).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_share_a_redis_through_kills() {
+    if common::db::available(Backend::Redis, "the scale-out suite") {
+        scale_out(Backend::Redis).await;
     }
 }
 

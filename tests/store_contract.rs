@@ -50,7 +50,7 @@ async fn harness(backend: Backend) -> Option<Harness> {
                 _db: None,
             })
         }
-        Backend::Postgres | Backend::MySql => {
+        Backend::Postgres | Backend::MySql | Backend::Redis => {
             if !common::db::available(backend, "the store contract suite") {
                 return None;
             }
@@ -90,6 +90,13 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn mysql() {
                     if let Some(h) = harness(Backend::MySql).await {
+                        super::$check(h.store.clone()).await;
+                    }
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn redis() {
+                    if let Some(h) = harness(Backend::Redis).await {
                         super::$check(h.store.clone()).await;
                     }
                 }
@@ -1184,6 +1191,13 @@ mod retention_in_the_server {
     async fn mysql() {
         if common::db::available(Backend::MySql, "the store contract suite") {
             retention_runs_in_the_server(Backend::MySql).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn redis() {
+        if common::db::available(Backend::Redis, "the store contract suite") {
+            retention_runs_in_the_server(Backend::Redis).await;
         }
     }
 }

@@ -11,6 +11,8 @@
 mod decode;
 mod mysql;
 mod postgres;
+mod redis;
+mod redis_lua;
 pub mod retention;
 mod sql;
 mod sqlite;
@@ -22,6 +24,7 @@ use async_trait::async_trait;
 
 pub use mysql::MySqlStore;
 pub use postgres::PgStore;
+pub use redis::{RedisStore, RedisTarget};
 pub use sqlite::{SqliteStore, Synchronous};
 
 use crate::engine::BranchUpdate;
@@ -186,6 +189,12 @@ pub struct KvEntry {
 pub trait Store: Send + Sync + 'static {
     /// Checks that the store answers.
     async fn ping(&self) -> Result<()>;
+
+    /// What an operator should know about the store's durability (`/readyz` shows it), e.g. a
+    /// Redis server running without AOF. Empty when there is nothing to say.
+    async fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Inserts a transaction and its branches unless the gid exists. Returns false when it did.
     async fn create(&self, global: &GlobalTrans, branches: &[Branch]) -> Result<bool>;
@@ -404,6 +413,8 @@ pub enum StoreKind {
     Postgres(String),
     /// A MySQL or MariaDB URL (`mysql://...`).
     MySql(String),
+    /// A Redis URL (`redis://...` or `rediss://...`).
+    Redis(String),
 }
 
 impl StoreKind {
@@ -421,6 +432,9 @@ impl StoreKind {
         if lower.starts_with("mysql://") {
             return Ok(StoreKind::MySql(url.to_owned()));
         }
+        if lower.starts_with("redis://") || lower.starts_with("rediss://") {
+            return Ok(StoreKind::Redis(url.to_owned()));
+        }
         if lower.starts_with("mariadb://") {
             return Ok(StoreKind::MySql(format!("mysql://{}", &url["mariadb://".len()..])));
         }
@@ -433,7 +447,7 @@ impl StoreKind {
         }
         if url.contains("://") {
             return Err(StoreError::Invalid(format!(
-                "unsupported store URL {:?}: use postgres://, mysql:// or sqlite://",
+                "unsupported store URL {:?}: use postgres://, mysql://, redis:// or sqlite://",
                 redact(url)
             )));
         }
@@ -444,7 +458,7 @@ impl StoreKind {
     pub fn describe(&self) -> String {
         match self {
             StoreKind::Sqlite(path) => format!("sqlite://{path}"),
-            StoreKind::Postgres(url) | StoreKind::MySql(url) => redact(url),
+            StoreKind::Postgres(url) | StoreKind::MySql(url) | StoreKind::Redis(url) => redact(url),
         }
     }
 }
@@ -492,6 +506,7 @@ pub async fn open(options: &StoreOptions) -> Result<Arc<dyn Store>> {
         StoreKind::Sqlite(path) => Arc::new(SqliteStore::open_with(path, options.synchronous, options.migrate).await?),
         StoreKind::Postgres(url) => Arc::new(PgStore::open(url, options).await?),
         StoreKind::MySql(url) => Arc::new(MySqlStore::open(url, options).await?),
+        StoreKind::Redis(url) => Arc::new(RedisStore::open(url, options).await?),
     })
 }
 
@@ -515,7 +530,9 @@ mod tests {
             parse("mariadb://root@h/db"),
             StoreKind::MySql("mysql://root@h/db".into())
         );
-        assert!(StoreKind::parse("redis://h", "").is_err());
+        assert_eq!(parse("redis://h:6379/2"), StoreKind::Redis("redis://h:6379/2".into()));
+        assert_eq!(parse("rediss://h"), StoreKind::Redis("rediss://h".into()));
+        assert!(StoreKind::parse("memcached://h", "").is_err());
         assert!(StoreKind::parse("sqlite://", "").is_err());
     }
 

@@ -1,8 +1,13 @@
-//! Real PostgreSQL and MariaDB/MySQL databases for tests: each test gets its own PostgreSQL
-//! schema or MySQL database, created here and dropped when the handle is dropped, so tests run
-//! in parallel. The servers' URLs come from `KUBETX_TEST_POSTGRES_URL` and
-//! `KUBETX_TEST_MYSQL_URL` (`.ci/run` sets both); `KUBETX_TEST_STORE` (sqlite, postgres or
-//! mysql) picks the store of `TestServer`.
+//! Real PostgreSQL, MariaDB/MySQL and Redis databases for tests: each test gets its own
+//! PostgreSQL schema, MySQL database or Redis key prefix, created here and dropped when the
+//! handle is dropped, so tests run in parallel. The servers' URLs come from
+//! `KUBETX_TEST_POSTGRES_URL`, `KUBETX_TEST_MYSQL_URL` and `KUBETX_TEST_REDIS_URL` (`.ci/run`
+//! sets them); `KUBETX_TEST_STORE` (sqlite, postgres, mysql or redis) picks the store of
+//! `TestServer`.
+//!
+//! Redis tests share one database number (the URL's) and are kept apart by key prefix: every
+//! key of a test starts with `{<prefix>` (see `src/store/redis.rs`), which the handle deletes
+//! with `SCAN MATCH` when dropped; no test flushes the database.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -14,6 +19,7 @@ pub enum Backend {
     Sqlite,
     Postgres,
     MySql,
+    Redis,
 }
 
 impl Backend {
@@ -22,6 +28,7 @@ impl Backend {
             Backend::Sqlite => "sqlite",
             Backend::Postgres => "postgres",
             Backend::MySql => "mysql",
+            Backend::Redis => "redis",
         }
     }
 
@@ -31,6 +38,7 @@ impl Backend {
             Backend::Sqlite => return None,
             Backend::Postgres => "KUBETX_TEST_POSTGRES_URL",
             Backend::MySql => "KUBETX_TEST_MYSQL_URL",
+            Backend::Redis => "KUBETX_TEST_REDIS_URL",
         };
         std::env::var(var).ok().filter(|url| !url.trim().is_empty())
     }
@@ -41,7 +49,8 @@ impl Backend {
             "" | "sqlite" => Backend::Sqlite,
             "postgres" | "postgresql" => Backend::Postgres,
             "mysql" | "mariadb" => Backend::MySql,
-            other => panic!("KUBETX_TEST_STORE={other:?}: use sqlite, postgres or mysql"),
+            "redis" => Backend::Redis,
+            other => panic!("KUBETX_TEST_STORE={other:?}: use sqlite, postgres, mysql or redis"),
         }
     }
 }
@@ -106,7 +115,11 @@ impl TestDb {
                     .expect("create database");
                 with_database(&server, &name)
             }
-            Backend::Sqlite => panic!("TestDb is for SQL servers"),
+            Backend::Redis => {
+                let separator = if server.contains('?') { '&' } else { '?' };
+                format!("{server}{separator}prefix={name}")
+            }
+            Backend::Sqlite => panic!("TestDb is for database servers"),
         };
         TestDb {
             url,
@@ -171,10 +184,42 @@ impl Drop for TestDb {
                                 .await;
                         }
                     }
+                    Backend::Redis => delete_prefix(&server, &name).await,
                     Backend::Sqlite => {}
                 }
             });
         });
         let _ = cleanup.join();
+    }
+}
+
+/// Deletes every key of the Redis key prefix `prefix` (its shards' tags and its own).
+async fn delete_prefix(server: &str, prefix: &str) {
+    let Ok(client) = redis::Client::open(server) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let mut cursor = 0u64;
+    loop {
+        let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{{{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
     }
 }
