@@ -2,7 +2,8 @@
 //! results answered the way DTM expects (200 SUCCESS, 409 FAILURE, 425 ONGOING).
 
 use axum::Json;
-use axum::extract::FromRequestParts;
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -10,6 +11,7 @@ use serde_json::json;
 
 use crate::branch::BranchParams;
 use crate::error::Error;
+use crate::workflow::WorkflowRegistry;
 
 /// Reads `gid`, `trans_type`, `branch_id` and `op` from the query string, or else from the
 /// `dtm-gid`, `dtm-trans_type`, `dtm-branch_id`, `dtm-op` headers; 400 when one is missing.
@@ -95,4 +97,23 @@ impl IntoResponse for Error {
                 .into_response(),
         }
     }
+}
+
+/// The handler of a workflow service's resume route: the coordinator calls it (op = the
+/// workflow's name, body = its input) to resume a workflow left unfinished.
+///
+/// ```no_run
+/// use axum::{Router, routing::post};
+/// # fn f(registry: kubetx_client::WorkflowRegistry) {
+/// let app: Router = Router::new()
+///     .route("/workflow/resume", post(kubetx_client::axum::workflow_resume))
+///     .with_state(registry);
+/// # }
+/// ```
+pub async fn workflow_resume(
+    State(registry): State<WorkflowRegistry>,
+    params: BranchParams,
+    body: Bytes,
+) -> Result<Success, Error> {
+    registry.execute_by_query(&params, &body).await.map(|_| Success)
 }
