@@ -77,6 +77,9 @@ async fn saga_failure_rolls_back_and_says_failure() {
         ["TransOut", "TransIn", "TransInRevert", "TransOutRevert"]
     );
     assert_eq!(server.state("sdk-saga-fail").await.0, "failed");
+    // The rollback reason says FAILURE: the query is still a successful reply.
+    let failed = dtm(&server).query_global("sdk-saga-fail").await.unwrap().unwrap();
+    assert!(failed.rollback_reason.contains("FAILURE"), "{failed:?}");
 }
 
 #[tokio::test]

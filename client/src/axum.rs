@@ -77,7 +77,10 @@ impl IntoResponse for Success {
 /// ```
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let message = self.to_string();
+        let message = match &self {
+            Error::Failure(m) | Error::Ongoing(m) => m.clone(),
+            other => other.to_string(),
+        };
         match self {
             Error::Failure(_) => (
                 StatusCode::CONFLICT,

@@ -88,8 +88,8 @@ impl From<url::ParseError> for Error {
 /// The SDK's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Classifies a reply the way DTM does, in this order: 425 or `ONGOING` in the body is ongoing;
-/// 409 or `FAILURE` in the body is a failure; any other status than 200 is unknown.
+/// Classifies a branch's reply the way DTM does, in this order: 425 or `ONGOING` in the body
+/// is ongoing; 409 or `FAILURE` in the body is a failure; any other status than 200 is unknown.
 ///
 /// ```
 /// use kubetx_client::error::classify;
@@ -100,15 +100,44 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// ```
 pub fn classify(status: u16, body: &[u8]) -> Result<()> {
     let full = String::from_utf8_lossy(body);
-    // The words are searched in the whole body; the error keeps a bounded excerpt.
-    let text = || full.chars().take(1024).collect::<String>();
     if status == 425 || full.contains("ONGOING") {
-        Err(Error::Ongoing(text()))
+        Err(Error::Ongoing(excerpt(body)))
     } else if status == 409 || full.contains("FAILURE") {
-        Err(Error::Failure(text()))
+        Err(Error::Failure(excerpt(body)))
     } else if status != 200 {
-        Err(Error::Unknown(format!("status {status}: {}", text())))
+        Err(Error::Unknown(format!("status {status}: {}", excerpt(body))))
     } else {
         Ok(())
     }
+}
+
+/// Classifies a reply of the coordinator: by its status, and on a 200 by an explicit
+/// `dtm_result` (old servers), never by words inside the data (a query's rollback reason may
+/// well say FAILURE).
+///
+/// ```
+/// use kubetx_client::error::classify_coordinator;
+/// assert!(classify_coordinator(200, br#"{"transaction":{"rollback_reason":"FAILURE"}}"#).is_ok());
+/// assert!(classify_coordinator(200, br#"{"dtm_result":"FAILURE"}"#).unwrap_err().is_failure());
+/// assert!(classify_coordinator(425, b"").unwrap_err().is_ongoing());
+/// ```
+pub fn classify_coordinator(status: u16, body: &[u8]) -> Result<()> {
+    let result = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("dtm_result").and_then(|r| r.as_str()).map(str::to_owned));
+    match (status, result.as_deref()) {
+        (425, _) | (200, Some("ONGOING")) => Err(Error::Ongoing(excerpt(body))),
+        (409, _) | (200, Some("FAILURE")) => Err(Error::Failure(excerpt(body))),
+        (200, _) => Ok(()),
+        _ => Err(Error::Unknown(format!("status {status}: {}", excerpt(body)))),
+    }
+}
+
+/// The reply's `message` when it is DTM's JSON envelope, else its text; bounded.
+fn excerpt(body: &[u8]) -> String {
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned));
+    let text = message.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    text.chars().take(1024).collect()
 }

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use url::Url;
 
-use crate::error::{Error, Result, classify};
+use crate::error::{Error, Result, classify_coordinator};
 use crate::query::{QueryResult, TransGlobal};
 
 /// A handle on the coordinator's HTTP API (`http://host:36789/api/dtmsvr`). Cheap to clone:
@@ -174,8 +174,9 @@ impl Dtm {
         Ok(())
     }
 
-    /// POSTs a JSON body to an API route and returns the JSON reply, classified as DTM's SDKs
-    /// classify it (200 without `FAILURE` in the body is success).
+    /// POSTs a JSON body to an API route and returns the JSON reply: 200 is success (unless
+    /// its `dtm_result` says otherwise), 409 [`Error::Failure`], 425 [`Error::Ongoing`], anything
+    /// else [`Error::Unknown`].
     ///
     /// ```no_run
     /// # async fn run(dtm: kubetx_client::Dtm) -> kubetx_client::Result<()> {
@@ -197,7 +198,7 @@ impl Dtm {
 async fn read_reply(reply: reqwest::Response) -> Result<Value> {
     let status = reply.status().as_u16();
     let body = reply.bytes().await?;
-    classify(status, &body)?;
+    classify_coordinator(status, &body)?;
     if body.is_empty() {
         return Ok(Value::Null);
     }
