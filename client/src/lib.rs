@@ -21,6 +21,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 #[cfg(feature = "axum")]
 pub mod axum;
 pub mod barrier;
@@ -43,6 +45,6 @@ pub use options::{TransOptions, WithOptions};
 pub use query::{BranchRow, QueryResult, TransGlobal};
 pub use saga::Saga;
 pub use tcc::{Tcc, TccBuilder};
-pub use transport::Dtm;
+pub use transport::{Dtm, install_crypto_provider};
 pub use workflow::{Workflow, WorkflowRegistry};
 pub use xa::{Xa, XaBuilder};

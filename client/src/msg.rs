@@ -117,7 +117,7 @@ impl Msg {
     /// Prepares the message with its back-check URL.
     ///
     /// ```no_run
-    /// # async fn run(msg: kubetx_client::Msg) -> kubetx_client::Result<()> {
+    /// # async fn run(mut msg: kubetx_client::Msg) -> kubetx_client::Result<()> {
     /// msg.prepare("http://shop/QueryPrepared").await?;
     /// # Ok(()) }
     /// ```

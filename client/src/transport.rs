@@ -34,9 +34,11 @@ impl Dtm {
         Self::with_client(url, http)
     }
 
-    /// A client for the API at `url` using a reqwest client of the caller's.
+    /// A client for the API at `url` using a reqwest client of the caller's (built after
+    /// [`install_crypto_provider`], or with a rustls provider of the caller's).
     ///
     /// ```
+    /// kubetx_client::install_crypto_provider();
     /// let http = reqwest::Client::new();
     /// let dtm = kubetx_client::Dtm::with_client("http://127.0.0.1:36789/api/dtmsvr", http).unwrap();
     /// # let _ = dtm;
@@ -205,10 +207,20 @@ async fn read_reply(reply: reqwest::Response) -> Result<Value> {
     serde_json::from_slice(&body).map_err(|e| Error::Unknown(format!("reply is not JSON: {e}")))
 }
 
-/// The SDK's HTTP client: rustls on ring, no redirects (a 3xx is an unknown outcome, as DTM has it).
-pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client> {
+/// Installs rustls' ring provider as the process default, unless one is installed already;
+/// the SDK's own clients do it, a reqwest client of the caller's needs it (or another provider).
+///
+/// ```
+/// kubetx_client::install_crypto_provider();
+/// ```
+pub fn install_crypto_provider() {
     // Err only means a provider is installed already, which is what we need.
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The SDK's HTTP client: rustls on ring, no redirects (a 3xx is an unknown outcome, as DTM has it).
+pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client> {
+    install_crypto_provider();
     Ok(reqwest::Client::builder()
         .timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
