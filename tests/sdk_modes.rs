@@ -313,3 +313,83 @@ async fn xa_application_side_calls_branches_with_their_phase2_url_and_aborts_on_
     assert_eq!(call.query["phase2_url"], bank.url("XaOut"));
     server.wait_status("sdk-xa-ap", "failed").await;
 }
+
+/// The axum helpers on a real service: parameters from the query or the `dtm-*` headers, 400
+/// without them, and results answered so that kubetx classifies them right.
+#[tokio::test]
+async fn axum_helpers_read_branch_parameters_and_answer_as_dtm_expects() {
+    use axum::Router;
+    use axum::extract::Path;
+    use axum::routing::any;
+    use kubetx_client::BranchParams;
+    use kubetx_client::axum::Success;
+
+    async fn branch(Path(outcome): Path<String>, params: BranchParams) -> kubetx_client::Result<Success> {
+        assert!(!params.gid.is_empty());
+        match outcome.as_str() {
+            "failure" => Err(Error::Failure("no money".into())),
+            "ongoing" => Err(Error::Ongoing("later".into())),
+            // An unknown outcome whose text happens to say FAILURE must stay unknown.
+            "unknown" => Err(Error::Unknown("the FAILURE of a disk".into())),
+            _ => Ok(Success),
+        }
+    }
+    let app = Router::new().route("/api/{outcome}", any(branch));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/api", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = reqwest::Client::new();
+    let query = "gid=g&trans_type=saga&branch_id=01&op=action";
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(
+        status(http.get(format!("{base}/ok?{query}")).send().await.unwrap()),
+        200
+    );
+    assert_eq!(
+        status(http.get(format!("{base}/failure?{query}")).send().await.unwrap()),
+        409
+    );
+    assert_eq!(
+        status(http.get(format!("{base}/ongoing?{query}")).send().await.unwrap()),
+        425
+    );
+    let unknown = http.get(format!("{base}/unknown?{query}")).send().await.unwrap();
+    assert_eq!(unknown.status(), 500);
+    assert!(!unknown.text().await.unwrap().contains("FAILURE"));
+    let missing = http.get(format!("{base}/ok?gid=g")).send().await.unwrap();
+    assert_eq!(missing.status(), 400);
+    let by_headers = http
+        .get(format!("{base}/ok"))
+        .header("dtm-gid", "g")
+        .header("dtm-trans_type", "tcc")
+        .header("dtm-branch_id", "01")
+        .header("dtm-op", "try")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_headers.status(), 200);
+
+    // kubetx reads those answers: the 409 rolls a saga back, the 500 is retried.
+    let server = TestServer::start().await;
+    let dtm = dtm(&server);
+    let err = Saga::new(&dtm, "sdk-axum-fail")
+        .add(&format!("{base}/ok"), &format!("{base}/ok"), &1)
+        .add(&format!("{base}/failure"), &format!("{base}/ok"), &1)
+        .wait_result(true)
+        .submit()
+        .await
+        .unwrap_err();
+    assert!(err.is_failure(), "{err}");
+    let err = Saga::new(&dtm, "sdk-axum-unknown")
+        .add(&format!("{base}/unknown"), &format!("{base}/ok"), &1)
+        .wait_result(true)
+        .submit()
+        .await
+        .unwrap_err();
+    assert!(err.is_ongoing(), "{err}");
+    assert_eq!(
+        server.state("sdk-axum-unknown").await.0,
+        "submitted",
+        "never rolled back"
+    );
+}
