@@ -203,3 +203,39 @@ async fn a_killed_service_is_resumed_after_restart_without_repeating_steps() {
         b"moved 30"
     );
 }
+
+/// TCC-like branches: `on_commit` runs (and is recorded) when the workflow succeeds, and not
+/// on a replay.
+#[tokio::test]
+async fn on_commit_runs_once_after_success() {
+    let (server, bank) = (TestServer::start().await, Bank::start().await);
+    let dtm = Dtm::new(&server.server.dtm_url()).unwrap();
+    let registry = WorkflowRegistry::new(&dtm, &bank.url("Resume")).unwrap();
+    let b = bank.clone();
+    registry.register("tcc-like", move |wf, input| {
+        let b = b.clone();
+        async move {
+            let (confirm, cancel) = (b.url("Confirm"), b.url("Cancel"));
+            wf.new_branch()?
+                .on_commit(move |p| async move { post_branch(&p, &confirm, b"{}").await.map(drop) })
+                .on_rollback(move |p| async move { post_branch(&p, &cancel, b"{}").await.map(drop) })
+                .post(&b.url("Try"), &input)
+                .await?;
+            Ok(Vec::new())
+        }
+    });
+    registry.execute("tcc-like", "sdk-wf-commit", INPUT).await.unwrap();
+    assert_eq!(bank.routes("sdk-wf-commit"), ["Try", "Confirm"]);
+    let confirm = &bank.calls_on("Confirm")[0];
+    assert_eq!((confirm.branch_id.as_str(), confirm.op.as_str()), ("01", "commit"));
+    assert_eq!(
+        progress(&server, "sdk-wf-commit").await,
+        [p("01", "action", "succeed"), p("01", "commit", "succeed")]
+    );
+    registry.execute("tcc-like", "sdk-wf-commit", INPUT).await.unwrap();
+    assert_eq!(
+        bank.routes("sdk-wf-commit").len(),
+        2,
+        "a finished workflow runs nothing"
+    );
+}

@@ -1,7 +1,8 @@
 //! The SDK's XA on real databases (MariaDB `KUBETX_TEST_MYSQL_URL`; PostgreSQL
-//! `KUBETX_TEST_POSTGRES_URL` when its `max_prepared_transactions` allows prepared
-//! transactions): commit, rollback, and a resource manager that dies between prepare and
-//! commit, resolved by kubetx's phase 2 after it restarts.
+//! `KUBETX_TEST_XA_POSTGRES_URL`, or `KUBETX_TEST_POSTGRES_URL` when its
+//! `max_prepared_transactions` allows prepared transactions): commit, rollback, a repeated
+//! phase 2, a rollback overtaking its local transaction, and a resource manager that dies
+//! between prepare and commit, resolved by kubetx's phase 2 after it restarts.
 
 mod common;
 
@@ -44,13 +45,18 @@ async fn mysql() -> Option<sqlx::MySqlPool> {
     )
 }
 
+/// PostgreSQL with prepared transactions: `KUBETX_TEST_XA_POSTGRES_URL` (`.ci/run` starts a
+/// private cluster for it), else `KUBETX_TEST_POSTGRES_URL` when that server allows them.
 async fn postgres() -> Option<sqlx::PgPool> {
-    if !available(Backend::Postgres, "sdk_xa") {
-        return None;
-    }
-    let pool = sqlx::PgPool::connect(&Backend::Postgres.server_url()?)
-        .await
-        .expect("postgres");
+    let url = match std::env::var("KUBETX_TEST_XA_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    {
+        Some(url) => url,
+        None if available(Backend::Postgres, "sdk_xa") => Backend::Postgres.server_url()?,
+        None => return None,
+    };
+    let pool = sqlx::PgPool::connect(&url).await.expect("postgres");
     let (max,): (String,) = sqlx::query_as("SHOW max_prepared_transactions")
         .fetch_one(&pool)
         .await
@@ -154,6 +160,30 @@ macro_rules! xa_suite {
                 .await
                 .unwrap();
                 server.wait_status(&gid, "succeed").await;
+                assert_eq!(balances(&pool, &table).await, (70, 130));
+                // A repeated phase 2 (kubetx retrying a commit whose answer was lost) is a no-op.
+                let http = reqwest::Client::new();
+                let again = http
+                    .post(format!("{rm}/TransOut?gid={gid}&trans_type=xa&branch_id=01&op=commit"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(again.status(), 200);
+                // A rollback that overtakes its branch's local transaction keeps it from preparing.
+                let late = unique("xa-late").replace('_', "-");
+                let rollback = http
+                    .post(format!("{rm}/TransOut?gid={late}&trans_type=xa&branch_id=01&op=rollback"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(rollback.status(), 200);
+                let action = http
+                    .post(format!("{rm}/TransOut?gid={late}&trans_type=xa&branch_id=01&op=action&phase2_url={rm}/TransOut"))
+                    .body(r#"{"amount":1}"#)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(action.status(), 409, "refused after its rollback");
                 assert_eq!(balances(&pool, &table).await, (70, 130));
 
                 // TransIn is fine but TransOut's balance is short: nothing changes anywhere.
