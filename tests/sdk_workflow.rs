@@ -239,3 +239,37 @@ async fn on_commit_runs_once_after_success() {
         "a finished workflow runs nothing"
     );
 }
+
+/// A second phase must not fail: a rollback answering FAILURE is not recorded; the workflow
+/// stays prepared and kubetx's callback retries the rollback until it succeeds.
+#[tokio::test]
+async fn a_failing_rollback_is_retried_not_recorded() {
+    let (server, bank) = (TestServer::start().await, Bank::start().await);
+    let (svc, _) = service(&server, &bank, None).await;
+    bank.script("TransIn", &[Reply::Failure]);
+    bank.script("TransOutRevert", &[Reply::Failure]);
+    let err = svc
+        .registry
+        .execute("transfer", "sdk-wf-revert", INPUT)
+        .await
+        .unwrap_err();
+    assert!(err.is_unknown(), "{err}");
+    assert_eq!(server.state("sdk-wf-revert").await.0, "prepared");
+    assert_eq!(
+        progress(&server, "sdk-wf-revert").await,
+        [
+            p("01", "action", "succeed"),
+            p("02", "action", "failed"),
+            p("02", "rollback", "succeed")
+        ]
+    );
+    server.advance_and_tick(60).await;
+    assert_eq!(server.state("sdk-wf-revert").await.0, "failed");
+    assert_eq!(bank.count("sdk-wf-revert", "TransOutRevert"), 2);
+    assert_eq!(
+        bank.count("sdk-wf-revert", "TransInRevert"),
+        1,
+        "recorded: not repeated"
+    );
+    assert_eq!(bank.count("sdk-wf-revert", "TransIn"), 1, "its FAILURE was recorded");
+}

@@ -1,5 +1,15 @@
 //! Helpers for branch services written with axum: the branch parameters as an extractor, and
 //! results answered the way DTM expects (200 SUCCESS, 409 FAILURE, 425 ONGOING).
+//!
+//! ```no_run
+//! use axum::{Router, routing::post};
+//! use kubetx_client::{BranchParams, Error, axum::Success};
+//! async fn trans_in(params: BranchParams) -> kubetx_client::Result<Success> {
+//!     if params.gid.is_empty() { return Err(Error::Failure("no gid".into())); }
+//!     Ok(Success)
+//! }
+//! let app: Router = Router::new().route("/api/TransIn", post(trans_in));
+//! ```
 
 use axum::Json;
 use axum::body::Bytes;

@@ -1,4 +1,11 @@
 //! The one error type of the SDK, shaped by DTM's three outcomes of a call.
+//!
+//! ```
+//! use kubetx_client::Error;
+//! for e in [Error::Failure("x".into()), Error::Ongoing("x".into()), Error::Unknown("x".into())] {
+//!     assert_eq!([e.is_failure(), e.is_ongoing(), e.is_unknown()].iter().filter(|b| **b).count(), 1);
+//! }
+//! ```
 
 /// What went wrong. DTM's protocol distinguishes a definite failure ([`Error::Failure`], which
 /// rolls a transaction back), a "not yet" ([`Error::Ongoing`], retried later) and everything
@@ -86,6 +93,14 @@ impl From<url::ParseError> for Error {
 }
 
 /// The SDK's result type.
+///
+/// ```
+/// fn check(amount: i64) -> kubetx_client::Result<()> {
+///     if amount < 0 { return Err(kubetx_client::Error::Failure("negative".into())); }
+///     Ok(())
+/// }
+/// assert!(check(-1).unwrap_err().is_failure());
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Classifies a branch's reply the way DTM does, in this order: 425 or `ONGOING` in the body

@@ -341,8 +341,16 @@ impl Workflow {
         };
         let phase2 = std::mem::take(&mut *list.lock().unwrap_or_else(|e| e.into_inner()));
         for (branch_id, f) in phase2.into_iter().rev() {
-            self.step(&branch_id, op, |p| async move { f(p).await.map(|()| Vec::new()) })
-                .await?;
+            // A second phase must not fail: a FAILURE there is retried (on the next resume),
+            // never recorded as the branch's final word.
+            let run = |p| async move {
+                match f(p).await {
+                    Ok(()) => Ok(Vec::new()),
+                    Err(Error::Failure(m)) => Err(Error::Unknown(format!("{op} answered FAILURE, retried: {m}"))),
+                    Err(e) => Err(e),
+                }
+            };
+            self.step(&branch_id, op, run).await?;
         }
         let mut extra = serde_json::json!({"status": status});
         match &outcome {

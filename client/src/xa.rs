@@ -1,5 +1,14 @@
 //! XA: the application runs a global transaction whose branches are resource managers that
 //! prepare a local database transaction; the coordinator commits or rolls back all of them.
+//!
+//! ```no_run
+//! # async fn run(dtm: kubetx_client::Dtm) -> kubetx_client::Result<()> {
+//! dtm.xa_global_transaction("gid-1", |xa| async move {
+//!     xa.call_branch(&30, "http://bank/api/xa/TransOut").await?;
+//!     Ok(())
+//! }).await?;
+//! # Ok(()) }
+//! ```
 
 use std::future::Future;
 use std::sync::Arc;

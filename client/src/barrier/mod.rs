@@ -153,6 +153,14 @@ impl BranchBarrier {
 }
 
 /// The row one barrier insert writes (DTM's columns, DTM's values).
+///
+/// ```
+/// let row = kubetx_client::barrier::BarrierRow {
+///     trans_type: "saga".into(), gid: "g".into(), branch_id: "01".into(),
+///     op: "action".into(), barrier_id: "01".into(), reason: "compensate".into(),
+/// };
+/// assert_eq!(row.reason, "compensate"); // written by a compensation that came first
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BarrierRow {
     /// Transaction type.

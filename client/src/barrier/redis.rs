@@ -2,6 +2,14 @@
 //! keys and the amount change are atomic.
 //!
 //! Keys are `<gid>-<branch_id>-<op>-<barrier_id>`, as DTM's Redis barrier writes them.
+//!
+//! ```no_run
+//! # async fn run(mut conn: redis::aio::MultiplexedConnection, params: kubetx_client::BranchParams) -> kubetx_client::Result<()> {
+//! use kubetx_client::barrier::BranchBarrier;
+//! // TransOut: take 30 from alice, once, and never after its compensation.
+//! BranchBarrier::from_params(&params)?.redis_check_adjust_amount(&mut conn, "balance:alice", -30, 86_400).await?;
+//! # Ok(()) }
+//! ```
 
 use super::{BranchBarrier, Decision, origin_op};
 use crate::error::{Error, Result};

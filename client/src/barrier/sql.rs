@@ -21,6 +21,15 @@ use super::{BarrierRow, BranchBarrier, Decision, decide, origin_op};
 use crate::error::{Error, Result};
 
 /// A boxed future borrowing the transaction's connection, as barrier business logic returns.
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use kubetx_client::barrier::sql::BoxFuture;
+/// fn busi(tx: &mut sqlx::SqliteConnection) -> BoxFuture<'_, kubetx_client::Result<()>> {
+///     Box::pin(async move { sqlx::query("SELECT 1").execute(&mut *tx).await?; Ok(()) })
+/// }
+/// # }
+/// ```
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A database connection the barrier can write its rows on.

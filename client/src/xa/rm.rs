@@ -9,7 +9,15 @@ use crate::branch::BranchParams;
 use crate::error::{Error, Result};
 use crate::transport::Dtm;
 
-/// A connection that can run one branch of an XA transaction.
+/// A connection that can run one branch of an XA transaction (PostgreSQL and MySQL/MariaDB).
+///
+/// ```no_run
+/// # #[cfg(feature = "mysql")]
+/// # async fn run(conn: &mut sqlx::MySqlConnection) -> kubetx_client::Result<()> {
+/// use kubetx_client::xa::XaConnection;
+/// conn.xa_finish("gid-01", true).await?; // XA COMMIT 'gid-01', a no-op when already done
+/// # Ok(()) }
+/// ```
 pub trait XaConnection: BarrierConnection + Sized {
     /// Starts the local transaction `xid`.
     fn xa_start(&mut self, xid: &str) -> impl Future<Output = Result<()>> + Send;
