@@ -393,3 +393,40 @@ async fn axum_helpers_read_branch_parameters_and_answer_as_dtm_expects() {
         "never rolled back"
     );
 }
+
+/// DTM's options travel with the transaction: the server stores and applies them.
+#[tokio::test]
+async fn options_reach_the_server() {
+    let (server, bank) = (TestServer::start().await, Bank::start().await);
+    let dtm = dtm(&server);
+    transfer(&dtm, "sdk-options", &bank)
+        .timeout_to_fail(120)
+        .retry_interval(15)
+        .request_timeout(7)
+        .retry_limit(2)
+        .wait_result(true)
+        .submit()
+        .await
+        .unwrap();
+    let stored = server.transaction("sdk-options").await.to_string();
+    for expected in [
+        "\"timeout_to_fail\":120",
+        "\"retry_interval\":15",
+        "\"request_timeout\":7",
+        "\"retry_limit\":2",
+    ] {
+        assert!(stored.contains(expected), "{expected} not in {stored}");
+    }
+
+    // Msg: a delay holds delivery back; concurrent is accepted.
+    let mut msg = Msg::new(&dtm, "sdk-msg-delay")
+        .add(&bank.url("TransIn"), &1)
+        .delay(30)
+        .concurrent();
+    msg.submit().await.unwrap();
+    server.wait_parked("sdk-msg-delay").await;
+    assert!(bank.routes("sdk-msg-delay").is_empty(), "delayed");
+    server.advance_and_tick(60).await;
+    assert_eq!(server.state("sdk-msg-delay").await.0, "succeed");
+    assert_eq!(bank.routes("sdk-msg-delay"), ["TransIn"]);
+}
