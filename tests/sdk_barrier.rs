@@ -617,11 +617,14 @@ mod redis_barrier {
     /// A connection to the test Redis (`KUBETX_TEST_REDIS_URL`, its own database number).
     async fn redis() -> Option<redis::aio::MultiplexedConnection> {
         let Some(url) = std::env::var("KUBETX_TEST_REDIS_URL").ok().filter(|u| !u.is_empty()) else {
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: sdk_barrier on redis (set KUBETX_TEST_REDIS_URL to run it)"
-            );
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, Ordering::Relaxed) {
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED: sdk_barrier on redis (set KUBETX_TEST_REDIS_URL to run it)"
+                );
+            }
             return None;
         };
         let client = redis::Client::open(url).expect("redis url");
