@@ -1,72 +1,56 @@
-//! DTM's quick start, on kubetx: an inter-bank transfer as a saga.
+//! DTM's quick start in Rust: an inter-bank transfer written as a *workflow* with the SDK
+//! (`kubetx-client`), each bank operation behind the sub-transaction barrier on a SQLite file.
 //!
-//! Starts kubetx (embedded SQLite in a temporary directory) and a small bank service on
-//! 127.0.0.1, then runs two transfers through the DTM-compatible API:
-//! 1. TransOut then TransIn, both succeed;
-//! 2. TransIn answers FAILURE, so kubetx compensates: TransInRevert, then TransOutRevert.
+//! 1. the workflow moves 30 from A to B: TransOut, then TransIn, both succeed;
+//! 2. the same workflow with TransIn answering FAILURE: the branches' `on_rollback` run in
+//!    reverse, TransInRevert (nothing to undo: the barrier records a null compensation) and
+//!    TransOutRevert (the 30 go back to A).
 //!
-//! Run with `cargo run --example quick_start`.
+//! Run with `cargo run --example quick_start` (kubetx runs in-process on a temporary SQLite
+//! file), or against a running kubetx with `KUBETX_DTM=http://127.0.0.1:36789/api/dtmsvr`.
 
-use std::sync::{Arc, Mutex};
+#[path = "sdk_bank/mod.rs"]
+mod sdk_bank;
+
+use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::routing::post;
 use kubetx::config::Config;
 use kubetx::scheduler::SystemClock;
 use kubetx::server::Server;
-use serde_json::{Value, json};
+use kubetx_client::workflow::post_branch;
+use kubetx_client::{Dtm, WorkflowRegistry};
+use sdk_bank::Bank;
 
-/// The bank's log of what it did, and whether TransIn should refuse.
-#[derive(Default)]
-struct Bank {
-    log: Vec<String>,
-    refuse_trans_in: bool,
+/// DTM's quick-start workflow: each branch registers its rollback, then runs its action.
+fn register_transfer(workflows: &WorkflowRegistry, bank: &Bank) {
+    let bank = bank.clone();
+    workflows.register("quick-start-transfer", move |wf, input| {
+        let bank = bank.clone();
+        async move {
+            let revert = bank.at("TransOutRevert");
+            let body = input.clone();
+            wf.new_branch()?
+                .on_rollback(move |p| async move { post_branch(&p, &revert, &body).await.map(drop) })
+                .post(&bank.at("TransOut"), &input)
+                .await?;
+            let revert = bank.at("TransInRevert");
+            let body = input.clone();
+            wf.new_branch()?
+                .on_rollback(move |p| async move { post_branch(&p, &revert, &body).await.map(drop) })
+                .post(&bank.at("TransIn"), &input)
+                .await?;
+            Ok(b"transferred 30 from A to B".to_vec())
+        }
+    });
 }
 
-type Shared = Arc<Mutex<Bank>>;
-
-async fn branch(
-    State(bank): State<Shared>,
-    Path(name): Path<String>,
-    Query(query): Query<std::collections::HashMap<String, String>>,
-    body: String,
-) -> (StatusCode, &'static str) {
-    let mut bank = bank.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let amount = serde_json::from_str::<Value>(&body)
-        .ok()
-        .and_then(|v| v["amount"].as_i64());
-    let gid = query.get("gid").cloned().unwrap_or_default();
-    if name == "TransIn" && bank.refuse_trans_in {
-        bank.log
-            .push(format!("  [bank] {name:<15} gid={gid}: refused (answering FAILURE)"));
-        return (StatusCode::CONFLICT, "FAILURE");
+/// The coordinator: `KUBETX_DTM`, or kubetx started here on a temporary SQLite file.
+async fn coordinator() -> Result<(String, Option<(Server, tempfile::TempDir)>), Box<dyn std::error::Error>> {
+    if let Ok(url) = std::env::var("KUBETX_DTM") {
+        return Ok((url, None));
     }
-    let what = match name.as_str() {
-        "TransOut" => "took the amount out of account A",
-        "TransOutRevert" => "put the amount back into account A",
-        "TransIn" => "paid the amount into account B",
-        "TransInRevert" => "nothing to undo (TransIn never happened)",
-        _ => "unknown step",
-    };
-    bank.log.push(format!(
-        "  [bank] {name:<15} gid={gid} amount={}: {what}",
-        amount.unwrap_or(0)
-    ));
-    (StatusCode::OK, "SUCCESS")
-}
-
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let bank: Shared = Arc::default();
-    let app = Router::new()
-        .route("/api/{name}", post(branch))
-        .with_state(Arc::clone(&bank));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let bank_url = format!("http://{}/api", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-
     let dir = tempfile::tempdir()?;
     let mut config = Config {
         listen: "127.0.0.1:0".to_owned(),
@@ -74,46 +58,49 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     config.sqlite.path = dir.path().join("kubetx.db").display().to_string();
     let server = Server::start(&config, Arc::new(SystemClock), true).await?;
-    let dtm = server.dtm_url();
-    println!("kubetx is serving the DTM API at {dtm}\n");
+    Ok((server.dtm_url(), Some((server, dir))))
+}
 
-    let http = reqwest::Client::new();
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (dtm_url, server) = coordinator().await?;
+    println!("kubetx is serving the DTM API at {dtm_url}\n");
+    let dtm = Dtm::new(&dtm_url)?;
+    let bank = Bank::start().await?;
+
+    // The workflow service: kubetx calls this route back to resume an unfinished workflow.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let resume = format!("http://{}/workflow/resume", listener.local_addr()?);
+    let workflows = WorkflowRegistry::new(&dtm, &resume)?;
+    register_transfer(&workflows, &bank);
+    let app = Router::new()
+        .route("/workflow/resume", post(kubetx_client::axum::workflow_resume))
+        .with_state(workflows.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
     for (title, refuse) in [
-        ("Transfer 1: both steps succeed", false),
-        ("Transfer 2: TransIn fails, so the saga compensates", true),
+        ("Workflow 1: move 30 from A to B", false),
+        ("Workflow 2: the same, with TransIn answering FAILURE", true),
     ] {
-        bank.lock().unwrap_or_else(|p| p.into_inner()).refuse_trans_in = refuse;
-        let gid: Value = http.get(format!("{dtm}/newGid")).send().await?.json().await?;
-        let gid = gid["gid"].as_str().unwrap_or("quick-start").to_owned();
+        bank.refuse_trans_in(refuse);
+        let gid = dtm.new_gid().await?;
         println!("{title} (gid {gid})");
-        let saga = json!({
-            "gid": gid,
-            "trans_type": "saga",
-            "steps": [
-                {"action": format!("{bank_url}/TransOut"), "compensate": format!("{bank_url}/TransOutRevert")},
-                {"action": format!("{bank_url}/TransIn"), "compensate": format!("{bank_url}/TransInRevert")},
-            ],
-            "payloads": ["{\"amount\":30}", "{\"amount\":30}"],
-            "wait_result": true,
-        });
-        let reply = http.post(format!("{dtm}/submit")).json(&saga).send().await?;
-        let code = reply.status();
-        let body: Value = reply.json().await?;
-        for line in bank.lock().unwrap_or_else(|p| p.into_inner()).log.drain(..) {
+        let outcome = workflows
+            .execute("quick-start-transfer", &gid, br#"{"amount":30}"#)
+            .await;
+        for line in bank.take_log() {
             println!("{line}");
         }
-        let query: Value = http.get(format!("{dtm}/query?gid={gid}")).send().await?.json().await?;
-        let status = query["transaction"]["status"].as_str().unwrap_or("unknown");
-        println!("  submit answered {code}: {body}");
-        match status {
-            "succeed" => println!("  => the transfer succeeded: 30 moved from A to B.\n"),
-            "failed" => println!(
-                "  => the transfer failed and was rolled back: TransOutRevert returned the 30 to A.\n     reason: {}\n",
-                query["transaction"]["rollback_reason"].as_str().unwrap_or("")
-            ),
-            other => println!("  => the transfer is {other}\n"),
+        let (a, b) = bank.balances().await?;
+        match outcome {
+            Ok(result) => println!("  => succeeded: {}", String::from_utf8_lossy(&result)),
+            Err(e) => println!("  => rolled back: {e}"),
         }
+        let status = dtm.query_global(&gid).await?.map(|t| t.status).unwrap_or_default();
+        println!("  kubetx says the workflow {status}; balances A={a} B={b}\n");
     }
-    server.stop().await?;
+    if let Some((server, _dir)) = server {
+        server.stop().await?;
+    }
     Ok(())
 }

@@ -2162,6 +2162,10 @@ fn dockerfile_builds_the_static_binary_into_a_non_root_distroless_image() {
     if root().join("build.rs").exists() {
         needed.push("build.rs".to_owned());
     }
+    // The workspace's other member: cargo reads its manifest to build kubetx.
+    if root().join("client/Cargo.toml").exists() {
+        needed.push("client/Cargo.toml".to_owned());
+    }
     // Whatever the sources embed at compile time (migrations, ...).
     let mut sources = vec![root().join("src")];
     while let Some(path) = sources.pop() {
