@@ -76,6 +76,9 @@ impl Default for SqliteConfig {
 pub struct Config {
     /// Address of the DTM-compatible HTTP API.
     pub listen: String,
+    /// Address of DTM's gRPC API (`dtmgimp.Dtm`); empty turns it off. Same TLS and tokens as
+    /// the HTTP API.
+    pub grpc_listen: String,
     /// Where transactions live: empty for the SQLite file of `sqlite.path`; `postgres://...` or
     /// `mysql://...` for a database several replicas share; `sqlite://path` or a path for SQLite.
     pub store: String,
@@ -164,6 +167,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:36789".to_owned(),
+            grpc_listen: "127.0.0.1:36790".to_owned(),
             store: String::new(),
             skip_migrations: false,
             store_max_connections: 16,

@@ -35,7 +35,7 @@ impl Kubetx {
         let addr = free_addr();
         let stderr = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_kubetx"))
-            .args(["serve", "--listen", &addr.to_string(), "--db"])
+            .args(["serve", "--grpc-listen=", "--listen", &addr.to_string(), "--db"])
             .arg(db)
             .args([
                 "--lease",

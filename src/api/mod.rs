@@ -1,7 +1,9 @@
-//! The DTM-compatible HTTP API (`/api/dtmsvr/...`), plus `/api/ping` and `/api/metrics`.
+//! The DTM-compatible HTTP API (`/api/dtmsvr/...`), plus `/api/ping` and `/api/metrics`, and
+//! DTM's gRPC API ([`grpc`]) over the same handlers.
 
 mod admin;
 pub mod auth;
+pub mod grpc;
 mod trans;
 mod wire;
 
@@ -122,6 +124,16 @@ pub struct AppState {
     topic_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
+impl AppState {
+    /// State over `coordinator`, shared by the routes (and RPCs) built from it.
+    fn new(coordinator: Arc<Coordinator>) -> Self {
+        AppState {
+            coordinator,
+            topic_writes: Arc::default(),
+        }
+    }
+}
+
 /// A JSON body parsed with precise errors: 413 over the limit, 400 for non-UTF-8 or bad JSON.
 pub struct JsonBody<T>(pub T);
 
@@ -149,10 +161,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 
 /// Builds the router.
 pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
-    let state = AppState {
-        coordinator,
-        topic_writes: Arc::default(),
-    };
+    let state = AppState::new(coordinator);
     let dtm = Router::new()
         .route("/version", get(admin::version))
         .route("/newGid", get(admin::new_gid))

@@ -1,6 +1,7 @@
 //! Routes that create and move transactions: prepare, submit, abort, forceStop,
 //! registerBranch, prepareWorkflow. Idempotency follows DTM (§4.6 of the protocol notes).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -466,8 +467,18 @@ pub(super) async fn register_branch(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Map<String, Value>>,
 ) -> ApiResult {
-    let coordinator = &state.coordinator;
     let fields = branch_request(body)?;
+    let data = fields.get("data").cloned().unwrap_or_default().into_bytes();
+    register(&state.coordinator, &fields, data).await
+}
+
+/// Registers branches from the string `fields` of a registerBranch request and the branch
+/// payload `data` (the HTTP body's `data`, gRPC's `BusiPayload`): both front doors end here.
+pub(super) async fn register(
+    coordinator: &Arc<Coordinator>,
+    fields: &BTreeMap<String, String>,
+    data: Vec<u8>,
+) -> ApiResult {
     let field = |key: &str| fields.get(key).map(String::as_str).unwrap_or_default();
     let gid = field("gid");
     wire::check_gid(gid)?;
@@ -476,7 +487,7 @@ pub(super) async fn register_branch(
         return Err(ApiError::BadRequest("branch_id is required".to_owned()));
     }
     let now = coordinator.now();
-    let data = field("data").as_bytes();
+    let data = data.as_slice();
     let trans_type = wire::parse_trans_type(field("trans_type"))?;
     let rows = match trans_type {
         TransType::Tcc => {
@@ -539,7 +550,19 @@ pub(super) async fn prepare_workflow(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<TransRequest>,
 ) -> ApiResult {
-    let coordinator = &state.coordinator;
+    let (global, progresses) = workflow_progress(&state.coordinator, &req).await?;
+    Ok(Json(json!({
+        "transaction": wire::global_json(&global),
+        "progresses": progresses.iter().map(wire::branch_json).collect::<Vec<_>>(),
+    })))
+}
+
+/// The workflow of a prepareWorkflow request, created if new, with its recorded progress: both
+/// front doors end here.
+pub(super) async fn workflow_progress(
+    coordinator: &Arc<Coordinator>,
+    req: &TransRequest,
+) -> Result<(GlobalTrans, Vec<Branch>), ApiError> {
     let gid = req.gid()?;
     if !req.trans_type.is_empty() && req.trans_type()? != TransType::Workflow {
         return Err(ApiError::BadRequest(
@@ -555,13 +578,10 @@ pub(super) async fn prepare_workflow(
                 )));
             }
             let progresses = coordinator.store().branches(gid).await?;
-            return Ok(Json(json!({
-                "transaction": wire::global_json(&existing),
-                "progresses": progresses.iter().map(wire::branch_json).collect::<Vec<_>>(),
-            })));
+            return Ok((existing, progresses));
         }
         let now = coordinator.now();
-        let global = new_global(coordinator, &req, TransType::Workflow, TransStatus::Prepared, now)?;
+        let global = new_global(coordinator, req, TransType::Workflow, TransStatus::Prepared, now)?;
         coordinator.store().create(&global, &[]).await?;
     }
     Err(ApiError::Failure(format!(
