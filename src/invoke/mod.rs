@@ -188,6 +188,16 @@ impl Invoker {
         &self.policy
     }
 
+    /// Checks a branch address against the policy before any call: an http(s) URL, or a gRPC
+    /// target. The reason says why it is refused.
+    pub fn check_address(&self, address: &str) -> Result<(), String> {
+        if !GrpcTarget::is_grpc(address) {
+            return self.policy.check(address).map(drop).map_err(|r| r.to_string());
+        }
+        let url = GrpcTarget::parse(address).and_then(|target| target.policy_url())?;
+        self.policy.check_url(&url).map_err(|r| r.to_string())
+    }
+
     /// POSTs a JSON body (the alert webhook) under the same policy; the error is redacted.
     pub async fn post_json(&self, url: &str, body: &serde_json::Value, timeout: Duration) -> Result<(), String> {
         let url = self
