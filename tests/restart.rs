@@ -3,6 +3,7 @@
 //! SIGTERM drains the passes in flight, exits 0 and leaves no lease held.
 
 mod common;
+mod grpc_bank;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -30,12 +31,25 @@ struct Kubetx {
 
 impl Kubetx {
     async fn start(db: &Path, log: PathBuf) -> Self {
+        Self::start_with_grpc(db, log, None).await
+    }
+
+    /// Like `start`, serving the gRPC API on `grpc` too.
+    async fn start_with_grpc(db: &Path, log: PathBuf, grpc: Option<SocketAddr>) -> Self {
         // reqwest is built without a default TLS provider.
         kubetx::invoke::install_crypto_provider();
         let addr = free_addr();
         let stderr = std::fs::File::create(&log).expect("log file");
+        let grpc_listen = grpc.map(|a| a.to_string()).unwrap_or_default();
         let child = Command::new(env!("CARGO_BIN_EXE_kubetx"))
-            .args(["serve", "--grpc-listen=", "--listen", &addr.to_string(), "--db"])
+            .args([
+                "serve",
+                "--grpc-listen",
+                &grpc_listen,
+                "--listen",
+                &addr.to_string(),
+                "--db",
+            ])
             .arg(db)
             .args([
                 "--lease",
@@ -444,4 +458,73 @@ async fn sigterm_drains_passes_in_flight_exits_0_and_a_restart_completes() {
     let repeated = assert_effects(&second, &bank, sagas, tccs).await;
     assert_eq!(repeated, 0, "a drained process leaves nothing to redo");
     eprintln!("{finished} finished during the drain, {parked} parked and finished after the restart");
+}
+
+/// The crash test with gRPC branches, submitted through the gRPC API: every saga's TransIn is
+/// mid-call on a real tonic bank when the process is SIGKILLed; a new process on the same
+/// database (and gRPC port) finishes every one, without a compensation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_flight_with_grpc_branches_then_a_new_process_finishes_everything() {
+    use grpc_bank::{GReply, GrpcBank, busi};
+    use kubetx::proto::dtmgimp::DtmRequest;
+    use kubetx::proto::dtmgimp::dtm_client::DtmClient;
+    const N: usize = 12;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("kubetx.db");
+    let bank = GrpcBank::start().await;
+    let mut transin = vec![GReply::Slow(800); N];
+    transin.extend([GReply::Unavailable; 4]);
+    transin.extend([GReply::Ongoing; 2]);
+    bank.script("TransIn", &transin);
+    let grpc = free_addr();
+    let first = Kubetx::start_with_grpc(&db, dir.path().join("first.log"), Some(grpc)).await;
+    let mut dtm = DtmClient::connect(format!("http://{grpc}")).await.expect("gRPC API");
+    let gids: Vec<String> = (0..N).map(|i| format!("crash-grpc-{i:02}")).collect();
+    for gid in &gids {
+        let steps = json!([
+            {"action": bank.target("TransOut"), "compensate": bank.target("TransOutRevert")},
+            {"action": bank.target("TransIn"), "compensate": bank.target("TransInRevert")},
+        ]);
+        dtm.submit(DtmRequest {
+            gid: gid.clone(),
+            trans_type: "saga".to_owned(),
+            steps: steps.to_string(),
+            bin_payloads: vec![busi(30), busi(30)],
+            ..DtmRequest::default()
+        })
+        .await
+        .expect("Submit over gRPC");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bank.calls().iter().filter(|c| c.method == "TransIn").count() < N {
+        assert!(Instant::now() < deadline, "the TransIn calls never all arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill();
+    let crashed = read_db(&db).await;
+    assert_eq!(crashed.len(), N, "every acknowledged transaction is stored");
+    let unfinished = crashed.iter().filter(|(g, _)| !g.status.is_finished()).count();
+    assert!(unfinished >= N / 2, "the kill came while they were in flight");
+    assert!(crashed.iter().all(|(g, _)| g.protocol == "grpc"));
+
+    let second = Kubetx::start_with_grpc(&db, dir.path().join("second.log"), Some(grpc)).await;
+    wait_all_succeed(&second, N).await;
+    for gid in &gids {
+        let body = second.get(&format!("query?gid={gid}")).await;
+        assert_eq!(body["transaction"]["protocol"], "grpc", "{body}");
+        for branch in body["branches"].as_array().expect("branches") {
+            let want = if branch["op"] == "action" {
+                "succeed"
+            } else {
+                "prepared"
+            };
+            assert_eq!(branch["status"], want, "{gid}: {branch}");
+        }
+    }
+    assert!(
+        !bank.calls().iter().any(|c| c.op == "compensate"),
+        "no compensation ran for a saga that succeeded"
+    );
+    let log = second.log_text();
+    assert!(!log.contains("panicked"), "{log}");
 }
