@@ -535,6 +535,35 @@ async fn outbound_policy_applies_to_grpc_targets_on_the_address_dialed() {
     assert!(bank.calls().is_empty(), "no call reached the bank");
 }
 
+#[tokio::test]
+async fn grpcs_branches_use_the_branch_ca_and_an_untrusted_server_is_an_unknown_outcome() {
+    let fixture = |name: &str| format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"));
+    let bank = GrpcBank::start_tls().await;
+    let trusting = TestServer::start_with(|c| c.branch_ca_file = fixture("ca.pem")).await;
+    let untrusting = TestServer::start_with(|c| c.request_timeout = 1).await;
+    let tls_saga = |gid: &str| {
+        let mut saga = transfer_saga(gid, &bank, DtmTransOptions::default());
+        let target = |m: &str| format!("grpcs://localhost:{}/busi.Busi/{m}", bank.addr.port());
+        saga.steps = json!([{"action": target("TransOut"), "compensate": target("TransOutRevert")}]).to_string();
+        saga.bin_payloads.truncate(1);
+        saga
+    };
+    client(&trusting).await.submit(tls_saga("g-tls")).await.expect("Submit");
+    assert_eq!(trusting.wait_status("g-tls", S).await, state(S, &[P, S]));
+    assert_eq!(bank.methods("g-tls"), ["TransOut"]);
+    client(&untrusting)
+        .await
+        .submit(tls_saga("g-untrusted"))
+        .await
+        .expect("Submit");
+    let parked = untrusting.wait_parked("g-untrusted").await;
+    assert_eq!(parked["status"], "submitted", "{parked}");
+    assert!(
+        bank.methods("g-untrusted").is_empty(),
+        "no call without a trusted handshake"
+    );
+}
+
 // ----- Byte-level fixtures: the exact messages DTM's Go client (dtmgrpc) sends. -----
 
 /// Protobuf wire encoding by hand, so that the fixtures do not depend on the generated code.

@@ -79,18 +79,30 @@ struct State {
 /// The bank; `kill` and `restart` model a crash and a restart on the same port.
 pub struct GrpcBank {
     pub addr: SocketAddr,
+    /// Serves TLS with the test server certificate (tests/fixtures/tls).
+    tls: bool,
     state: Arc<Mutex<State>>,
     stop: Arc<Mutex<Option<std::sync::mpsc::Sender<()>>>>,
 }
 
 impl GrpcBank {
     pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// A bank that speaks TLS only, with `tests/fixtures/tls/server.pem` (localhost, 127.0.0.1).
+    pub async fn start_tls() -> Self {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> Self {
         let state = Arc::default();
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port");
         let bank = GrpcBank {
             addr,
+            tls,
             state,
             stop: Arc::default(),
         };
@@ -108,6 +120,15 @@ impl GrpcBank {
             state: Arc::clone(&self.state),
             die: stop,
         };
+        let tls = self.tls.then(|| {
+            let fixture = |name: &str| {
+                std::fs::read(format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
+            };
+            tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+                fixture("server.pem"),
+                fixture("server.key"),
+            ))
+        });
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -118,7 +139,11 @@ impl GrpcBank {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 let incoming = tonic::transport::server::TcpIncoming::from(listener);
                 let workflow = WorkflowServer::new(service.clone());
-                let _ = tonic::transport::Server::builder()
+                let mut builder = tonic::transport::Server::builder();
+                if let Some(tls) = tls {
+                    builder = builder.tls_config(tls).expect("TLS config");
+                }
+                let _ = builder
                     .add_service(service)
                     .add_service(workflow)
                     .serve_with_incoming(incoming)
