@@ -126,8 +126,9 @@ impl Server {
             None => SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         let ready_store = Arc::clone(coordinator.store());
-        let router = api::router(
-            Arc::clone(&coordinator),
+        let api_state = api::AppState::new(Arc::clone(&coordinator));
+        let router = api::router_with(
+            api_state.clone(),
             &ApiConfig {
                 max_body_bytes: config.max_body_bytes,
                 timeout: Duration::from_secs(config.http_timeout),
@@ -152,7 +153,7 @@ impl Server {
         let (grpc_addr, grpc) = match config.grpc_listen.is_empty() {
             true => (None, None),
             false => {
-                let (addr, task) = serve_grpc(config, Arc::clone(&coordinator), shutdown.clone()).await?;
+                let (addr, task) = serve_grpc(config, api_state, shutdown.clone()).await?;
                 (Some(addr), Some(task))
             }
         };
@@ -224,7 +225,7 @@ impl Server {
 /// tokens, request size, timeout, concurrency bound and TLS files as the HTTP API.
 async fn serve_grpc(
     config: &Config,
-    coordinator: Arc<Coordinator>,
+    state: api::AppState,
     stop: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<Result<(), tonic::transport::Error>>), ServeError> {
     let listener = TcpListener::bind(&config.grpc_listen)
@@ -242,7 +243,7 @@ async fn serve_grpc(
             .tls_config(grpc_tls(config)?)
             .map_err(|e| ServeError::Grpc(e.to_string()))?;
     }
-    let service = api::grpc::service(coordinator, config.tokens()?, config.max_body_bytes);
+    let service = api::grpc::service(state, config.tokens()?, config.max_body_bytes);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let router = builder.add_service(service);
     let task = tokio::spawn(async move {

@@ -4,7 +4,6 @@
 //! encoding and the status codes differ. Transactions created here record `protocol: grpc`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -17,7 +16,6 @@ use crate::proto::dtmgimp::dtm_server::{Dtm, DtmServer};
 use crate::proto::dtmgimp::{
     DtmBranchRequest, DtmGidReply, DtmProgress, DtmProgressesReply, DtmRequest, DtmTopicRequest, DtmTransaction,
 };
-use crate::scheduler::Coordinator;
 
 /// DTM's status codes: FAILURE is `Aborted`, ONGOING is `FailedPrecondition` (what DTM's SDKs
 /// read); the other errors get the nearest gRPC code.
@@ -44,13 +42,11 @@ pub struct DtmService {
 /// The service, behind the bearer-token check of the HTTP API (`authorization` metadata) and
 /// the request size limit.
 pub fn service(
-    coordinator: Arc<Coordinator>,
+    state: AppState,
     tokens: Tokens,
     max_message_bytes: usize,
 ) -> tonic::service::interceptor::InterceptedService<DtmServer<DtmService>, impl tonic::service::Interceptor + Clone> {
-    let service = DtmService {
-        state: AppState::new(coordinator),
-    };
+    let service = DtmService { state };
     let check = move |request: Request<()>| -> Result<Request<()>, Status> {
         if tokens.is_empty() || bearer(&request).is_some_and(|token| tokens.accepts(token)) {
             Ok(request)

@@ -115,7 +115,7 @@ pub struct ApiConfig {
     pub tokens: auth::Tokens,
 }
 
-/// Shared state of the handlers.
+/// Shared state of the handlers, one per process: the HTTP routes and the gRPC service share it.
 #[derive(Clone)]
 pub struct AppState {
     coordinator: Arc<Coordinator>,
@@ -126,7 +126,7 @@ pub struct AppState {
 
 impl AppState {
     /// State over `coordinator`, shared by the routes (and RPCs) built from it.
-    fn new(coordinator: Arc<Coordinator>) -> Self {
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
         AppState {
             coordinator,
             topic_writes: Arc::default(),
@@ -161,7 +161,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 
 /// Builds the router.
 pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
-    let state = AppState::new(coordinator);
+    router_with(AppState::new(coordinator), config)
+}
+
+/// Builds the router over `state` (shared with the gRPC service).
+pub fn router_with(state: AppState, config: &ApiConfig) -> Router {
     let dtm = Router::new()
         .route("/version", get(admin::version))
         .route("/newGid", get(admin::new_gid))
