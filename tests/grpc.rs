@@ -261,6 +261,12 @@ async fn grpc_xa_commits_registered_branches() {
             ("02".to_owned(), "commit".to_owned())
         ]
     );
+    // DTM's XA resource managers read their phase-2 address from the metadata.
+    let phase2 = bank.calls_for("g-xa")[0].metadata.get("dtm-phase2_url").cloned();
+    assert_eq!(
+        phase2.and_then(|v| v.to_str().ok().map(str::to_owned)),
+        Some(bank.target("XaNotify"))
+    );
 }
 
 #[tokio::test]

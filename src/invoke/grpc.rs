@@ -241,11 +241,11 @@ fn request(call: &GrpcCall<'_>) -> Result<tonic::Request<Vec<u8>>, String> {
         ("dtm-op", call.op),
         ("dtm-dtm", ""),
     ];
+    // DTM's XA resource managers read their phase-2 address from `dtm-phase2_url`.
+    let phase2 = (call.trans_type == "xa").then_some(("dtm-phase2_url", call.address));
+    let headers = call.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     let metadata = request.metadata_mut();
-    for (name, value) in fixed
-        .into_iter()
-        .chain(call.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-    {
+    for (name, value) in fixed.into_iter().chain(phase2).chain(headers) {
         let key = MetadataKey::from_bytes(name.as_bytes()).map_err(|_| format!("invalid metadata name {name:?}"))?;
         let value: MetadataValue<_> = value
             .parse()
