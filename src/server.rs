@@ -235,9 +235,13 @@ async fn serve_grpc(
             source,
         })?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
+    // One bound for the whole listener, as the HTTP API has: a client opening many connections
+    // gets no more requests in flight than one.
     let mut builder = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(config.http_timeout))
-        .concurrency_limit_per_connection(config.max_concurrent_requests.max(1));
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            config.max_concurrent_requests.max(1),
+        ));
     if !config.tls_cert_file.is_empty() {
         builder = builder
             .tls_config(grpc_tls(config)?)
