@@ -421,6 +421,21 @@ async fn grpc_errors_use_dtm_status_codes() {
     discovery.steps =
         json!([{"action": "etcd://127.0.0.1:2379/busi/busi.Busi/TransOut", "compensate": ""}]).to_string();
     cases.push((discovery, Code::InvalidArgument, "service discovery is not supported"));
+    // What every call would carry as metadata must be sendable, or every call would fail.
+    cases.push((
+        transfer_saga("g-é", &bank, DtmTransOptions::default()),
+        Code::InvalidArgument,
+        "cannot be sent as gRPC metadata",
+    ));
+    let binary_header = DtmTransOptions {
+        branch_headers: HashMap::from([("x-trace-bin".to_owned(), "abc".to_owned())]),
+        ..DtmTransOptions::default()
+    };
+    cases.push((
+        transfer_saga("g-bin", &bank, binary_header),
+        Code::InvalidArgument,
+        "cannot be sent as gRPC metadata",
+    ));
     for (request, code, text) in cases {
         let error = dtm.submit(request).await.expect_err("refused");
         assert_eq!(error.code(), code, "{error:?}");

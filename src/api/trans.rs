@@ -11,6 +11,7 @@ use serde_json::{Map, Value, json};
 use super::wire::{self, TransRequest, branch_request, check_url};
 use super::{ApiError, ApiResult, AppState, JsonBody, success};
 use crate::engine::{self, MsgTarget, SagaOrders, SagaStep, WorkflowCustom};
+use crate::invoke::grpc::{self, GrpcTarget};
 use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, TransType, after_seconds};
 use crate::scheduler::{Coordinator, PassReport};
 use crate::store::{AddBranches, StatusChange, StoreError};
@@ -493,10 +494,19 @@ pub(super) async fn register(
         TransType::Tcc => {
             check_url(coordinator.policy(), "confirm", field("confirm"))?;
             check_url(coordinator.policy(), "cancel", field("cancel"))?;
+            if [field("confirm"), field("cancel")]
+                .iter()
+                .any(|t| GrpcTarget::is_grpc(t))
+            {
+                grpc_ids(gid, branch_id)?;
+            }
             engine::tcc_branches(gid, branch_id, field("confirm"), field("cancel"), data, now)
         }
         TransType::Xa => {
             check_url(coordinator.policy(), "url", field("url"))?;
+            if GrpcTarget::is_grpc(field("url")) {
+                grpc_ids(gid, branch_id)?;
+            }
             engine::xa_branches(gid, branch_id, field("url"), data, now)
         }
         TransType::Workflow => {
@@ -599,6 +609,9 @@ fn new_global(
 ) -> Result<GlobalTrans, ApiError> {
     req.check_protocol()?;
     let custom_data = req.custom_data();
+    if req.protocol == "grpc" {
+        check_grpc_metadata(req, trans_type, &custom_data)?;
+    }
     match trans_type {
         TransType::Saga => {
             SagaOrders::parse(&custom_data)
@@ -659,6 +672,31 @@ fn new_global(
         timeout => after_seconds(now, timeout),
     };
     Ok(global)
+}
+
+/// What a gRPC transaction sends as metadata on every call (gid, workflow name as `dtm-op`,
+/// `branch_headers`) must be sendable, or every call would fail forever.
+fn check_grpc_metadata(req: &TransRequest, trans_type: TransType, custom_data: &str) -> Result<(), ApiError> {
+    let name = match trans_type {
+        TransType::Workflow => WorkflowCustom::parse(custom_data).unwrap_or_default().name,
+        _ => String::new(),
+    };
+    let headers = req
+        .branch_headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_deref().unwrap_or_default()));
+    grpc::check_metadata(
+        [("dtm-gid", req.gid.as_str()), ("dtm-op", name.as_str())]
+            .into_iter()
+            .chain(headers),
+    )
+    .map_err(|reason| ApiError::BadRequest(format!("protocol grpc: {reason}")))
+}
+
+/// The gid and branch id of a branch called over gRPC, as metadata.
+fn grpc_ids(gid: &str, branch_id: &str) -> Result<(), ApiError> {
+    grpc::check_metadata([("dtm-gid", gid), ("dtm-branch_id", branch_id)])
+        .map_err(|reason| ApiError::BadRequest(format!("gRPC branch: {reason}")))
 }
 
 /// The branch rows a saga or msg creates; none for the other modes.

@@ -230,6 +230,24 @@ impl GrpcInvoker {
     }
 }
 
+/// Checks that every pair can travel as gRPC ASCII metadata (a visible-ASCII value, a lowercase
+/// name that does not end in `-bin`); a pair that cannot would fail every call of a branch, so
+/// it is refused before the transaction exists. The error names the pair, never its value.
+pub fn check_metadata<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<(), String> {
+    for (name, value) in pairs {
+        MetadataKey::<tonic::metadata::Ascii>::from_bytes(name.as_bytes())
+            .map_err(|_| format!("{name:?} cannot be sent as gRPC metadata"))?;
+        // The gRPC spec's ASCII-Value (tonic alone would also pass bytes above 0x7f, which
+        // other implementations refuse).
+        if !value.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+            return Err(format!(
+                "the value of {name:?} cannot be sent as gRPC metadata (printable ASCII only)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The request: the payload and DTM's metadata, then `branch_headers`.
 fn request(call: &GrpcCall<'_>) -> Result<tonic::Request<Vec<u8>>, String> {
     let mut request = tonic::Request::new(call.body.to_vec());
@@ -246,6 +264,7 @@ fn request(call: &GrpcCall<'_>) -> Result<tonic::Request<Vec<u8>>, String> {
     let headers = call.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     let metadata = request.metadata_mut();
     for (name, value) in fixed.into_iter().chain(phase2).chain(headers) {
+        check_metadata([(name, value)])?;
         let key = MetadataKey::from_bytes(name.as_bytes()).map_err(|_| format!("invalid metadata name {name:?}"))?;
         let value: MetadataValue<_> = value
             .parse()
@@ -421,6 +440,14 @@ mod tests {
                 .contains("service discovery is not supported")
         );
         assert!(GrpcTarget::is_grpc("localhost:1/S/M") && !GrpcTarget::is_grpc("HTTP://x/"));
+    }
+
+    #[test]
+    fn metadata_that_grpc_cannot_carry_is_refused() {
+        assert!(check_metadata([("dtm-gid", "g-1"), ("x-tenant", "t1")]).is_ok());
+        assert!(check_metadata([("dtm-gid", "gid-é")]).is_err());
+        assert!(check_metadata([("x-trace-bin", "abc")]).is_err());
+        assert!(check_metadata([("bad name", "v")]).is_err());
     }
 
     #[test]
