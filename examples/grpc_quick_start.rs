@@ -5,7 +5,7 @@
 //! with a client generated from the same `dtmgimp` proto DTM's SDKs use:
 //! 1. TransOut then TransIn, both succeed;
 //! 2. TransIn answers `Aborted` (DTM's FAILURE), so kubetx compensates over gRPC;
-//! 3. times a run of sequential `wait_result` sagas.
+//! 3. times a run of sequential `wait_result` sagas, through the gRPC API and the HTTP API.
 //!
 //! Run with `cargo run --example grpc_quick_start`.
 
@@ -224,6 +224,38 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let elapsed = started.elapsed();
     println!(
         "3. {runs} sequential wait_result sagas over gRPC (2 gRPC branch calls each): {:.1} ms each, {:.0} per second",
+        elapsed.as_secs_f64() * 1000.0 / f64::from(runs),
+        f64::from(runs) / elapsed.as_secs_f64()
+    );
+    // The same sagas through the HTTP API, for comparison: same store, same gRPC branches.
+    let http = reqwest::Client::new();
+    let payload = String::from_utf8(prost::Message::encode_to_vec(&BusiReq {
+        amount: 1,
+        user_id: "alice".to_owned(),
+    }))?;
+    let target = |method: &str| format!("{bank_addr}/busi.Busi/{method}");
+    let started = Instant::now();
+    for i in 0..runs {
+        let body = json!({
+            "gid": format!("timed-http-{i}"), "trans_type": "saga", "protocol": "grpc", "wait_result": true,
+            "steps": [
+                {"action": target("TransOut"), "compensate": target("TransOutRevert")},
+                {"action": target("TransIn"), "compensate": target("TransInRevert")},
+            ],
+            "payloads": [payload, payload],
+        });
+        let response = http
+            .post(format!("{}/submit", server.dtm_url()))
+            .json(&body)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            return Err(format!("HTTP submit answered {}", response.status()).into());
+        }
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "   the same through the HTTP API: {:.1} ms each, {:.0} per second",
         elapsed.as_secs_f64() * 1000.0 / f64::from(runs),
         f64::from(runs) / elapsed.as_secs_f64()
     );
