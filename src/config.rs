@@ -76,8 +76,8 @@ impl Default for SqliteConfig {
 pub struct Config {
     /// Address of the DTM-compatible HTTP API.
     pub listen: String,
-    /// Address of DTM's gRPC API (`dtmgimp.Dtm`); empty turns it off. Same TLS and tokens as
-    /// the HTTP API.
+    /// Address of DTM's gRPC API (`dtmgimp.Dtm`); empty turns it off, and so does an empty
+    /// `listen` (the operator without its DTM API). Same TLS and tokens as the HTTP API.
     pub grpc_listen: String,
     /// Where transactions live: empty for the SQLite file of `sqlite.path`; `postgres://...` or
     /// `mysql://...` for a database several replicas share; `sqlite://path` or a path for SQLite.

@@ -150,7 +150,8 @@ impl Server {
             Some(listener) => serve_http(listener, tls.clone(), router, shutdown.clone()).map_err(ServeError::Http)?,
             None => tokio::spawn(async { Ok(()) }),
         };
-        let (grpc_addr, grpc) = match config.grpc_listen.is_empty() {
+        // An empty `listen` turns the whole DTM API off (the operator without it), gRPC included.
+        let (grpc_addr, grpc) = match config.grpc_listen.is_empty() || config.listen.is_empty() {
             true => (None, None),
             false => {
                 let (addr, task) = serve_grpc(config, api_state, shutdown.clone()).await?;

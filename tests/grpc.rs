@@ -822,3 +822,23 @@ async fn fixture_workflow_prepare_and_abort_decode_to_the_http_transactions() {
     assert_eq!(aborted, decided(&server, "fx-abort-http").await);
     assert_eq!(aborted["rollback_reason"], "client gave up");
 }
+
+#[tokio::test]
+async fn an_empty_listen_turns_the_grpc_api_off_too() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = kubetx::config::Config {
+        listen: String::new(),
+        grpc_listen: "127.0.0.1:0".to_owned(),
+        ..kubetx::config::Config::default()
+    };
+    config.sqlite.path = dir.path().join("kubetx.db").display().to_string();
+    let clock = std::sync::Arc::new(kubetx::scheduler::SystemClock);
+    let server = kubetx::server::Server::start(&config, clock, false)
+        .await
+        .expect("starts");
+    assert_eq!(
+        server.grpc_addr, None,
+        "the operator without its DTM API serves no gRPC either"
+    );
+    server.stop().await.expect("stops");
+}
