@@ -532,6 +532,39 @@ async fn grpc_api_over_tls_with_the_http_api_certificate() {
 }
 
 #[tokio::test]
+async fn grpc_api_with_client_certificates_requires_one() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let fixture = |name: &str| format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"));
+    let read = |name: &str| std::fs::read(fixture(name)).expect("fixture");
+    let server = TestServer::start_with(|c| {
+        c.tls_cert_file = fixture("server.pem");
+        c.tls_key_file = fixture("server.key");
+        c.tls_client_ca_file = fixture("client-ca.pem");
+    })
+    .await;
+    let addr = server.server.grpc_addr.expect("on");
+    let connect = |identity: Option<Identity>| {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.pem")));
+        if let Some(identity) = identity {
+            tls = tls.identity(identity);
+        }
+        let endpoint = Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
+            .expect("uri")
+            .tls_config(tls)
+            .expect("tls");
+        async move {
+            match endpoint.connect().await {
+                Ok(channel) => DtmClient::new(channel).new_gid(()).await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    };
+    assert!(!connect(None).await, "a client without a certificate is refused");
+    let identity = Identity::from_pem(read("client.pem"), read("client.key"));
+    assert!(connect(Some(identity)).await, "a client with one is served");
+}
+
+#[tokio::test]
 async fn outbound_policy_applies_to_grpc_targets_on_the_address_dialed() {
     // Only the name `localhost` is allowed, no address range: a literal 127.0.0.1 is refused at
     // submit, and `localhost` is refused when it resolves to a loopback address.
@@ -583,6 +616,44 @@ async fn grpcs_branches_use_the_branch_ca_and_an_untrusted_server_is_an_unknown_
         bank.methods("g-untrusted").is_empty(),
         "no call without a trusted handshake"
     );
+}
+
+#[tokio::test]
+async fn grpcs_branches_present_the_branch_client_certificate() {
+    let fixture = |name: &str| format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"));
+    let bank = GrpcBank::start_mtls().await;
+    let with_identity = TestServer::start_with(|c| {
+        c.branch_ca_file = fixture("ca.pem");
+        c.branch_client_cert_file = fixture("client.pem");
+        c.branch_client_key_file = fixture("client.key");
+    })
+    .await;
+    let anonymous = TestServer::start_with(|c| {
+        c.branch_ca_file = fixture("ca.pem");
+        c.request_timeout = 1;
+    })
+    .await;
+    let saga = |gid: &str| {
+        let mut saga = transfer_saga(gid, &bank, DtmTransOptions::default());
+        let target = format!("grpcs://localhost:{}/busi.Busi/TransOut", bank.addr.port());
+        saga.steps = json!([{"action": target, "compensate": ""}]).to_string();
+        saga.bin_payloads.truncate(1);
+        saga
+    };
+    client(&with_identity)
+        .await
+        .submit(saga("g-mtls"))
+        .await
+        .expect("Submit");
+    assert_eq!(with_identity.wait_status("g-mtls", S).await.0, S);
+    client(&anonymous)
+        .await
+        .submit(saga("g-anonymous"))
+        .await
+        .expect("Submit");
+    assert_eq!(anonymous.wait_parked("g-anonymous").await["status"], "submitted");
+    assert_eq!(bank.methods("g-mtls"), ["TransOut"]);
+    assert!(bank.methods("g-anonymous").is_empty(), "refused at the handshake");
 }
 
 // ----- Byte-level fixtures: the exact messages DTM's Go client (dtmgrpc) sends. -----

@@ -81,21 +81,28 @@ pub struct GrpcBank {
     pub addr: SocketAddr,
     /// Serves TLS with the test server certificate (tests/fixtures/tls).
     tls: bool,
+    /// With TLS, requires a client certificate signed by `client-ca.pem`.
+    mtls: bool,
     state: Arc<Mutex<State>>,
     stop: Arc<Mutex<Option<std::sync::mpsc::Sender<()>>>>,
 }
 
 impl GrpcBank {
     pub async fn start() -> Self {
-        Self::start_with(false).await
+        Self::start_with(false, false).await
     }
 
     /// A bank that speaks TLS only, with `tests/fixtures/tls/server.pem` (localhost, 127.0.0.1).
     pub async fn start_tls() -> Self {
-        Self::start_with(true).await
+        Self::start_with(true, false).await
     }
 
-    async fn start_with(tls: bool) -> Self {
+    /// Like `start_tls`, requiring a client certificate signed by `client-ca.pem` (mTLS).
+    pub async fn start_mtls() -> Self {
+        Self::start_with(true, true).await
+    }
+
+    async fn start_with(tls: bool, mtls: bool) -> Self {
         let state = Arc::default();
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -103,6 +110,7 @@ impl GrpcBank {
         let bank = GrpcBank {
             addr,
             tls,
+            mtls,
             state,
             stop: Arc::default(),
         };
@@ -124,10 +132,14 @@ impl GrpcBank {
             let fixture = |name: &str| {
                 std::fs::read(format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
             };
-            tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+            let config = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
                 fixture("server.pem"),
                 fixture("server.key"),
-            ))
+            ));
+            match self.mtls {
+                true => config.client_ca_root(tonic::transport::Certificate::from_pem(fixture("client-ca.pem"))),
+                false => config,
+            }
         });
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
