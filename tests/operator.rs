@@ -986,3 +986,51 @@ async fn a_grpc_saga_calls_grpc_methods_with_base64_payloads_and_rolls_back_on_a
     assert!(message.contains("payload or payloadBase64"), "{message}");
     operator.stop().await.expect("stops");
 }
+
+/// A Tcc over gRPC (the controller calls try itself) and a Msg delivered to a gRPC method.
+#[tokio::test]
+async fn a_grpc_tcc_tries_then_cancels_and_a_grpc_msg_is_delivered() {
+    use base64::Engine as _;
+    use grpc_bank::{GReply, GrpcBank, busi};
+    let env = Env::new().await;
+    let bank = GrpcBank::start().await;
+    let operator = env.start();
+    let payload = base64::engine::general_purpose::STANDARD.encode(busi(5));
+    let grpc = |method: &str| json!({"url": format!("grpc://{}", bank.target(method))});
+    let branch = |n: &str| {
+        json!({"name": n.to_lowercase(), "try": grpc(&format!("{n}Try")), "confirm": grpc(&format!("{n}Confirm")),
+               "cancel": grpc(&format!("{n}Cancel")), "payloadBase64": payload})
+    };
+    bank.script("InTry", &[GReply::Aborted]);
+    env.create(
+        "tccs",
+        json!({
+            "apiVersion": "kubetx.io/v1alpha1", "kind": "Tcc",
+            "metadata": {"name": "grpc-tcc", "namespace": NS},
+            "spec": {"branches": [branch("Out"), branch("In")], "options": {"retryIntervalSeconds": 1}},
+        }),
+    )
+    .await;
+    let tcc = env.wait_phase("tccs", "grpc-tcc", "Failed").await;
+    let gid = tcc["status"]["gid"].as_str().expect("gid").to_owned();
+    assert_eq!(bank.methods(&gid), ["OutTry", "InTry", "InCancel", "OutCancel"]);
+    let try_call = &bank.calls_for(&gid)[0];
+    assert_eq!((try_call.op.as_str(), try_call.body.clone()), ("try", busi(5)));
+    env.create(
+        "msgs",
+        json!({
+            "apiVersion": "kubetx.io/v1alpha1", "kind": "Msg",
+            "metadata": {"name": "grpc-msg", "namespace": NS},
+            "spec": {
+                "submitted": true,
+                "steps": [{"name": "notify", "action": grpc("Notify"), "payloadBase64": payload}],
+                "options": {"retryIntervalSeconds": 1},
+            },
+        }),
+    )
+    .await;
+    let msg = env.wait_phase("msgs", "grpc-msg", "Succeeded").await;
+    let gid = msg["status"]["gid"].as_str().expect("gid").to_owned();
+    assert_eq!(bank.methods(&gid), ["Notify"]);
+    operator.stop().await.expect("stops");
+}
