@@ -113,6 +113,22 @@ async fn grpc_saga_aborted_branch_rolls_back_and_wait_result_answers_aborted() {
         .await
         .expect("OK");
     assert_eq!(server.state("g-saga-ok").await.0, S);
+    // Both answers are counted like the HTTP routes', with the HTTP status of the same outcome.
+    let metrics = server
+        .http
+        .get(format!("http://{}/api/metrics", server.server.addr))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for code in ["200", "409"] {
+        let series = metrics
+            .lines()
+            .any(|l| l.contains("api=\"grpc_submit\"") && l.contains(&format!("code=\"{code}\"")));
+        assert!(series, "no grpc_submit {code} series in:\n{metrics}");
+    }
 }
 
 #[tokio::test]

@@ -4,14 +4,17 @@
 //! encoding and the status codes differ. Transactions created here record `protocol: grpc`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::time::Instant;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use serde_json::Value;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use super::wire::TransRequest;
 use super::{ApiError, ApiResult, AppState, JsonBody, admin, auth::Tokens, trans};
+use crate::metrics::{ApiLabels, RouteLabels};
 use crate::proto::dtmgimp::dtm_server::{Dtm, DtmServer};
 use crate::proto::dtmgimp::{
     DtmBranchRequest, DtmGidReply, DtmProgress, DtmProgressesReply, DtmRequest, DtmTopicRequest, DtmTransaction,
@@ -121,6 +124,21 @@ pub fn branch_fields(message: DtmBranchRequest) -> (BTreeMap<String, String>, Ve
     (fields, message.busi_payload)
 }
 
+/// The HTTP status of the API error a gRPC code stands for (the inverse of `From<ApiError>`).
+fn http_code(code: Code) -> u16 {
+    match code {
+        Code::Ok => 200,
+        Code::Aborted => 409,
+        Code::FailedPrecondition => 425,
+        Code::InvalidArgument => 400,
+        Code::NotFound => 404,
+        Code::ResourceExhausted => 413,
+        Code::Unavailable => 503,
+        Code::Unauthenticated => 401,
+        _ => 500,
+    }
+}
+
 /// An answer without a value.
 fn empty(result: ApiResult) -> Result<Response<()>, Status> {
     result.map(|_| Response::new(())).map_err(Status::from)
@@ -129,6 +147,30 @@ fn empty(result: ApiResult) -> Result<Response<()>, Status> {
 impl DtmService {
     fn state(&self) -> State<AppState> {
         State(self.state.clone())
+    }
+
+    /// Runs an RPC and records it in the API metrics as `grpc_<rpc>`, with the HTTP status the
+    /// same outcome gets from the HTTP routes (200, 409 for FAILURE, 425 for ONGOING, ...), so
+    /// that one dashboard reads both front doors.
+    async fn observed<T>(
+        &self,
+        rpc: &str,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let result = call.await;
+        let metrics = self.state.coordinator.metrics();
+        let api = format!("grpc_{rpc}");
+        let code = result.as_ref().map_or_else(|status| http_code(status.code()), |_| 200);
+        metrics
+            .api_requests
+            .get_or_create(&ApiLabels { api: api.clone(), code })
+            .inc();
+        metrics
+            .api_duration
+            .get_or_create(&RouteLabels { api })
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     fn topic_params(message: DtmTopicRequest) -> Query<HashMap<String, String>> {
@@ -143,62 +185,89 @@ impl DtmService {
 #[tonic::async_trait]
 impl Dtm for DtmService {
     async fn new_gid(&self, _request: Request<()>) -> Result<Response<DtmGidReply>, Status> {
-        let Json(answer) = admin::new_gid().await?;
-        let gid = answer.get("gid").and_then(Value::as_str).unwrap_or_default().to_owned();
-        Ok(Response::new(DtmGidReply { gid }))
+        self.observed("newgid", async {
+            let Json(answer) = admin::new_gid().await?;
+            let gid = answer.get("gid").and_then(Value::as_str).unwrap_or_default().to_owned();
+            Ok(Response::new(DtmGidReply { gid }))
+        })
+        .await
     }
 
     async fn submit(&self, request: Request<DtmRequest>) -> Result<Response<()>, Status> {
-        let body = trans_request(request.into_inner())?;
-        empty(trans::submit(self.state(), JsonBody(body)).await)
+        self.observed("submit", async {
+            let body = trans_request(request.into_inner())?;
+            empty(trans::submit(self.state(), JsonBody(body)).await)
+        })
+        .await
     }
 
     async fn prepare(&self, request: Request<DtmRequest>) -> Result<Response<()>, Status> {
-        let body = trans_request(request.into_inner())?;
-        empty(trans::prepare(self.state(), JsonBody(body)).await)
+        self.observed("prepare", async {
+            let body = trans_request(request.into_inner())?;
+            empty(trans::prepare(self.state(), JsonBody(body)).await)
+        })
+        .await
     }
 
     async fn abort(&self, request: Request<DtmRequest>) -> Result<Response<()>, Status> {
-        let body = trans_request(request.into_inner())?;
-        empty(trans::abort(self.state(), JsonBody(body)).await)
+        self.observed("abort", async {
+            let body = trans_request(request.into_inner())?;
+            empty(trans::abort(self.state(), JsonBody(body)).await)
+        })
+        .await
     }
 
     async fn register_branch(&self, request: Request<DtmBranchRequest>) -> Result<Response<()>, Status> {
-        let (fields, data) = branch_fields(request.into_inner());
-        empty(trans::register(&self.state.coordinator, &fields, data).await)
+        self.observed("registerbranch", async {
+            let (fields, data) = branch_fields(request.into_inner());
+            empty(trans::register(&self.state.coordinator, &fields, data).await)
+        })
+        .await
     }
 
     async fn prepare_workflow(&self, request: Request<DtmRequest>) -> Result<Response<DtmProgressesReply>, Status> {
-        let body = trans_request(request.into_inner())?;
-        let (global, branches) = trans::workflow_progress(&self.state.coordinator, &body).await?;
-        Ok(Response::new(DtmProgressesReply {
-            transaction: Some(DtmTransaction {
-                gid: global.gid,
-                status: global.status.as_str().to_owned(),
-                rollback_reason: global.rollback_reason,
-                result: global.result,
-            }),
-            progresses: branches
-                .into_iter()
-                .map(|branch| DtmProgress {
-                    status: branch.status.as_str().to_owned(),
-                    bin_data: branch.bin_data,
-                    branch_id: branch.branch_id,
-                    op: branch.op,
-                })
-                .collect(),
-        }))
+        self.observed("prepareworkflow", async {
+            let body = trans_request(request.into_inner())?;
+            let (global, branches) = trans::workflow_progress(&self.state.coordinator, &body).await?;
+            Ok(Response::new(DtmProgressesReply {
+                transaction: Some(DtmTransaction {
+                    gid: global.gid,
+                    status: global.status.as_str().to_owned(),
+                    rollback_reason: global.rollback_reason,
+                    result: global.result,
+                }),
+                progresses: branches
+                    .into_iter()
+                    .map(|branch| DtmProgress {
+                        status: branch.status.as_str().to_owned(),
+                        bin_data: branch.bin_data,
+                        branch_id: branch.branch_id,
+                        op: branch.op,
+                    })
+                    .collect(),
+            }))
+        })
+        .await
     }
 
     async fn subscribe(&self, request: Request<DtmTopicRequest>) -> Result<Response<()>, Status> {
-        empty(admin::subscribe(self.state(), Self::topic_params(request.into_inner())).await)
+        self.observed("subscribe", async {
+            empty(admin::subscribe(self.state(), Self::topic_params(request.into_inner())).await)
+        })
+        .await
     }
 
     async fn unsubscribe(&self, request: Request<DtmTopicRequest>) -> Result<Response<()>, Status> {
-        empty(admin::unsubscribe(self.state(), Self::topic_params(request.into_inner())).await)
+        self.observed("unsubscribe", async {
+            empty(admin::unsubscribe(self.state(), Self::topic_params(request.into_inner())).await)
+        })
+        .await
     }
 
     async fn delete_topic(&self, request: Request<DtmTopicRequest>) -> Result<Response<()>, Status> {
-        empty(admin::delete_topic(self.state(), Path(request.into_inner().topic)).await)
+        self.observed("deletetopic", async {
+            empty(admin::delete_topic(self.state(), Path(request.into_inner().topic)).await)
+        })
+        .await
     }
 }
