@@ -929,3 +929,14 @@ async fn an_empty_listen_turns_the_grpc_api_off_too() {
     );
     server.stop().await.expect("stops");
 }
+
+#[tokio::test]
+async fn stopping_the_server_does_not_wait_for_idle_grpc_clients() {
+    let server = TestServer::start().await;
+    let mut dtm = client(&server).await;
+    dtm.new_gid(()).await.expect("NewGid");
+    // The client keeps its HTTP/2 connection open; a graceful stop must still end.
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(20), server.server.stop()).await;
+    assert!(matches!(stopped, Ok(Ok(()))), "{stopped:?}");
+    assert!(dtm.new_gid(()).await.is_err(), "the API is gone");
+}
