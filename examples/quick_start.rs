@@ -54,6 +54,8 @@ async fn coordinator() -> Result<(String, Option<(Server, tempfile::TempDir)>), 
     let dir = tempfile::tempdir()?;
     let mut config = Config {
         listen: "127.0.0.1:0".to_owned(),
+        // This example speaks HTTP only; the gRPC one is examples/grpc_quick_start.rs.
+        grpc_listen: String::new(),
         ..Config::default()
     };
     config.sqlite.path = dir.path().join("kubetx.db").display().to_string();

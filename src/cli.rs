@@ -99,6 +99,9 @@ pub struct ServeArgs {
     /// DTM API off: only the controllers and the health port run.
     #[arg(long, env = "KUBETX_LISTEN")]
     pub listen: Option<String>,
+    /// Address of DTM's gRPC API (dtmgimp.Dtm); an empty value (`--grpc-listen ""`) turns it off.
+    #[arg(long, env = "KUBETX_GRPC_LISTEN")]
+    pub grpc_listen: Option<String>,
     /// Store URL: postgres://..., mysql://..., redis://... (rediss:// for TLS; password also from
     /// KUBETX_REDIS_PASSWORD), sqlite://path or a path; empty for --db.
     #[arg(long, env = "KUBETX_STORE")]
@@ -263,6 +266,7 @@ impl ServeArgs {
         }
         set!(
             listen => listen,
+            grpc_listen => grpc_listen,
             store => store,
             skip_migrations => skip_migrations,
             store_max_connections => store_max_connections,

@@ -79,6 +79,9 @@ impl Default for SqliteConfig {
 pub struct Config {
     /// Address of the DTM-compatible HTTP API.
     pub listen: String,
+    /// Address of DTM's gRPC API (`dtmgimp.Dtm`); empty turns it off, and so does an empty
+    /// `listen` (the operator without its DTM API). Same TLS and tokens as the HTTP API.
+    pub grpc_listen: String,
     /// Where transactions live: empty for the SQLite file of `sqlite.path`; `postgres://...` or
     /// `mysql://...` or `redis://...` for a database several replicas share; `sqlite://path` or a
     /// path for SQLite.
@@ -176,6 +179,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:36789".to_owned(),
+            grpc_listen: "127.0.0.1:36790".to_owned(),
             store: String::new(),
             skip_migrations: false,
             store_max_connections: 16,

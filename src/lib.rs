@@ -16,6 +16,7 @@ pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod operator;
+pub mod proto;
 pub mod reload;
 pub mod scheduler;
 pub mod server;

@@ -13,8 +13,15 @@ pub const MAX_DEPENDS_ON: usize = 16;
 pub const MAX_NAME_LEN: usize = 63;
 /// Longest branch URL.
 pub const MAX_URL_LEN: usize = 2048;
-/// Longest path of a Service endpoint.
+/// Longest path of a Service endpoint (and its gRPC method).
 pub const MAX_PATH_LEN: usize = 1024;
+/// Longest base64 payload of a step or branch (`payloadBase64`): 1.5 KiB of bytes, small enough for the
+/// CEL cost of the CRDs' immutability rules.
+pub const MAX_PAYLOAD_BASE64_LEN: usize = 2048;
+/// Longest gRPC method of a Service endpoint.
+pub const MAX_GRPC_METHOD_LEN: usize = 128;
+/// A gRPC method of a Service endpoint: `package.Service/Method`.
+pub const GRPC_METHOD_PATTERN: &str = "^[A-Za-z0-9_.]+/[A-Za-z0-9_]+$";
 /// Most headers sent on every branch call.
 pub const MAX_HEADERS: usize = 32;
 /// Longest header name.

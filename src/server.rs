@@ -54,6 +54,9 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("http server failed: {0}")]
     Http(#[source] std::io::Error),
+    /// The gRPC server could not be set up or failed.
+    #[error("grpc server failed: {0}")]
+    Grpc(String),
 }
 
 /// A running server.
@@ -61,11 +64,14 @@ pub struct Server {
     /// The address actually bound (useful with port 0); `0.0.0.0:0` when the API is off (an
     /// empty `listen`, which only `kubetx operator` accepts).
     pub addr: SocketAddr,
+    /// The address the gRPC API bound, when it is on.
+    pub grpc_addr: Option<SocketAddr>,
     /// The scheduler, for tests that step time by hand.
     pub coordinator: Arc<Coordinator>,
     shutdown: CancellationToken,
     tls: bool,
     http: JoinHandle<Result<(), std::io::Error>>,
+    grpc: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     scheduler: Option<JoinHandle<()>>,
     retention: Option<JoinHandle<()>>,
     drain_timeout: Duration,
@@ -126,13 +132,16 @@ impl Server {
         };
         let ready_store = Arc::clone(coordinator.store());
         let shutdown = CancellationToken::new();
-        let router = api::router(
-            Arc::clone(&coordinator),
+        // One set for both front doors, reloaded from its file.
+        let tokens = config.tokens(&shutdown)?;
+        let api_state = api::AppState::new(Arc::clone(&coordinator));
+        let router = api::router_with(
+            api_state.clone(),
             &ApiConfig {
                 max_body_bytes: config.max_body_bytes,
                 timeout: Duration::from_secs(config.http_timeout),
                 max_concurrent_requests: config.max_concurrent_requests,
-                tokens: config.tokens(&shutdown)?,
+                tokens: tokens.clone(),
             },
         )
         .route("/readyz", get(move || readyz(Arc::clone(&ready_store))));
@@ -143,6 +152,14 @@ impl Server {
         let http = match listener {
             Some(listener) => serve_http(listener, tls.clone(), router, shutdown.clone()).map_err(ServeError::Http)?,
             None => tokio::spawn(async { Ok(()) }),
+        };
+        // An empty `listen` turns the whole DTM API off (the operator without it), gRPC included.
+        let (grpc_addr, grpc) = match config.grpc_listen.is_empty() || config.listen.is_empty() {
+            true => (None, None),
+            false => {
+                let (addr, task) = serve_grpc(config, api_state, tokens, shutdown.clone()).await?;
+                (Some(addr), Some(task))
+            }
         };
         let scheduler = run_scheduler.then(|| tokio::spawn(Arc::clone(&coordinator).run(shutdown.clone())));
         let retention = run_scheduler.then(|| {
@@ -158,8 +175,13 @@ impl Server {
             true => info!(store = %options.kind.describe(), "the DTM API is off (empty listen address)"),
             false => info!(%addr, store = %options.kind.describe(), "kubetx serving the DTM API"),
         }
+        if let Some(grpc_addr) = grpc_addr {
+            info!(%grpc_addr, "kubetx serving the DTM gRPC API");
+        }
         Ok(Server {
             addr,
+            grpc_addr,
+            grpc,
             coordinator,
             shutdown,
             tls: tls.is_some(),
@@ -180,6 +202,13 @@ impl Server {
     pub async fn stop(self) -> Result<(), ServeError> {
         self.shutdown.cancel();
         let served = self.http.await;
+        if let Some(grpc) = self.grpc {
+            match grpc.await {
+                Ok(Err(error)) => tracing::warn!(%error, "grpc server failed"),
+                Err(error) => tracing::warn!(%error, "grpc server panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
         if let Some(scheduler) = self.scheduler {
             // A panicked loop has nothing left to drain.
             let _ = scheduler.await;
@@ -223,6 +252,65 @@ fn reloading_tls(
         build,
         stop.clone(),
     )?;
+    Ok(tls)
+}
+
+/// Binds `grpc_listen` and serves DTM's gRPC API there until `stop`: the same coordinator,
+/// tokens, request size, timeout, concurrency bound and TLS files as the HTTP API.
+async fn serve_grpc(
+    config: &Config,
+    state: api::AppState,
+    tokens: api::auth::Tokens,
+    stop: CancellationToken,
+) -> Result<(SocketAddr, JoinHandle<Result<(), tonic::transport::Error>>), ServeError> {
+    let listener = TcpListener::bind(&config.grpc_listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.grpc_listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    // One bound for the whole listener, as the HTTP API has: a client opening many connections
+    // gets no more requests in flight than one.
+    let mut builder = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(config.http_timeout))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            config.max_concurrent_requests.max(1),
+        ));
+    if !config.tls_cert_file.is_empty() {
+        builder = builder
+            .tls_config(grpc_tls(config)?)
+            .map_err(|e| ServeError::Grpc(e.to_string()))?;
+    }
+    let service = api::grpc::service(state, tokens, config.max_body_bytes);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let router = builder.add_service(service);
+    let task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
+            .await
+    });
+    Ok((addr, task))
+}
+
+/// TLS of the gRPC listener, from the HTTP API's files (checked by [`tls::server_config`]).
+fn grpc_tls(config: &Config) -> Result<tonic::transport::ServerTlsConfig, ServeError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |file: &str| {
+        std::fs::read(file).map_err(|e| {
+            ServeError::Tls(tls::TlsError::Pem {
+                path: file.to_owned(),
+                reason: e.to_string(),
+            })
+        })
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read(&config.tls_cert_file)?,
+        read(&config.tls_key_file)?,
+    ));
+    if !config.tls_client_ca_file.is_empty() {
+        tls = tls.client_ca_root(Certificate::from_pem(read(&config.tls_client_ca_file)?));
+    }
     Ok(tls)
 }
 

@@ -1109,6 +1109,7 @@ async fn a_certificate_without_its_key_is_a_configuration_error() {
     let dir = tempfile::tempdir().expect("dir");
     let config = kubetx::config::Config {
         listen: "127.0.0.1:0".to_owned(),
+        grpc_listen: String::new(),
         tls_cert_file: tls_fixture("server.pem"),
         ..kubetx::config::Config::default()
     };

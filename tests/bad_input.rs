@@ -314,12 +314,12 @@ async fn missing_or_invalid_fields_get_400_with_a_message() {
             "not an http or https URL",
         ),
         case(
-            "grpc compensate",
+            "grpc compensate through service discovery",
             "submit",
             json!({"gid": "bad-url-2", "trans_type": "saga",
-                "steps": [{"action": bank.url("TransOut"), "compensate": "localhost:58081/busi.Busi/TransOutRevert"}]}),
+                "steps": [{"action": bank.url("TransOut"), "compensate": "etcd://localhost:2379/busi/busi.Busi/TransOutRevert"}]}),
             400,
-            "not an http or https URL",
+            "service discovery is not supported",
         ),
         case(
             "URL without host",
@@ -455,9 +455,9 @@ async fn missing_or_invalid_fields_get_400_with_a_message() {
             "delay must be between 0 and",
         ),
         case(
-            "grpc protocol",
+            "json-rpc protocol",
             "submit",
-            saga("bad-proto", json!({"protocol": "grpc"})),
+            saga("bad-proto", json!({"protocol": "json-rpc"})),
             400,
             "not supported",
         ),

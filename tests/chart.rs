@@ -2389,7 +2389,8 @@ fn kubetx_command(subcommand: &str) -> Command {
             command.env_remove(key);
         }
     }
-    command.arg(subcommand);
+    // The gRPC API's fixed default port would collide between tests running at once.
+    command.args([subcommand, "--grpc-listen="]);
     command
 }
 

@@ -107,7 +107,17 @@ fn cel_rules_reject_invalid_sagas_with_precise_messages() {
     assert!(validate_cel_update(&dangling, &dangling).is_ok());
 
     let ftp = saga(json!({"steps": [{"name": "a", "action": {"url": "ftp://bank/a"}}]}));
-    assert!(rejection(validate_cel_update(&ftp, &ftp)).contains("url must start with http:// or https://"));
+    assert!(
+        rejection(validate_cel_update(&ftp, &ftp))
+            .contains("url must start with http://, https://, grpc:// or grpcs://")
+    );
+    let etcd = saga(json!({"steps": [{"name": "a", "action": {"url": "etcd://127.0.0.1:2379/busi/busi.Busi/A"}}]}));
+    assert!(rejection(validate_cel_update(&etcd, &etcd)).contains("url must start with"));
+    let grpc = saga(
+        json!({"steps": [{"name": "a", "action": {"url": "grpc://bank.svc:50051/busi.Busi/A"},
+        "payloadBase64": "CB4SAnUx"}]}),
+    );
+    assert!(validate_cel_update(&grpc, &grpc).is_ok());
 
     let both = saga(json!({"steps": [{"name": "a", "action": {
         "url": "http://bank/a", "service": {"name": "bank"}}}]}));

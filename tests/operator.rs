@@ -986,3 +986,111 @@ async fn a_service_resolving_to_a_refused_address_or_redirecting_is_never_follow
     assert_eq!(trap.hits(), 0, "neither DNS nor a redirect reached 127.0.0.2");
     operator.stop().await.expect("stops");
 }
+
+mod grpc_bank;
+
+/// A saga whose steps are gRPC methods: one by `grpc://` URL, one by Service with `grpcMethod`
+/// (resolved through a static host entry, checked by the cluster policy), payloads as base64
+/// bytes sent verbatim; an `Aborted` TransIn rolls it back over gRPC.
+#[tokio::test]
+async fn a_grpc_saga_calls_grpc_methods_with_base64_payloads_and_rolls_back_on_aborted() {
+    use base64::Engine as _;
+    use grpc_bank::{GReply, GrpcBank, busi};
+    let env = Env::new().await;
+    let bank = GrpcBank::start().await;
+    let invoker = invoker_for(&["127.0.0.0/8"])
+        .static_host("bank.default.svc", &["127.0.0.1".parse().expect("ip")])
+        .build()
+        .expect("client");
+    let operator = env.start_on(env.double.client(), env.config(), invoker);
+    let payload = base64::engine::general_purpose::STANDARD.encode(busi(30));
+    let service = |method: &str| json!({"service": {"name": "bank", "port": bank.addr.port(), "grpcMethod": format!("busi.Busi/{method}")}});
+    let saga = |name: &str| {
+        json!({
+            "apiVersion": "kubetx.io/v1alpha1", "kind": "Saga",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {
+                "steps": [
+                    {"name": "out", "action": {"url": format!("grpc://{}", bank.target("TransOut"))},
+                     "compensate": {"url": format!("grpc://{}", bank.target("TransOutRevert"))},
+                     "payloadBase64": payload},
+                    {"name": "in", "action": service("TransIn"), "compensate": service("TransInRevert"),
+                     "payloadBase64": payload},
+                ],
+                "options": {"retryIntervalSeconds": 1},
+            },
+        })
+    };
+    env.create("sagas", saga("grpc-ok")).await;
+    let done = env.wait_phase("sagas", "grpc-ok", "Succeeded").await;
+    let gid = done["status"]["gid"].as_str().expect("gid").to_owned();
+    assert_eq!(bank.methods(&gid), ["TransOut", "TransIn"]);
+    for call in bank.calls_for(&gid) {
+        assert_eq!((call.trans_type.as_str(), call.op.as_str()), ("saga", "action"));
+        assert_eq!(call.body, busi(30), "the bytes are sent verbatim");
+    }
+    bank.script("TransIn", &[GReply::Aborted]);
+    env.create("sagas", saga("grpc-rollback")).await;
+    let failed = env.wait_phase("sagas", "grpc-rollback", "Failed").await;
+    let gid = failed["status"]["gid"].as_str().expect("gid").to_owned();
+    assert_eq!(
+        bank.methods(&gid),
+        ["TransOut", "TransIn", "TransInRevert", "TransOutRevert"]
+    );
+    // A step with both payload forms is refused before any call.
+    let mut both = saga("grpc-both");
+    both["spec"]["steps"][0]["payload"] = json!({"amount": 30});
+    env.create("sagas", both).await;
+    let refused = env.wait_phase("sagas", "grpc-both", "Failed").await;
+    let message = refused["status"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("payload or payloadBase64"), "{message}");
+    operator.stop().await.expect("stops");
+}
+
+/// A Tcc over gRPC (the controller calls try itself) and a Msg delivered to a gRPC method.
+#[tokio::test]
+async fn a_grpc_tcc_tries_then_cancels_and_a_grpc_msg_is_delivered() {
+    use base64::Engine as _;
+    use grpc_bank::{GReply, GrpcBank, busi};
+    let env = Env::new().await;
+    let bank = GrpcBank::start().await;
+    let operator = env.start();
+    let payload = base64::engine::general_purpose::STANDARD.encode(busi(5));
+    let grpc = |method: &str| json!({"url": format!("grpc://{}", bank.target(method))});
+    let branch = |n: &str| {
+        json!({"name": n.to_lowercase(), "try": grpc(&format!("{n}Try")), "confirm": grpc(&format!("{n}Confirm")),
+               "cancel": grpc(&format!("{n}Cancel")), "payloadBase64": payload})
+    };
+    bank.script("InTry", &[GReply::Aborted]);
+    env.create(
+        "tccs",
+        json!({
+            "apiVersion": "kubetx.io/v1alpha1", "kind": "Tcc",
+            "metadata": {"name": "grpc-tcc", "namespace": NS},
+            "spec": {"branches": [branch("Out"), branch("In")], "options": {"retryIntervalSeconds": 1}},
+        }),
+    )
+    .await;
+    let tcc = env.wait_phase("tccs", "grpc-tcc", "Failed").await;
+    let gid = tcc["status"]["gid"].as_str().expect("gid").to_owned();
+    assert_eq!(bank.methods(&gid), ["OutTry", "InTry", "InCancel", "OutCancel"]);
+    let try_call = &bank.calls_for(&gid)[0];
+    assert_eq!((try_call.op.as_str(), try_call.body.clone()), ("try", busi(5)));
+    env.create(
+        "msgs",
+        json!({
+            "apiVersion": "kubetx.io/v1alpha1", "kind": "Msg",
+            "metadata": {"name": "grpc-msg", "namespace": NS},
+            "spec": {
+                "submitted": true,
+                "steps": [{"name": "notify", "action": grpc("Notify"), "payloadBase64": payload}],
+                "options": {"retryIntervalSeconds": 1},
+            },
+        }),
+    )
+    .await;
+    let msg = env.wait_phase("msgs", "grpc-msg", "Succeeded").await;
+    let gid = msg["status"]["gid"].as_str().expect("gid").to_owned();
+    assert_eq!(bank.methods(&gid), ["Notify"]);
+    operator.stop().await.expect("stops");
+}

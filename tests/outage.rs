@@ -135,6 +135,7 @@ async fn outage(backend: Backend) {
     let proxy = Proxy::start(upstream_of(&db.url)).await;
     let config = Config {
         listen: "127.0.0.1:0".to_owned(),
+        grpc_listen: String::new(),
         store: db.url_via(proxy.addr),
         store_max_connections: 4,
         store_acquire_timeout_ms: 1_000,

@@ -8,6 +8,7 @@
 //! identity waits for the leases to expire.
 
 mod common;
+mod grpc_bank;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -39,6 +40,13 @@ impl Kubetx {
         Self::start_with(&db_args(db), "2", log).await
     }
 
+    /// Like `start`, serving the gRPC API on `grpc` too.
+    async fn start_with_grpc(db: &Path, log: PathBuf, grpc: SocketAddr) -> Self {
+        let mut args = db_args(db);
+        args.extend(["--grpc-listen".to_owned(), grpc.to_string()]);
+        Self::start_with(&args, "2", log).await
+    }
+
     /// A process on the store `store_args` names, with leases of `lease` seconds.
     async fn start_with(store_args: &[String], lease: &str, log: PathBuf) -> Self {
         let kubetx = Self::spawn(store_args, lease, &log);
@@ -51,8 +59,15 @@ impl Kubetx {
         kubetx::invoke::install_crypto_provider();
         let addr = free_addr();
         let stderr = std::fs::File::create(log).expect("log file");
+        // The fixed-port gRPC listener is off unless asked for: tests run in parallel.
+        let grpc_off = ["--grpc-listen", ""];
+        let grpc_off = match store_args.iter().any(|a| a == "--grpc-listen") {
+            true => &[][..],
+            false => &grpc_off[..],
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_kubetx"))
             .args(["serve", "--listen", &addr.to_string()])
+            .args(grpc_off)
             .args(store_args)
             .args([
                 "--lease",
@@ -696,4 +711,73 @@ async fn a_mysql_replica_restarted_under_its_identity_resumes_at_once() {
     if common::db::available(Backend::MySql, "the SQL replica restart test") {
         sql_replica_restart(Backend::MySql).await;
     }
+}
+
+/// The crash test with gRPC branches, submitted through the gRPC API: every saga's TransIn is
+/// mid-call on a real tonic bank when the process is SIGKILLed; a new process on the same
+/// database (and gRPC port) finishes every one, without a compensation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_flight_with_grpc_branches_then_a_new_process_finishes_everything() {
+    use grpc_bank::{GReply, GrpcBank, busi};
+    use kubetx::proto::dtmgimp::DtmRequest;
+    use kubetx::proto::dtmgimp::dtm_client::DtmClient;
+    const N: usize = 12;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("kubetx.db");
+    let bank = GrpcBank::start().await;
+    let mut transin = vec![GReply::Slow(800); N];
+    transin.extend([GReply::Unavailable; 4]);
+    transin.extend([GReply::Ongoing; 2]);
+    bank.script("TransIn", &transin);
+    let grpc = free_addr();
+    let first = Kubetx::start_with_grpc(&db, dir.path().join("first.log"), grpc).await;
+    let mut dtm = DtmClient::connect(format!("http://{grpc}")).await.expect("gRPC API");
+    let gids: Vec<String> = (0..N).map(|i| format!("crash-grpc-{i:02}")).collect();
+    for gid in &gids {
+        let steps = json!([
+            {"action": bank.target("TransOut"), "compensate": bank.target("TransOutRevert")},
+            {"action": bank.target("TransIn"), "compensate": bank.target("TransInRevert")},
+        ]);
+        dtm.submit(DtmRequest {
+            gid: gid.clone(),
+            trans_type: "saga".to_owned(),
+            steps: steps.to_string(),
+            bin_payloads: vec![busi(30), busi(30)],
+            ..DtmRequest::default()
+        })
+        .await
+        .expect("Submit over gRPC");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bank.calls().iter().filter(|c| c.method == "TransIn").count() < N {
+        assert!(Instant::now() < deadline, "the TransIn calls never all arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill();
+    let crashed = read_db(&db).await;
+    assert_eq!(crashed.len(), N, "every acknowledged transaction is stored");
+    let unfinished = crashed.iter().filter(|(g, _)| !g.status.is_finished()).count();
+    assert!(unfinished >= N / 2, "the kill came while they were in flight");
+    assert!(crashed.iter().all(|(g, _)| g.protocol == "grpc"));
+
+    let second = Kubetx::start_with_grpc(&db, dir.path().join("second.log"), grpc).await;
+    wait_all_succeed(&second, N).await;
+    for gid in &gids {
+        let body = second.get(&format!("query?gid={gid}")).await;
+        assert_eq!(body["transaction"]["protocol"], "grpc", "{body}");
+        for branch in body["branches"].as_array().expect("branches") {
+            let want = if branch["op"] == "action" {
+                "succeed"
+            } else {
+                "prepared"
+            };
+            assert_eq!(branch["status"], want, "{gid}: {branch}");
+        }
+    }
+    assert!(
+        !bank.calls().iter().any(|c| c.op == "compensate"),
+        "no compensation ran for a saga that succeeded"
+    );
+    let log = second.log_text();
+    assert!(!log.contains("panicked"), "{log}");
 }

@@ -70,7 +70,7 @@ impl Replica {
         let addr = free_addr();
         let stderr = std::fs::File::create(&log).expect("log file");
         let child = Command::new(kubetx_bin())
-            .args(["serve", "--listen", &addr.to_string(), "--store", url])
+            .args(["serve", "--grpc-listen=", "--listen", &addr.to_string(), "--store", url])
             .args([
                 "--lease",
                 "2",

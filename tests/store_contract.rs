@@ -1112,6 +1112,7 @@ async fn retention_runs_in_the_server(backend: Backend) {
     };
     let config = Config {
         listen: "127.0.0.1:0".to_owned(),
+        grpc_listen: String::new(),
         store: db.as_ref().map(|db| db.url.clone()).unwrap_or_default(),
         retention: 3_600,
         retention_interval: 1,

@@ -292,7 +292,7 @@ async fn tcc_register_branch_input_errors() {
     let (code, body) = server.post("registerBranch", not_string).await;
     assert_eq!(code, 400, "{body}");
     let mut bad_url = branch("tcc-bad", &bank, "01", "TransOut", 30);
-    bad_url["confirm"] = json!("grpc-host:50051/svc/Confirm");
+    bad_url["confirm"] = json!("etcd://grpc-host:50051/svc/Confirm");
     let (code, body) = server.post("registerBranch", bad_url).await;
     assert_eq!(code, 400, "{body}");
     assert!(message(&body).contains("confirm"), "{body}");

@@ -1,9 +1,11 @@
-//! The DTM-compatible HTTP API (`/api/dtmsvr/...`), plus `/api/ping` and `/api/metrics`.
+//! The DTM-compatible HTTP API (`/api/dtmsvr/...`), plus `/api/ping` and `/api/metrics`, and
+//! DTM's gRPC API ([`grpc`]) over the same handlers.
 
 mod admin;
 pub mod auth;
 #[cfg(fuzzing)]
 pub mod fuzzing;
+pub mod grpc;
 mod trans;
 mod wire;
 
@@ -115,13 +117,23 @@ pub struct ApiConfig {
     pub tokens: auth::Tokens,
 }
 
-/// Shared state of the handlers.
+/// Shared state of the handlers, one per process: the HTTP routes and the gRPC service share it.
 #[derive(Clone)]
 pub struct AppState {
     coordinator: Arc<Coordinator>,
     /// Serializes topic writes of this process: concurrent subscribers would otherwise keep
     /// losing the optimistic race to each other. The version check still guards other processes.
     topic_writes: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl AppState {
+    /// State over `coordinator`, shared by the routes (and RPCs) built from it.
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        AppState {
+            coordinator,
+            topic_writes: Arc::default(),
+        }
+    }
 }
 
 /// A JSON body parsed with precise errors: 413 over the limit, 400 for non-UTF-8 or bad JSON.
@@ -151,10 +163,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 
 /// Builds the router.
 pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
-    let state = AppState {
-        coordinator,
-        topic_writes: Arc::default(),
-    };
+    router_with(AppState::new(coordinator), config)
+}
+
+/// Builds the router over `state` (shared with the gRPC service).
+pub fn router_with(state: AppState, config: &ApiConfig) -> Router {
     let dtm = Router::new()
         .route("/version", get(admin::version))
         .route("/newGid", get(admin::new_gid))

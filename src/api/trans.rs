@@ -1,6 +1,7 @@
 //! Routes that create and move transactions: prepare, submit, abort, forceStop,
 //! registerBranch, prepareWorkflow. Idempotency follows DTM (§4.6 of the protocol notes).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -10,6 +11,7 @@ use serde_json::{Map, Value, json};
 use super::wire::{self, TransRequest, branch_request, check_url};
 use super::{ApiError, ApiResult, AppState, JsonBody, success};
 use crate::engine::{self, MsgTarget, SagaOrders, SagaStep, WorkflowCustom};
+use crate::invoke::grpc::{self, GrpcTarget};
 use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, TransType, after_seconds};
 use crate::scheduler::{Coordinator, PassReport};
 use crate::store::{AddBranches, StatusChange, StoreError};
@@ -466,8 +468,18 @@ pub(super) async fn register_branch(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Map<String, Value>>,
 ) -> ApiResult {
-    let coordinator = &state.coordinator;
     let fields = branch_request(body)?;
+    let data = fields.get("data").cloned().unwrap_or_default().into_bytes();
+    register(&state.coordinator, &fields, data).await
+}
+
+/// Registers branches from the string `fields` of a registerBranch request and the branch
+/// payload `data` (the HTTP body's `data`, gRPC's `BusiPayload`): both front doors end here.
+pub(super) async fn register(
+    coordinator: &Arc<Coordinator>,
+    fields: &BTreeMap<String, String>,
+    data: Vec<u8>,
+) -> ApiResult {
     let field = |key: &str| fields.get(key).map(String::as_str).unwrap_or_default();
     let gid = field("gid");
     wire::check_gid(gid)?;
@@ -476,16 +488,25 @@ pub(super) async fn register_branch(
         return Err(ApiError::BadRequest("branch_id is required".to_owned()));
     }
     let now = coordinator.now();
-    let data = field("data").as_bytes();
+    let data = data.as_slice();
     let trans_type = wire::parse_trans_type(field("trans_type"))?;
     let rows = match trans_type {
         TransType::Tcc => {
             check_url(coordinator.policy(), "confirm", field("confirm"))?;
             check_url(coordinator.policy(), "cancel", field("cancel"))?;
+            if [field("confirm"), field("cancel")]
+                .iter()
+                .any(|t| GrpcTarget::is_grpc(t))
+            {
+                grpc_ids(gid, branch_id)?;
+            }
             engine::tcc_branches(gid, branch_id, field("confirm"), field("cancel"), data, now)
         }
         TransType::Xa => {
             check_url(coordinator.policy(), "url", field("url"))?;
+            if GrpcTarget::is_grpc(field("url")) {
+                grpc_ids(gid, branch_id)?;
+            }
             engine::xa_branches(gid, branch_id, field("url"), data, now)
         }
         TransType::Workflow => {
@@ -539,7 +560,19 @@ pub(super) async fn prepare_workflow(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<TransRequest>,
 ) -> ApiResult {
-    let coordinator = &state.coordinator;
+    let (global, progresses) = workflow_progress(&state.coordinator, &req).await?;
+    Ok(Json(json!({
+        "transaction": wire::global_json(&global),
+        "progresses": progresses.iter().map(wire::branch_json).collect::<Vec<_>>(),
+    })))
+}
+
+/// The workflow of a prepareWorkflow request, created if new, with its recorded progress: both
+/// front doors end here.
+pub(super) async fn workflow_progress(
+    coordinator: &Arc<Coordinator>,
+    req: &TransRequest,
+) -> Result<(GlobalTrans, Vec<Branch>), ApiError> {
     let gid = req.gid()?;
     if !req.trans_type.is_empty() && req.trans_type()? != TransType::Workflow {
         return Err(ApiError::BadRequest(
@@ -555,13 +588,10 @@ pub(super) async fn prepare_workflow(
                 )));
             }
             let progresses = coordinator.store().branches(gid).await?;
-            return Ok(Json(json!({
-                "transaction": wire::global_json(&existing),
-                "progresses": progresses.iter().map(wire::branch_json).collect::<Vec<_>>(),
-            })));
+            return Ok((existing, progresses));
         }
         let now = coordinator.now();
-        let global = new_global(coordinator, &req, TransType::Workflow, TransStatus::Prepared, now)?;
+        let global = new_global(coordinator, req, TransType::Workflow, TransStatus::Prepared, now)?;
         coordinator.store().create(&global, &[]).await?;
     }
     Err(ApiError::Failure(format!(
@@ -579,6 +609,9 @@ fn new_global(
 ) -> Result<GlobalTrans, ApiError> {
     req.check_protocol()?;
     let custom_data = req.custom_data();
+    if req.protocol == "grpc" {
+        check_grpc_metadata(req, trans_type, &custom_data)?;
+    }
     match trans_type {
         TransType::Saga => {
             SagaOrders::parse(&custom_data)
@@ -639,6 +672,31 @@ fn new_global(
         timeout => after_seconds(now, timeout),
     };
     Ok(global)
+}
+
+/// What a gRPC transaction sends as metadata on every call (gid, workflow name as `dtm-op`,
+/// `branch_headers`) must be sendable, or every call would fail forever.
+fn check_grpc_metadata(req: &TransRequest, trans_type: TransType, custom_data: &str) -> Result<(), ApiError> {
+    let name = match trans_type {
+        TransType::Workflow => WorkflowCustom::parse(custom_data).unwrap_or_default().name,
+        _ => String::new(),
+    };
+    let headers = req
+        .branch_headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_deref().unwrap_or_default()));
+    grpc::check_metadata(
+        [("dtm-gid", req.gid.as_str()), ("dtm-op", name.as_str())]
+            .into_iter()
+            .chain(headers),
+    )
+    .map_err(|reason| ApiError::BadRequest(format!("protocol grpc: {reason}")))
+}
+
+/// The gid and branch id of a branch called over gRPC, as metadata.
+fn grpc_ids(gid: &str, branch_id: &str) -> Result<(), ApiError> {
+    grpc::check_metadata([("dtm-gid", gid), ("dtm-branch_id", branch_id)])
+        .map_err(|reason| ApiError::BadRequest(format!("gRPC branch: {reason}")))
 }
 
 /// The branch rows a saga or msg creates; none for the other modes.

@@ -12,6 +12,7 @@ use super::ApiError;
 use axum::http::{HeaderName, HeaderValue};
 
 use crate::engine::{MsgCustom, null_default};
+use crate::invoke::grpc::GrpcTarget;
 use crate::invoke::policy::OutboundPolicy;
 use crate::model::{Branch, GlobalTrans, Millis, REDACTED, TransOptions, TransType, without_userinfo};
 use crate::store::KvEntry;
@@ -57,6 +58,9 @@ pub struct TransRequest {
     pub retry_limit: i64,
     #[serde(deserialize_with = "null_default")]
     pub req_extra: BTreeMap<String, Option<String>>,
+    /// Step payloads as bytes (gRPC's `BinPayloads`); when set, they replace `payloads`.
+    #[serde(skip)]
+    pub bin_payloads: Option<Vec<Vec<u8>>>,
 }
 
 /// One saga or msg step after validation.
@@ -138,12 +142,13 @@ impl TransRequest {
         })
     }
 
-    /// Checks the protocol: only HTTP branches are supported.
+    /// Checks the protocol: HTTP (the default) or gRPC. Each branch is called over the
+    /// protocol its address names (an `http(s)://` URL or a gRPC `host:port/pkg.Service/Method`).
     pub fn check_protocol(&self) -> Result<(), ApiError> {
         match self.protocol.as_str() {
-            "" | "http" => Ok(()),
+            "" | "http" | "grpc" => Ok(()),
             other => Err(ApiError::BadRequest(format!(
-                "protocol {other:?} is not supported: kubetx calls branches over http and https"
+                "protocol {other:?} is not supported: kubetx calls branches over http(s) and grpc"
             ))),
         }
     }
@@ -151,13 +156,17 @@ impl TransRequest {
     /// Steps with their payloads. DTM's legacy form puts a `data` string in a step; those are
     /// appended after `payloads`.
     pub fn steps(&self) -> Result<Vec<StepSpec>, ApiError> {
-        let mut payloads: Vec<String> = Vec::new();
+        let mut payloads: Vec<Vec<u8>> = Vec::new();
         for (index, payload) in self.payloads.iter().enumerate() {
             payloads.push(match payload {
-                Value::Null => String::new(),
-                Value::String(text) => text.clone(),
+                Value::Null => Vec::new(),
+                Value::String(text) => text.clone().into_bytes(),
                 _ => return Err(ApiError::BadRequest(format!("payloads[{index}] must be a string"))),
             });
+        }
+        if let Some(binary) = &self.bin_payloads {
+            limits::check_count("BinPayloads", binary.len(), MAX_STEPS).map_err(ApiError::BadRequest)?;
+            payloads.clone_from(binary);
         }
         limits::check_count("steps", self.steps.len(), MAX_STEPS).map_err(ApiError::BadRequest)?;
         limits::check_count("payloads", self.payloads.len(), MAX_STEPS).map_err(ApiError::BadRequest)?;
@@ -169,7 +178,7 @@ impl TransRequest {
             let action = string_field(fields, "action", index)?;
             let compensate = string_field(fields, "compensate", index)?;
             if fields.contains_key("data") {
-                payloads.push(string_field(fields, "data", index)?);
+                payloads.push(string_field(fields, "data", index)?.into_bytes());
             }
             steps.push(StepSpec {
                 action,
@@ -178,7 +187,7 @@ impl TransRequest {
             });
         }
         for (step, payload) in steps.iter_mut().zip(payloads) {
-            step.payload = payload.into_bytes();
+            step.payload = payload;
         }
         Ok(steps)
     }
@@ -235,22 +244,27 @@ pub fn parse_trans_type(text: &str) -> Result<TransType, ApiError> {
     })
 }
 
-/// Checks a branch endpoint: empty (nothing to call) or an http(s) URL the outbound policy
-/// allows (a refused one is a 400 with the reason, before any call).
+/// Checks a branch endpoint: empty (nothing to call), an http(s) URL, or a gRPC target
+/// (`host:port/package.Service/Method`), that the outbound policy allows (a refused one is a 400
+/// with the reason, before any call).
 pub fn check_url(policy: &OutboundPolicy, what: &str, url: &str) -> Result<(), ApiError> {
     if url.is_empty() {
         return Ok(());
     }
     limits::check_len(what, url, MAX_URL_LEN).map_err(ApiError::BadRequest)?;
     let lower = url.to_ascii_lowercase();
-    let rest = lower
-        .strip_prefix("http://")
-        .or_else(|| lower.strip_prefix("https://"))
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "{what} {url:?} is not an http or https URL (gRPC branches are not supported)"
-            ))
-        })?;
+    let Some(rest) = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://")) else {
+        let target = GrpcTarget::parse(url)
+            .and_then(|target| target.policy_url())
+            .map_err(|reason| {
+                ApiError::BadRequest(format!(
+                    "{what} {url:?} is not an http or https URL nor a gRPC target: {reason}"
+                ))
+            })?;
+        return policy
+            .check_url(&target)
+            .map_err(|refusal| ApiError::BadRequest(format!("endpoint refused: {what}: {refusal}")));
+    };
     if rest.is_empty() || rest.starts_with('/') {
         return Err(ApiError::BadRequest(format!("{what} {url:?} has no host")));
     }

@@ -172,6 +172,7 @@ impl Kubetx {
                     .arg("serve")
                     .arg("--listen")
                     .arg(&addr)
+                    .arg("--grpc-listen=")
                     .arg("--log-level")
                     .arg(log_level)
                     .env_remove("RUST_LOG")
@@ -214,6 +215,7 @@ impl Kubetx {
                 };
                 let mut config = Config {
                     listen: free_addr()?,
+                    grpc_listen: String::new(),
                     ..Config::default()
                 };
                 config.sqlite.path = db_file

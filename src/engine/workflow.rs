@@ -35,6 +35,17 @@ impl WorkflowCustom {
     }
 }
 
+/// The resume call's body: the input as is over HTTP; over gRPC, the `workflow.WorkflowData`
+/// message that `workflow.Workflow/Execute` takes, wrapping the input.
+fn resume_body(global: &GlobalTrans, input: Vec<u8>) -> Vec<u8> {
+    use prost::Message as _;
+    if global.protocol == "grpc" {
+        crate::proto::workflow::WorkflowData { data: input }.encode_to_vec()
+    } else {
+        input
+    }
+}
+
 pub(super) fn plan(global: &GlobalTrans, pass: &Pass, now: Millis, policy: &Policy) -> Plan {
     match global.status {
         TransStatus::Prepared if !pass.attempted(Target::WorkflowResume) => {
@@ -44,7 +55,7 @@ pub(super) fn plan(global: &GlobalTrans, pass: &Pass, now: Millis, policy: &Poli
                 url: global.query_prepared.clone(),
                 branch_id: "00".to_owned(),
                 op: custom.name.clone(),
-                body: custom.input(),
+                body: resume_body(global, custom.input()),
             }])
         }
         // The client decides the outcome with its submit; until then keep resuming.

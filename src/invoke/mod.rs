@@ -1,6 +1,7 @@
-//! Calls one branch over HTTP, through the one outbound policy ([`policy`]), and classifies the
-//! reply exactly as DTM does.
+//! Calls one branch over HTTP or gRPC ([`grpc`]), through the one outbound policy ([`policy`]),
+//! and classifies the reply exactly as DTM does.
 
+pub mod grpc;
 pub mod policy;
 
 use std::collections::{BTreeMap, HashMap};
@@ -12,6 +13,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use self::grpc::{GrpcCall, GrpcInvoker, GrpcTarget};
 use self::policy::{OutboundPolicy, Refusal};
 use crate::engine::Outcome;
 use crate::model::without_userinfo;
@@ -39,7 +41,7 @@ pub enum InvokeError {
 /// One branch call.
 #[derive(Debug, Clone, Copy)]
 pub struct BranchCall<'a> {
-    /// Endpoint (http or https); empty means immediate success.
+    /// Endpoint (an http(s) URL or a gRPC target); empty means immediate success.
     pub url: &'a str,
     /// `gid` query parameter.
     pub gid: &'a str,
@@ -59,10 +61,12 @@ pub struct BranchCall<'a> {
     pub timeout: Duration,
 }
 
-/// One pooled keep-alive HTTP client for every outbound call, behind the outbound policy.
+/// One pooled keep-alive HTTP client for every outbound call, and one pooled gRPC channel per
+/// gRPC target, behind the outbound policy.
 #[derive(Debug, Clone)]
 pub struct Invoker {
     client: reqwest::Client,
+    grpc: GrpcInvoker,
     policy: Arc<OutboundPolicy>,
     strict: bool,
 }
@@ -117,10 +121,17 @@ impl InvokerBuilder {
     pub fn build(self) -> Result<Invoker, InvokeError> {
         install_crypto_provider();
         let policy = Arc::new(self.policy);
+        let hosts = Arc::new(self.hosts);
         let resolver = PolicyResolver {
             policy: Arc::clone(&policy),
-            hosts: Arc::new(self.hosts),
+            hosts: Arc::clone(&hosts),
         };
+        let grpc = GrpcInvoker::new(
+            Arc::clone(&policy),
+            hosts,
+            self.source,
+            grpc_tls(self.ca_file.as_deref(), self.identity_files.as_ref())?,
+        );
         let mut builder = reqwest::Client::builder();
         if let Some(file) = &self.ca_file {
             builder = builder.tls_certs_merge(ca_bundle(file)?);
@@ -147,6 +158,7 @@ impl InvokerBuilder {
             .build()?;
         Ok(Invoker {
             client,
+            grpc,
             policy,
             strict: self.strict,
         })
@@ -176,6 +188,16 @@ impl Invoker {
         &self.policy
     }
 
+    /// Checks a branch address against the policy before any call: an http(s) URL, or a gRPC
+    /// target. The reason says why it is refused.
+    pub fn check_address(&self, address: &str) -> Result<(), String> {
+        if !GrpcTarget::is_grpc(address) {
+            return self.policy.check(address).map(drop).map_err(|r| r.to_string());
+        }
+        let url = GrpcTarget::parse(address).and_then(|target| target.policy_url())?;
+        self.policy.check_url(&url).map_err(|r| r.to_string())
+    }
+
     /// POSTs a JSON body (the alert webhook) under the same policy; the error is redacted.
     pub async fn post_json(&self, url: &str, body: &serde_json::Value, timeout: Duration) -> Result<(), String> {
         let url = self
@@ -194,6 +216,21 @@ impl Invoker {
     pub async fn call(&self, call: BranchCall<'_>) -> Outcome {
         if call.url.is_empty() {
             return Outcome::Success;
+        }
+        if GrpcTarget::is_grpc(call.url) {
+            return self
+                .grpc
+                .call(GrpcCall {
+                    address: call.url,
+                    gid: call.gid,
+                    trans_type: call.trans_type,
+                    branch_id: call.branch_id,
+                    op: call.op,
+                    body: call.body,
+                    headers: call.headers,
+                    timeout: call.timeout,
+                })
+                .await;
         }
         let mut url = match self.policy.check(call.url) {
             Ok(url) => url,
@@ -235,6 +272,26 @@ impl Invoker {
             Err(error) => Outcome::Error(describe(error)),
         }
     }
+}
+
+/// TLS of `grpcs://` branch calls: the system's roots plus the branch CA bundle, and the client
+/// certificate, the same files as the HTTPS branch calls (already checked by the HTTP side).
+fn grpc_tls(
+    ca_file: Option<&Path>,
+    identity_files: Option<&(PathBuf, PathBuf)>,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, InvokeError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new().with_native_roots();
+    if let Some(file) = ca_file {
+        let bytes = std::fs::read(file).map_err(|e| pem_error(file, e.to_string()))?;
+        tls = tls.ca_certificate(Certificate::from_pem(bytes));
+    }
+    if let Some((cert_file, key_file)) = identity_files {
+        let cert = std::fs::read(cert_file).map_err(|e| pem_error(cert_file, e.to_string()))?;
+        let key = std::fs::read(key_file).map_err(|e| pem_error(key_file, e.to_string()))?;
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Ok(Some(tls))
 }
 
 fn pem_error(path: &Path, reason: impl Into<String>) -> InvokeError {

@@ -15,6 +15,7 @@ use crate::limits::{
     MAX_HEADER_VALUE_LEN, MAX_HEADERS, MAX_NAME_LEN, MAX_OBJECT_NAME_LEN, MAX_PATH_LEN, MAX_RETRY_INTERVAL_SECONDS,
     MAX_RETRY_LIMIT, MAX_STEPS, MAX_TIMEOUT_SECONDS, MAX_URL_LEN,
 };
+use crate::limits::{GRPC_METHOD_PATTERN, MAX_GRPC_METHOD_LEN, MAX_PAYLOAD_BASE64_LEN};
 
 /// Most status rows: three operations per Tcc branch.
 const MAX_STATUS_ROWS: usize = 3 * MAX_STEPS;
@@ -33,22 +34,25 @@ fn any_json(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({ "x-kubernetes-preserve-unknown-fields": true })
 }
 
-/// Where a branch operation is called: a URL, or a Service in the cluster.
+/// Where a branch operation is called: a URL, or a Service in the cluster; over HTTP, or over
+/// gRPC (a `grpc://` or `grpcs://` URL, or a Service with `grpcMethod`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("has(self.url) != has(self.service)").message("give exactly one of url or service"))]
 pub struct Endpoint {
-    /// Full http or https URL.
+    /// Full http or https URL, or a gRPC target `grpc://host:port/package.Service/Method`
+    /// (`grpcs://` for TLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = MAX_URL_LEN))]
-    #[x_kube(validation = kube::core::Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("url must start with http:// or https://"))]
+    #[x_kube(validation = kube::core::Rule::new("self.startsWith('http://') || self.startsWith('https://') || self.startsWith('grpc://') || self.startsWith('grpcs://')").message("url must start with http://, https://, grpc:// or grpcs://"))]
     pub url: Option<String>,
-    /// A Service, called at `http://<name>.<namespace>.svc:<port><path>`.
+    /// A Service, called at `http://<name>.<namespace>.svc:<port><path>`, or over gRPC with
+    /// `grpcMethod`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceRef>,
 }
 
-/// A Kubernetes Service and the path to call on it.
+/// A Kubernetes Service and the path (HTTP) or method (gRPC) to call on it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceRef {
@@ -68,6 +72,11 @@ pub struct ServiceRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = MAX_PATH_LEN), pattern("^/"))]
     pub path: Option<String>,
+    /// gRPC method `package.Service/Method`: the Service is called over gRPC (plaintext HTTP/2)
+    /// at `<name>.<namespace>.svc:<port>`, instead of over HTTP at `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = MAX_GRPC_METHOD_LEN), pattern(GRPC_METHOD_PATTERN))]
+    pub grpc_method: Option<String>,
 }
 
 /// An HTTP header sent on every branch call, inline or from a Secret.
@@ -160,6 +169,11 @@ pub struct SagaStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_json")]
     pub payload: Option<Value>,
+    /// The body as base64 bytes, sent verbatim instead of `payload`: the encoded request
+    /// message of a gRPC method (or any binary body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_PAYLOAD_BASE64_LEN), extend("format" = "byte"))]
+    pub payload_base64: Option<String>,
     /// Steps that must succeed first. Any `dependsOn` makes the saga a DAG: steps without
     /// dependencies start at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -224,6 +238,11 @@ pub struct TccBranch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_json")]
     pub payload: Option<Value>,
+    /// The body as base64 bytes, sent verbatim instead of `payload`: the encoded request
+    /// message of a gRPC method (or any binary body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_PAYLOAD_BASE64_LEN), extend("format" = "byte"))]
+    pub payload_base64: Option<String>,
 }
 
 /// A TCC transaction: the controller calls try on every branch, then confirm on all or cancel
@@ -278,6 +297,11 @@ pub struct MsgStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_json")]
     pub payload: Option<Value>,
+    /// The body as base64 bytes, sent verbatim instead of `payload`: the encoded request
+    /// message of a gRPC method (or any binary body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_PAYLOAD_BASE64_LEN), extend("format" = "byte"))]
+    pub payload_base64: Option<String>,
 }
 
 /// A 2-phase message: once submitted, every step is delivered until it succeeds. Created with

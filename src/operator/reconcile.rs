@@ -326,9 +326,10 @@ fn check_spec<K: Transactional>(obj: &K, ctx: &Context) -> Option<(&'static str,
         return Some(("InvalidSpec", format!("invalid spec: {problem}")));
     }
     obj.endpoints().into_iter().find_map(|endpoint| {
-        let problem = resolve_url(endpoint, obj, &ctx.config.service_domain)
-            .and_then(|url| ctx.invoker.policy().check(&url).map(drop))
-            .err()?;
+        let problem = match resolve_url(endpoint, obj, &ctx.config.service_domain) {
+            Ok(address) => ctx.invoker.check_address(&address).err()?,
+            Err(refusal) => refusal.to_string(),
+        };
         Some(("EndpointRefused", format!("endpoint refused: {problem}")))
     })
 }
@@ -582,7 +583,17 @@ pub fn resolve_url<K: Resource>(endpoint: &Endpoint, obj: &K, domain: &str) -> R
                 .clone()
                 .or_else(|| obj.meta().namespace.clone())
                 .unwrap_or_else(|| "default".to_owned());
-            service_url(service, &namespace, domain).map(String::from)
+            let url = service_url(service, &namespace, domain)?;
+            match &service.grpc_method {
+                // The same host and port, as a gRPC target; the method's form is checked by the
+                // schema and again when the target is parsed.
+                Some(method) => Ok(format!(
+                    "grpc://{}:{}/{method}",
+                    url.host_str().unwrap_or_default(),
+                    url.port().unwrap_or(80)
+                )),
+                None => Ok(String::from(url)),
+            }
         }
         (None, None) => Ok(String::new()),
     }

@@ -15,10 +15,11 @@ use super::crd::{
 use sha2::{Digest, Sha256};
 
 use crate::engine::{self, MsgTarget, SagaOrders, SagaStep};
+use crate::invoke::grpc::GrpcTarget;
 use crate::limits::{
     self, MAX_CALL_TIMEOUT_SECONDS, MAX_DEPENDS_ON, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_HEADERS,
-    MAX_NAME_LEN, MAX_PATH_LEN, MAX_RETRY_INTERVAL_SECONDS, MAX_RETRY_LIMIT, MAX_STEPS, MAX_TIMEOUT_SECONDS,
-    MAX_URL_LEN,
+    MAX_NAME_LEN, MAX_PATH_LEN, MAX_PAYLOAD_BASE64_LEN, MAX_RETRY_INTERVAL_SECONDS, MAX_RETRY_LIMIT, MAX_STEPS,
+    MAX_TIMEOUT_SECONDS, MAX_URL_LEN,
 };
 use crate::model::{
     Branch, BranchStatus, GlobalTrans, Millis, TransOptions, TransStatus, TransType, branch_id_for, op,
@@ -104,11 +105,39 @@ macro_rules! common_accessors {
     };
 }
 
-fn payload_bytes(payload: &Option<serde_json::Value>) -> Vec<u8> {
+/// The body of a step or branch: `payloadBase64` decoded (checked by `validate`), or the JSON
+/// text of `payload`.
+fn payload_bytes(payload: &Option<serde_json::Value>, payload_base64: &Option<String>) -> Vec<u8> {
+    use base64::Engine as _;
+    if let Some(encoded) = payload_base64 {
+        return base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_bytes())
+            .unwrap_or_default();
+    }
     payload
         .as_ref()
         .map(|value| serde_json::to_vec(value).unwrap_or_default())
         .unwrap_or_default()
+}
+
+/// A step's or branch's body: `payload` or `payloadBase64`, not both; base64 within its bound.
+fn check_payload(
+    what: &str,
+    payload: &Option<serde_json::Value>,
+    payload_base64: &Option<String>,
+) -> Result<(), String> {
+    use base64::Engine as _;
+    let Some(encoded) = payload_base64 else {
+        return Ok(());
+    };
+    if payload.is_some() {
+        return Err(format!("{what}: give payload or payloadBase64, not both"));
+    }
+    limits::check_len(&format!("{what}.payloadBase64"), encoded, MAX_PAYLOAD_BASE64_LEN)?;
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded.as_bytes())
+        .map(drop)
+        .map_err(|e| format!("{what}.payloadBase64 is not valid base64: {e}"))
 }
 
 impl Transactional for Saga {
@@ -128,6 +157,7 @@ impl Transactional for Saga {
         let names: Vec<&str> = self.spec.steps.iter().map(|s| s.name.as_str()).collect();
         check_common(self, "steps", &names)?;
         for step in &self.spec.steps {
+            check_payload(&format!("steps[{}]", step.name), &step.payload, &step.payload_base64)?;
             limits::check_count(
                 &format!("steps[{}].dependsOn", step.name),
                 step.depends_on.len(),
@@ -147,7 +177,7 @@ impl Transactional for Saga {
                 (
                     resolve(&s.action),
                     s.compensate.as_ref().map(resolve).unwrap_or_default(),
-                    payload_bytes(&s.payload),
+                    payload_bytes(&s.payload, &s.payload_base64),
                 )
             })
             .collect();
@@ -237,14 +267,22 @@ impl Transactional for Tcc {
 
     fn validate(&self) -> Result<(), String> {
         let names: Vec<&str> = self.spec.branches.iter().map(|b| b.name.as_str()).collect();
-        check_common(self, "branches", &names)
+        check_common(self, "branches", &names)?;
+        for branch in &self.spec.branches {
+            check_payload(
+                &format!("branches[{}]", branch.name),
+                &branch.payload,
+                &branch.payload_base64,
+            )?;
+        }
+        Ok(())
     }
 
     fn layout(&self, gid: &str, resolve: &dyn Fn(&Endpoint) -> String, now: Millis) -> Layout {
         let mut rows = Vec::new();
         for (index, branch) in self.spec.branches.iter().enumerate() {
             let endpoints = [resolve(&branch.try_), resolve(&branch.confirm), resolve(&branch.cancel)];
-            let data = payload_bytes(&branch.payload);
+            let data = payload_bytes(&branch.payload, &branch.payload_base64);
             let [try_url, confirm, cancel] = &endpoints;
             for row in engine::tcc_resource_branches(gid, &branch_id_for(index), [try_url, confirm, cancel], &data, now)
             {
@@ -284,6 +322,9 @@ impl Transactional for Msg {
     fn validate(&self) -> Result<(), String> {
         let names: Vec<&str> = self.spec.steps.iter().map(|s| s.name.as_str()).collect();
         check_common(self, "steps", &names)?;
+        for step in &self.spec.steps {
+            check_payload(&format!("steps[{}]", step.name), &step.payload, &step.payload_base64)?;
+        }
         limits::check_range(
             "delaySeconds",
             self.spec.delay_seconds.unwrap_or(0),
@@ -297,7 +338,7 @@ impl Transactional for Msg {
             .spec
             .steps
             .iter()
-            .map(|s| (resolve(&s.action), payload_bytes(&s.payload)))
+            .map(|s| (resolve(&s.action), payload_bytes(&s.payload, &s.payload_base64)))
             .collect();
         let targets: Vec<MsgTarget<'_>> = urls
             .iter()
@@ -425,6 +466,9 @@ fn check_common<K: Transactional>(obj: &K, list: &str, names: &[&str]) -> Result
 fn check_endpoint(endpoint: &Endpoint) -> Result<(), String> {
     if let Some(url) = &endpoint.url {
         limits::check_len("url", url, MAX_URL_LEN)?;
+        if GrpcTarget::is_grpc(url) {
+            GrpcTarget::parse(url).map_err(|reason| format!("url {url:?}: {reason}"))?;
+        }
     }
     if let Some(service) = &endpoint.service {
         for (what, value) in [
@@ -442,6 +486,12 @@ fn check_endpoint(endpoint: &Endpoint) -> Result<(), String> {
             service.path.as_deref().unwrap_or_default(),
             MAX_PATH_LEN,
         )?;
+        if let Some(method) = &service.grpc_method {
+            if service.path.is_some() {
+                return Err("service: give path (HTTP) or grpcMethod (gRPC), not both".to_owned());
+            }
+            limits::check_len("service.grpcMethod", method, limits::MAX_GRPC_METHOD_LEN)?;
+        }
     }
     Ok(())
 }

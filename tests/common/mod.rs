@@ -42,6 +42,7 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config {
             listen: "127.0.0.1:0".to_owned(),
+            grpc_listen: "127.0.0.1:0".to_owned(),
             ..Config::default()
         };
         config.sqlite.path = dir.path().join("kubetx.db").display().to_string();

@@ -1,0 +1,15 @@
+//! Code generated at build time from `proto/` (prost messages, tonic clients and servers): DTM's
+//! `dtmgimp.Dtm` API and the `workflow.Workflow` callback service. Plain data and stubs, no
+//! logic, so that both the API (server) and the invoke layer (workflow callback) can use them.
+
+/// `dtmgimp`: DTM's gRPC API.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod dtmgimp {
+    tonic::include_proto!("dtmgimp");
+}
+
+/// `workflow`: the resume callback service a gRPC workflow application implements.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod workflow {
+    tonic::include_proto!("workflow");
+}
