@@ -147,7 +147,7 @@ impl Server {
         .route("/readyz", get(move || readyz(Arc::clone(&ready_store))));
         let tls = match config.tls_cert_file.is_empty() {
             true => None,
-            false => Some(reloading_tls(config, &shutdown)?),
+            false => Some(reloading_tls(config, &shutdown, b"http/1.1")?),
         };
         let http = match listener {
             Some(listener) => serve_http(listener, tls.clone(), router, shutdown.clone()).map_err(ServeError::Http)?,
@@ -225,10 +225,12 @@ impl Server {
     }
 }
 
-/// The listener's TLS configuration, rebuilt when its certificate, key or client CA files change.
+/// A listener's TLS configuration offering `alpn`, rebuilt when the certificate, key or client
+/// CA files change.
 fn reloading_tls(
     config: &Config,
     stop: &CancellationToken,
+    alpn: &'static [u8],
 ) -> Result<watch::Receiver<Arc<rustls::ServerConfig>>, ServeError> {
     let files: Vec<PathBuf> = [&config.tls_cert_file, &config.tls_key_file, &config.tls_client_ca_file]
         .into_iter()
@@ -242,6 +244,7 @@ fn reloading_tls(
                 Path::new(&config.tls_cert_file),
                 Path::new(&config.tls_key_file),
                 Some(Path::new(&config.tls_client_ca_file)).filter(|p| !p.as_os_str().is_empty()),
+                alpn,
             )
         }
     };
@@ -277,41 +280,27 @@ async fn serve_grpc(
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             config.max_concurrent_requests.max(1),
         ));
-    if !config.tls_cert_file.is_empty() {
-        builder = builder
-            .tls_config(grpc_tls(config)?)
-            .map_err(|e| ServeError::Grpc(e.to_string()))?;
-    }
     let service = api::grpc::service(state, tokens, config.max_body_bytes);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let router = builder.add_service(service);
-    let task = tokio::spawn(async move {
-        router
-            .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
-            .await
-    });
-    Ok((addr, task))
-}
-
-/// TLS of the gRPC listener, from the HTTP API's files (checked by [`tls::server_config`]).
-fn grpc_tls(config: &Config) -> Result<tonic::transport::ServerTlsConfig, ServeError> {
-    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    let read = |file: &str| {
-        std::fs::read(file).map_err(|e| {
-            ServeError::Tls(tls::TlsError::Pem {
-                path: file.to_owned(),
-                reason: e.to_string(),
-            })
-        })
+    let stopped = stop.clone();
+    let until_stopped = async move { stopped.cancelled().await };
+    let task = match config.tls_cert_file.is_empty() {
+        true => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, until_stopped).await })
+        }
+        // The HTTP API's files, reloaded the same way, offering HTTP/2 (gRPC clients require it).
+        false => {
+            let tls = reloading_tls(config, &stop, b"h2")?;
+            let listener = tls::TlsListener::new(listener, tls, stop.clone()).map_err(ServeError::Http)?;
+            let incoming = futures::stream::unfold(listener, |mut listener| async move {
+                let (stream, _) = axum::serve::Listener::accept(&mut listener).await;
+                Some((Ok::<_, std::io::Error>(stream), listener))
+            });
+            tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, until_stopped).await })
+        }
     };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
-        read(&config.tls_cert_file)?,
-        read(&config.tls_key_file)?,
-    ));
-    if !config.tls_client_ca_file.is_empty() {
-        tls = tls.client_ca_root(Certificate::from_pem(read(&config.tls_client_ca_file)?));
-    }
-    Ok(tls)
+    Ok((addr, task))
 }
 
 /// Serves the router on `listener`, over TLS when configured, until `stop`.

@@ -58,12 +58,14 @@ fn certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// A rustls server configuration from a PEM certificate chain and a PEM private key; with
+/// A rustls server configuration from a PEM certificate chain and a PEM private key, offering the
+/// application protocol `alpn` (`http/1.1` for the HTTP API, `h2` for gRPC); with
 /// `client_ca_file`, clients must present a certificate that CA bundle signed (mTLS).
 pub fn server_config(
     cert_file: &Path,
     key_file: &Path,
     client_ca_file: Option<&Path>,
+    alpn: &[u8],
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     crate::invoke::install_crypto_provider();
     let chain = certificates(cert_file)?;
@@ -83,7 +85,7 @@ pub fn server_config(
         }
     };
     let mut config = builder.with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -281,6 +281,7 @@ impl HttpsBranch {
             tls_fixture("server.pem").as_ref(),
             tls_fixture("server.key").as_ref(),
             client_ca.as_deref().map(std::path::Path::new),
+            b"http/1.1",
         )
         .expect("server TLS");
         let tcp = tokio::net::TcpListener::bind((IpAddr::from(BANK_IP), 0))
