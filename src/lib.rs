@@ -4,6 +4,7 @@
 //! Layers, dependencies pointing down only: [`model`] and [`engine`] are pure; [`invoke`] calls
 //! branches; [`store`] persists; [`scheduler`] drives; [`api`] serves HTTP.
 
+pub mod activity;
 pub mod api;
 pub mod bank;
 pub mod bench;

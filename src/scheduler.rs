@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::activity::Activity;
 use crate::driver::{self, PassContext, PassSink};
-use crate::engine::{self, BranchUpdate, Outcome, Policy};
+use crate::engine::{self, BranchUpdate, Call, Outcome, Policy};
 use crate::invoke::Invoker;
 use crate::invoke::policy::OutboundPolicy;
 use crate::metrics::{Metrics, RouteLabels, TransLabels};
@@ -135,6 +136,7 @@ pub struct Coordinator {
     tracker: TaskTracker,
     permits: Arc<Semaphore>,
     wake: Notify,
+    activity: Activity,
 }
 
 impl Coordinator {
@@ -158,7 +160,13 @@ impl Coordinator {
             tracker: TaskTracker::new(),
             permits,
             wake: Notify::new(),
+            activity: Activity::default(),
         }
+    }
+
+    /// What this process saw of recent branch calls (the console's attempts and last errors).
+    pub fn activity(&self) -> &Activity {
+        &self.activity
     }
 
     /// The store.
@@ -397,6 +405,8 @@ impl Coordinator {
             owner: &self.owner,
             lease: self.config.lease.as_millis() as Millis,
             lease_until: global.next_cron_time,
+            activity: &self.activity,
+            gid: global.gid.clone(),
         };
         let result = driver::run_pass(global, branches, &context, &mut sink).await?;
         if !result.completed {
@@ -476,6 +486,8 @@ struct StoreSink<'a> {
     owner: &'a str,
     lease: Millis,
     lease_until: Millis,
+    activity: &'a Activity,
+    gid: String,
 }
 
 impl StoreSink<'_> {
@@ -490,6 +502,10 @@ impl StoreSink<'_> {
 
 impl PassSink for StoreSink<'_> {
     type Error = SchedulerError;
+
+    fn call_made(&mut self, call: &Call, outcome: &Outcome, now: Millis) {
+        self.activity.record(&self.gid, &call.branch_id, &call.op, outcome, now);
+    }
 
     async fn transition(
         &mut self,

@@ -1,7 +1,9 @@
-//! The DTM-compatible HTTP API (`/api/dtmsvr/...`), plus `/api/ping` and `/api/metrics`.
+//! The DTM-compatible HTTP API (`/api/dtmsvr/...`), plus `/api/ping`, `/api/metrics` and the
+//! console (`/` and `/api/admin/...`).
 
 mod admin;
 pub mod auth;
+mod console;
 mod trans;
 mod wire;
 
@@ -177,6 +179,21 @@ pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
             config.tokens.clone(),
             auth::require_token,
         ));
+    let console = Router::new()
+        .route("/transactions", get(console::list))
+        .route("/transactions/{gid}", get(console::detail))
+        .route("/transactions/{gid}/force-stop", post(console::force_stop))
+        .route("/transactions/{gid}/retry-now", post(console::retry_now))
+        .route(
+            "/transactions/{gid}/retry-compensation",
+            post(console::retry_compensation),
+        )
+        .route("/due", get(console::due))
+        .route("/summary", get(console::summary))
+        .route_layer(middleware::from_fn_with_state(
+            config.tokens.clone(),
+            auth::require_token,
+        ));
     let metrics = Router::new()
         .route("/api/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
@@ -185,7 +202,11 @@ pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
         ));
     Router::new()
         .nest("/api/dtmsvr", dtm)
+        .nest("/api/admin", console)
         .merge(metrics)
+        .route("/", get(console::index))
+        .route("/console/app.js", get(console::app_js))
+        .route("/console/style.css", get(console::style_css))
         .route("/api/ping", any(|| async { Json(json!({"msg": "pong"})) }))
         .method_not_allowed_fallback(|| async {
             (
