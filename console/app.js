@@ -71,7 +71,7 @@ async function refreshSummary() {
   const u = s.unfinished;
   $("summary").textContent =
     `Unfinished: ${u.prepared} prepared, ${u.submitted} submitted, ${u.aborting} aborting. ` +
-    `Oldest due: ${age(s.oldest_due_age_ms)} ago.`;
+    (s.oldest_due_age_ms > 0 ? `Oldest due: ${age(s.oldest_due_age_ms)} overdue.` : "Nothing overdue.");
 }
 
 function listQuery() {
@@ -245,7 +245,7 @@ function wire() {
   $("filters").addEventListener("reset", () => setTimeout(() => { state.cursors = [""]; route(); }));
   $("next-page").addEventListener("click", () => { state.cursors.push(state.next); renderList().catch(handle); });
   $("first-page").addEventListener("click", () => { state.cursors = [""]; renderList().catch(handle); });
-  $("refresh").addEventListener("click", () => renderDetail(state.gid).catch(handle));
+  $("refresh").addEventListener("click", () => Promise.all([renderDetail(state.gid), refreshSummary()]).catch(handle));
   for (const button of document.querySelectorAll("[data-action]")) {
     button.addEventListener("click", () => act(button.dataset.action));
   }
