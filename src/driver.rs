@@ -12,7 +12,7 @@ use tracing::debug;
 
 use crate::engine::{self, BranchUpdate, Call, Outcome, Pass, Plan, Policy, Target};
 use crate::invoke::{BranchCall, Invoker};
-use crate::metrics::{BranchLabels, Metrics};
+use crate::metrics::{BranchLabels, CallLabels, Metrics};
 use crate::model::{Branch, GlobalTrans, Millis, TransStatus, TransType, without_userinfo};
 
 /// Where a pass's steps go. Every method may veto the rest of the pass by answering `false`
@@ -218,6 +218,7 @@ fn metric_op(operation: &str) -> &'static str {
 }
 
 async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, timeout: Duration) -> Outcome {
+    let started = std::time::Instant::now();
     let outcome = context
         .invoker
         .call(BranchCall {
@@ -232,6 +233,14 @@ async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, ti
             timeout,
         })
         .await;
+    context
+        .metrics
+        .branch_call_duration
+        .get_or_create(&CallLabels {
+            trans_type: global.trans_type.as_str(),
+            op: metric_op(&call.op),
+        })
+        .observe(started.elapsed().as_secs_f64());
     let label = match &outcome {
         Outcome::Success => "success",
         Outcome::Failure(_) => "failure",

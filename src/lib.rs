@@ -20,4 +20,5 @@ pub mod operator;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod timed_store;
 pub mod tls;

@@ -23,6 +23,10 @@ use crate::metrics::{Metrics, RouteLabels, TransLabels};
 use crate::model::{Branch, GlobalTrans, Millis, TransStatus};
 use crate::store::{Guard, Lease, StatusChange, Store, StoreError};
 
+/// How often the background loop refreshes the gauges of unfinished transactions (a scrape of
+/// `/api/metrics` refreshes them too; the operator's `/metrics` relies on this).
+const GAUGE_REFRESH: Duration = Duration::from_secs(10);
+
 /// Longest pause of the background loop while the store keeps failing.
 const MAX_CLAIM_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -169,6 +173,14 @@ impl Coordinator {
         &self.activity
     }
 
+    /// Reads the unfinished counts and the earliest due time from the store into the gauges. A
+    /// failed read leaves the last values (the failure shows in `kubetx_store_errors`).
+    pub async fn refresh_gauges(&self) {
+        if let Ok(summary) = self.store.unfinished_summary().await {
+            self.metrics.set_unfinished(&summary, self.clock.now());
+        }
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -288,7 +300,12 @@ impl Coordinator {
     /// while the store fails. Returns when `shutdown` is cancelled.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
+        let mut gauges_at: Option<std::time::Instant> = None;
         loop {
+            if gauges_at.is_none_or(|at| at.elapsed() >= GAUGE_REFRESH) {
+                self.refresh_gauges().await;
+                gauges_at = Some(std::time::Instant::now());
+            }
             let idle = match self.claim_and_spawn().await {
                 Ok(claimed) => {
                     if failures > 0 {
@@ -408,7 +425,16 @@ impl Coordinator {
             activity: &self.activity,
             gid: global.gid.clone(),
         };
-        let result = driver::run_pass(global, branches, &context, &mut sink).await?;
+        let trans_type = global.trans_type;
+        let started = std::time::Instant::now();
+        let result = driver::run_pass(global, branches, &context, &mut sink).await;
+        self.metrics
+            .pass_duration
+            .get_or_create(&RouteLabels {
+                api: trans_type.as_str().to_owned(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let result = result?;
         if !result.completed {
             return Ok(self.lost(result.global, result.last_problem));
         }

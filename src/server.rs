@@ -99,7 +99,10 @@ impl Server {
     ) -> Result<Self, ServeError> {
         config.validate()?;
         let options = config.store_options()?;
-        let store = store::open(&options).await?;
+        let store: Arc<dyn Store> = Arc::new(crate::timed_store::TimedStore::new(
+            store::open(&options).await?,
+            Arc::clone(&metrics),
+        ));
         let coordinator = Arc::new(Coordinator::new(store, invoker, clock, config.scheduler(), metrics));
         // An empty address turns the API off: store, scheduler and retention still run (the
         // operator's controllers use the store, and transactions already in it are finished).

@@ -328,3 +328,58 @@ async fn the_console_routes_require_the_token_and_the_page_holds_no_data() {
     }
     assert_eq!(seen.len(), 2);
 }
+
+/// The value of one sample of `/api/metrics` (`name{labels}` exactly as rendered), 0 if absent.
+async fn sample(ts: &TestServer, series: &str) -> f64 {
+    let text = ts
+        .http
+        .get(format!("http://{}/api/metrics", ts.server.addr))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|value| value.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn gauges_move_as_transactions_start_stall_and_finish() {
+    let ts = TestServer::start().await;
+    let bank = Bank::start().await;
+    let submitted = r#"kubetx_unfinished_transactions{status="submitted"}"#;
+    let prepared = r#"kubetx_unfinished_transactions{status="prepared"}"#;
+    let oldest = "kubetx_oldest_due_seconds";
+    assert_eq!((sample(&ts, submitted).await, sample(&ts, oldest).await), (0.0, 0.0));
+
+    stuck_saga(&ts, &bank, "gauge-1").await;
+    assert_eq!(sample(&ts, submitted).await, 1.0, "started and stalled");
+    assert_eq!(sample(&ts, oldest).await, 0.0, "backing off, not due yet");
+    let msg = json!({"gid": "gauge-msg", "trans_type": "msg", "steps": [{"action": bank.url("TransIn")}],
+        "payloads": ["{}"], "query_prepared": bank.url("QueryPrepared")});
+    assert_eq!(ts.post("prepare", msg).await.0, 200);
+    assert_eq!(sample(&ts, prepared).await, 1.0);
+
+    // Nobody runs the scheduler: the saga stays due, and the gauge shows for how long.
+    ts.clock.advance(std::time::Duration::from_secs(100));
+    let overdue = sample(&ts, oldest).await;
+    assert!((80.0..=100.0).contains(&overdue), "overdue by about 90 s: {overdue}");
+
+    bank.unscript("TransIn");
+    // The tick retries the saga and checks the msg back (its 35 s timeout passed): both finish.
+    assert_eq!(ts.server.coordinator.tick().await.expect("tick"), 2);
+    ts.wait_status("gauge-1", "succeed").await;
+    ts.wait_status("gauge-msg", "succeed").await;
+    assert_eq!(sample(&ts, submitted).await, 0.0, "finished");
+    assert_eq!(sample(&ts, prepared).await, 0.0);
+    assert_eq!(sample(&ts, oldest).await, 0.0);
+
+    assert!(sample(&ts, r#"kubetx_pass_duration_seconds_count{api="saga"}"#).await >= 2.0);
+    let calls = r#"kubetx_branch_call_duration_seconds_count{trans_type="saga",op="action"}"#;
+    assert!(sample(&ts, calls).await >= 3.0);
+    assert!(sample(&ts, r#"kubetx_store_duration_seconds_count{op="create"}"#).await >= 2.0);
+    assert_eq!(sample(&ts, r#"kubetx_store_errors_total{op="create"}"#).await, 0.0);
+}

@@ -226,6 +226,9 @@ pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    // The gauges of unfinished transactions are read from the store at scrape time, so that
+    // every replica reports the shared store's truth.
+    state.coordinator.refresh_gauges().await;
     (
         [(
             header::CONTENT_TYPE,
