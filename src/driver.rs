@@ -8,7 +8,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures::future::join_all;
-use tracing::debug;
+use tracing::{Instrument as _, debug};
 
 use crate::engine::{self, BranchUpdate, Call, Outcome, Pass, Plan, Policy, Target};
 use crate::invoke::{BranchCall, Invoker};
@@ -219,6 +219,16 @@ fn metric_op(operation: &str) -> &'static str {
 
 async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, timeout: Duration) -> Outcome {
     let started = std::time::Instant::now();
+    let span = tracing::info_span!(
+        "branch",
+        otel.name = %format!("branch {}", metric_op(&call.op)),
+        otel.kind = "client",
+        gid = %global.gid,
+        mode = %global.trans_type,
+        branch = %call.branch_id,
+        op = %call.op,
+    );
+    let traceparent = crate::telemetry::stored_traceparent(&global.ext_data);
     let outcome = context
         .invoker
         .call(BranchCall {
@@ -231,7 +241,9 @@ async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, ti
             force_post: global.trans_type == TransType::Xa && matches!(call.target, Target::Branch(_)),
             headers: &global.options.branch_headers,
             timeout,
+            traceparent: traceparent.as_deref(),
         })
+        .instrument(span)
         .await;
     context
         .metrics

@@ -20,5 +20,6 @@ pub mod operator;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod timed_store;
 pub mod tls;

@@ -12,7 +12,7 @@ use futures::future::join_all;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::activity::Activity;
 use crate::driver::{self, PassContext, PassSink};
@@ -426,8 +426,12 @@ impl Coordinator {
             gid: global.gid.clone(),
         };
         let trans_type = global.trans_type;
+        let span = info_span!("pass", gid = %global.gid, mode = %trans_type, status = %global.status);
+        crate::telemetry::continue_trace(&span, &global.ext_data);
         let started = std::time::Instant::now();
-        let result = driver::run_pass(global, branches, &context, &mut sink).await;
+        let result = driver::run_pass(global, branches, &context, &mut sink)
+            .instrument(span)
+            .await;
         self.metrics
             .pass_duration
             .get_or_create(&RouteLabels {

@@ -383,3 +383,49 @@ async fn gauges_move_as_transactions_start_stall_and_finish() {
     assert!(sample(&ts, r#"kubetx_store_duration_seconds_count{op="create"}"#).await >= 2.0);
     assert_eq!(sample(&ts, r#"kubetx_store_errors_total{op="create"}"#).await, 0.0);
 }
+
+#[tokio::test]
+async fn without_an_exporter_the_clients_traceparent_reaches_every_branch() {
+    let ts = TestServer::start().await;
+    let bank = Bank::start().await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut body = transfer_saga("traced-off", &bank);
+    body["wait_result"] = json!(true);
+    let response = ts
+        .http
+        .post(ts.url("submit"))
+        .header("traceparent", traceparent)
+        .json(&body)
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(response.status(), 200);
+    let calls = bank.calls_for("traced-off");
+    assert_eq!(calls.len(), 2);
+    for call in calls {
+        assert_eq!(
+            call.headers.get("traceparent").and_then(|v| v.to_str().ok()),
+            Some(traceparent)
+        );
+    }
+    // Stored with the transaction, so that retries (after a restart too) continue the trace.
+    let stored = ts.transaction("traced-off").await["ext_data"].clone();
+    assert_eq!(stored, json!(json!({"traceparent": traceparent}).to_string()));
+
+    // A malformed header is ignored, never passed on.
+    let mut body = transfer_saga("traced-bad", &bank);
+    body["wait_result"] = json!(true);
+    let response = ts
+        .http
+        .post(ts.url("submit"))
+        .header("traceparent", "00-zz-01")
+        .json(&body)
+        .send()
+        .await;
+    assert_eq!(response.expect("submit").status(), 200);
+    assert!(
+        bank.calls_for("traced-bad")
+            .iter()
+            .all(|c| c.headers.get("traceparent").is_none())
+    );
+}

@@ -175,6 +175,7 @@ pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
         .route("/topic/{name}", delete(admin::delete_topic))
         .route("/scanKV", get(admin::scan_kv))
         .route("/queryKV", get(admin::query_kv))
+        .route_layer(middleware::from_fn(crate::telemetry::trace_request))
         .route_layer(middleware::from_fn_with_state(
             config.tokens.clone(),
             auth::require_token,
