@@ -187,8 +187,10 @@ pub fn current_traceparent() -> Option<String> {
     traceparent_of(&Span::current().context()).or_else(|| INCOMING.try_with(Clone::clone).ok().flatten())
 }
 
-/// `ext_data` of a transaction created now: the trace to continue, or empty.
-pub fn new_ext_data() -> String {
+/// `ext_data` of transaction `gid`, created now: the trace to continue, or empty. Records the
+/// gid on the request's span.
+pub fn new_ext_data(gid: &str) -> String {
+    Span::current().record("gid", gid);
     current_traceparent()
         .map(|traceparent| serde_json::json!({ TRACEPARENT: traceparent }).to_string())
         .unwrap_or_default()
@@ -229,7 +231,13 @@ pub async fn trace_request(request: Request, next: Next) -> Response {
         .get(TRACEPARENT)
         .and_then(|value| value.to_str().ok())
         .and_then(normalized);
-    let span = tracing::info_span!("dtm", otel.name = %format!("dtm {route}"), otel.kind = "server", route = %route);
+    let span = tracing::info_span!(
+        "dtm",
+        otel.name = %format!("dtm {route}"),
+        otel.kind = "server",
+        route = %route,
+        gid = tracing::field::Empty,
+    );
     if let Some(context) = incoming.as_deref().and_then(context_of) {
         let _ = span.set_parent(context);
     }
@@ -263,7 +271,7 @@ mod tests {
     fn without_exported_spans_the_stored_trace_is_passed_on() {
         assert_eq!(outgoing_traceparent(Some(PARENT)).as_deref(), Some(PARENT));
         assert_eq!(outgoing_traceparent(None), None);
-        assert_eq!(new_ext_data(), "");
+        assert_eq!(new_ext_data("g"), "");
     }
 
     #[test]

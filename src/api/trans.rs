@@ -627,7 +627,7 @@ fn new_global(
         result: String::new(),
         rollback_reason: String::new(),
         // The trace the client's request belongs to: the passes continue it.
-        ext_data: crate::telemetry::new_ext_data(),
+        ext_data: crate::telemetry::new_ext_data(&req.gid),
     };
     let policy = &coordinator.config().policy;
     global.next_cron_interval = engine::base_interval(&global, policy);
