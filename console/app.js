@@ -104,7 +104,14 @@ async function renderList() {
     const link = document.createElement("a");
     link.href = "#/tx/" + encodeURIComponent(t.gid);
     link.textContent = t.gid;
-    cell(row, "").appendChild(link);
+    const gidCell = cell(row, "");
+    gidCell.appendChild(link);
+    if (t.resource) {
+      const r = document.createElement("div");
+      r.className = "resource";
+      r.textContent = `${t.resource.kind} ${t.resource.namespace}/${t.resource.name}`;
+      gidCell.appendChild(r);
+    }
     cell(row, t.trans_type);
     cell(row, t.status, "st-" + t.status);
     cell(row, when(t.create_time));
@@ -118,6 +125,20 @@ async function renderList() {
   $("first-page").disabled = state.cursors.length <= 1;
   say(`${page.transactions.length} shown, page ${state.cursors.length}${page.next ? "" : " (last)"}.`);
   show("list");
+}
+
+// The phase `kubectl get` shows for a resource in this status (the operator's mapping).
+function phaseOf(t) {
+  const phases = { submitted: "Running", aborting: "Compensating", succeed: "Succeeded", failed: "Failed" };
+  if (t.status === "prepared") return t.trans_type === "tcc" ? "Trying" : "Prepared";
+  return phases[t.status] || "";
+}
+
+function resourceText(t) {
+  const r = t.resource;
+  if (!r) return "";
+  return `${r.kind} ${r.namespace}/${r.name}, phase ${phaseOf(t)} ` +
+    `(kubectl -n ${r.namespace} get ${r.kind.toLowerCase()} ${r.name})`;
 }
 
 function definitions(list, pairs) {
@@ -145,6 +166,7 @@ async function renderDetail(gid) {
     ["next try", t.status === "succeed" || t.status === "failed" ? "" : when(t.next_cron_time)],
     ["retry interval (s)", t.next_cron_interval], ["held by", t.owner],
     ["rollback reason", t.rollback_reason], ["query prepared", t.query_prepared],
+    ["Kubernetes resource", resourceText(t)],
   ]);
   let options = {};
   try { options = JSON.parse(t.options || "{}"); } catch (_) { options = {}; }

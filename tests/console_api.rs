@@ -429,3 +429,56 @@ async fn without_an_exporter_the_clients_traceparent_reaches_every_branch() {
             .all(|c| c.headers.get("traceparent").is_none())
     );
 }
+
+#[tokio::test]
+async fn a_transaction_of_an_operator_resource_names_it() {
+    let ts = TestServer::start().await;
+    let now = ts.server.coordinator.now();
+    let mut global = kubetx::model::GlobalTrans {
+        id: 0,
+        gid: "default-transfer-1-abcdef12".to_owned(),
+        trans_type: kubetx::model::TransType::Saga,
+        status: kubetx::model::TransStatus::Submitted,
+        query_prepared: String::new(),
+        protocol: "http".to_owned(),
+        custom_data: String::new(),
+        options: Default::default(),
+        create_time: now,
+        update_time: now,
+        finish_time: None,
+        rollback_time: None,
+        next_cron_time: now + 3_600_000,
+        next_cron_interval: 10,
+        owner: String::new(),
+        result: String::new(),
+        rollback_reason: String::new(),
+        ext_data: json!({"resource": {"kind": "Saga", "namespace": "default", "name": "transfer-1"}}).to_string(),
+    };
+    assert!(
+        ts.server
+            .coordinator
+            .store()
+            .create(&global, &[])
+            .await
+            .expect("create")
+    );
+    let (_, detail) = admin_get(&ts, &format!("transactions/{}", global.gid)).await;
+    assert_eq!(
+        detail["transaction"]["resource"],
+        json!({"kind": "Saga", "namespace": "default", "name": "transfer-1"})
+    );
+    let (_, page) = admin_get(&ts, "transactions?gid=default-").await;
+    assert_eq!(page["transactions"][0]["resource"]["name"], "transfer-1");
+    global.gid = "plain-1".to_owned();
+    global.ext_data = "{\"traceparent\":\"x\"}".to_owned();
+    assert!(
+        ts.server
+            .coordinator
+            .store()
+            .create(&global, &[])
+            .await
+            .expect("create")
+    );
+    let (_, detail) = admin_get(&ts, "transactions/plain-1").await;
+    assert!(detail["transaction"].get("resource").is_none(), "{detail}");
+}

@@ -141,7 +141,7 @@ async fn workflow(client: &Client, bank: &Bank, gid: &str) {
 }
 
 /// Fills the store: every mode, finished and unfinished, in batches of concurrent clients.
-async fn seed(client: &Client, bank: &Bank) {
+async fn seed(client: &Client, bank: &Bank, server: &Server) {
     bank.script("Down", &[Reply::Error; 1000]);
     bank.script("Refuse", &[Reply::Failure; SAGAS_FAILED]);
     bank.script("Flaky", &[Reply::Error]);
@@ -205,7 +205,35 @@ async fn seed(client: &Client, bank: &Bank) {
     retry["branch_headers"] = json!({"X-Api-Key": SECRET});
     client.post("submit", retry).await;
     client.post("submit", saga("stop-me", bank, "TransOut", "Down")).await;
+    operator_row(server).await;
     client.post("submit", saga("newest", bank, "TransOut", "TransIn")).await;
+}
+
+/// A transaction as `kubetx operator` with a SQL store records one of its resources.
+async fn operator_row(server: &Server) {
+    let coordinator = &server.coordinator;
+    let now = coordinator.now();
+    let global = kubetx::model::GlobalTrans {
+        id: 0,
+        gid: "default-transfer-1-abcdef12".to_owned(),
+        trans_type: kubetx::model::TransType::Saga,
+        status: kubetx::model::TransStatus::Succeed,
+        query_prepared: String::new(),
+        protocol: "http".to_owned(),
+        custom_data: String::new(),
+        options: Default::default(),
+        create_time: now,
+        update_time: now,
+        finish_time: Some(now),
+        rollback_time: None,
+        next_cron_time: now,
+        next_cron_interval: 10,
+        owner: String::new(),
+        result: String::new(),
+        rollback_reason: String::new(),
+        ext_data: json!({"resource": {"kind": "Saga", "namespace": "default", "name": "transfer-1"}}).to_string(),
+    };
+    assert!(coordinator.store().create(&global, &[]).await.expect("create"));
 }
 
 async fn tcc_job(client: &Client, bank: &Bank, gid: String, abort: bool) {
@@ -254,7 +282,7 @@ async fn the_console_in_a_real_browser() {
         http: reqwest::Client::new(),
         base: format!("http://{}", server.addr),
     };
-    seed(&client, &bank).await;
+    seed(&client, &bank, &server).await;
     settle(&client).await;
     let oldest = client.admin("due?limit=1").await["transactions"][0]["gid"].clone();
     let expect = json!({
@@ -267,6 +295,7 @@ async fn the_console_in_a_real_browser() {
         "retry_gid": "retry-me",
         "stop_gid": "stop-me",
         "secret": SECRET,
+        "resource_gid": "default-transfer-1-abcdef12",
     });
     let expect_file = store_dir.path().join("expect.json");
     std::fs::write(&expect_file, expect.to_string()).expect("write expectations");

@@ -240,8 +240,22 @@ fn row_json(global: &GlobalTrans, now: Millis) -> Value {
             "overdue_ms".to_owned(),
             Value::from((now - global.next_cron_time).max(0)),
         );
+        if let Some(resource) = resource_of(&global.ext_data) {
+            map.insert("resource".to_owned(), resource);
+        }
     }
     row
+}
+
+/// The Kubernetes resource (`{kind, namespace, name}`) the operator recorded for a transaction.
+fn resource_of(ext_data: &str) -> Option<Value> {
+    if ext_data.is_empty() {
+        return None;
+    }
+    let mut value: Value = serde_json::from_str(ext_data).ok()?;
+    let resource = value.get_mut("resource")?.take();
+    let text = |key: &str| resource.get(key).and_then(Value::as_str).map(str::to_owned);
+    Some(json!({"kind": text("kind")?, "namespace": text("namespace")?, "name": text("name")?}))
 }
 
 fn parse_due_position(text: &str) -> Result<DuePosition, ApiError> {

@@ -178,6 +178,13 @@ try {
   }, "the compensations to succeed");
   await shot("08-compensated");
 
+  step("an operator resource: its namespace/name and phase");
+  await page.goto(`${base}/#/tx/${encodeURIComponent(expect.resource_gid)}`);
+  await page.getByRole("heading", { name: `Transaction ${expect.resource_gid}` }).waitFor();
+  const resource = await page.locator("#global dt:text-is('Kubernetes resource') + dd").textContent();
+  assert.match(resource, /^Saga default\/transfer-1, phase Succeeded \(kubectl -n default get saga transfer-1\)$/);
+  await shot("09-operator-resource");
+
   step("accessibility: landmarks, labels, sign out");
   for (const role of ["banner", "main", "navigation"]) assert.ok(await page.getByRole(role).count() >= 1, role);
   const unlabelled = await page.evaluate(() =>
