@@ -19,6 +19,7 @@ use crate::scheduler::SystemClock;
 use crate::server::{ServeError, Server, shutdown_signal};
 use crate::store::StoreKind;
 use crate::store::Synchronous;
+use crate::telemetry;
 
 /// Errors of a command.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,9 @@ pub enum CliError {
     /// Configuration problem.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// Tracing could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
     /// The server failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
@@ -179,6 +183,9 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "KUBETX_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// OTLP/HTTP collector base URL; spans are exported to `<url>/v1/traces`. Empty: none.
+    #[arg(long, env = "KUBETX_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Hosts branches may be called on (`name`, `*.suffix` or `*`; comma-separated). `serve`
     /// allows every host when neither this nor --allow-cidrs is set; the operator always allows
     /// cluster services.
@@ -292,6 +299,7 @@ impl ServeArgs {
             drain_timeout => drain_timeout,
             log_level => log_level,
             log_format => log_format,
+            otlp_endpoint => otlp_endpoint,
             strict_results => strict_results,
             api_tokens_file => api_tokens_file,
             tls_cert_file => tls_cert_file,
@@ -357,16 +365,29 @@ async fn serve(config: &Config) -> Result<(), CliError> {
     if config.listen.is_empty() {
         return Err(ConfigError::Invalid("listen is empty: `kubetx serve` needs an API address".to_owned()).into());
     }
-    init_logging(&config.log_level, config.log_format);
+    let telemetry = telemetry::init(&config.log_level, config.log_format, &config.otlp_endpoint)?;
     let server = Server::start(config, Arc::new(SystemClock), true).await?;
     shutdown_signal().await;
-    server.stop().await?;
+    let stopped = server.stop().await;
+    flush_spans(telemetry).await;
+    stopped?;
     Ok(())
 }
 
 async fn operator(args: &OperatorArgs) -> Result<(), CliError> {
     let config = args.serve.config()?;
-    init_logging(&config.log_level, config.log_format);
+    let telemetry = telemetry::init(&config.log_level, config.log_format, &config.otlp_endpoint)?;
+    let result = run_operator(args, config).await;
+    flush_spans(telemetry).await;
+    result
+}
+
+/// Exports the spans still buffered (the exporter blocks, so off the async threads).
+async fn flush_spans(telemetry: telemetry::Telemetry) {
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+}
+
+async fn run_operator(args: &OperatorArgs, config: Config) -> Result<(), CliError> {
     let metrics = Arc::new(Metrics::new());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     // One policy for the controllers and the DTM API beside them.

@@ -140,6 +140,9 @@ pub struct Config {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// OTLP/HTTP collector base URL (`http://collector:4318`): spans go to `<it>/v1/traces`.
+    /// Empty: no spans are exported (a client's `traceparent` still reaches the branches).
+    pub otlp_endpoint: String,
     /// Host patterns branches may be called on (`name`, `*.suffix`, `*`). With `allow_cidrs`
     /// both empty, every host and address may be called except link-local and metadata ones.
     pub allow_hosts: Vec<String>,
@@ -205,6 +208,7 @@ impl Default for Config {
             drain_timeout: 30,
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
+            otlp_endpoint: String::new(),
             allow_hosts: Vec::new(),
             allow_cidrs: Vec::new(),
             strict_results: false,

@@ -8,11 +8,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures::future::join_all;
-use tracing::debug;
+use tracing::{Instrument as _, debug};
 
 use crate::engine::{self, BranchUpdate, Call, Outcome, Pass, Plan, Policy, Target};
 use crate::invoke::{BranchCall, Invoker};
-use crate::metrics::{BranchLabels, Metrics};
+use crate::metrics::{BranchLabels, CallLabels, Metrics};
 use crate::model::{Branch, GlobalTrans, Millis, TransStatus, TransType, without_userinfo};
 
 /// Where a pass's steps go. Every method may veto the rest of the pass by answering `false`
@@ -218,6 +218,17 @@ fn metric_op(operation: &str) -> &'static str {
 }
 
 async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, timeout: Duration) -> Outcome {
+    let started = std::time::Instant::now();
+    let span = tracing::info_span!(
+        "branch",
+        otel.name = %format!("branch {}", metric_op(&call.op)),
+        otel.kind = "client",
+        gid = %global.gid,
+        mode = %global.trans_type,
+        branch = %call.branch_id,
+        op = %call.op,
+    );
+    let traceparent = crate::telemetry::stored_traceparent(&global.ext_data);
     let outcome = context
         .invoker
         .call(BranchCall {
@@ -230,8 +241,18 @@ async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, ti
             force_post: global.trans_type == TransType::Xa && matches!(call.target, Target::Branch(_)),
             headers: &global.options.branch_headers,
             timeout,
+            traceparent: traceparent.as_deref(),
         })
+        .instrument(span)
         .await;
+    context
+        .metrics
+        .branch_call_duration
+        .get_or_create(&CallLabels {
+            trans_type: global.trans_type.as_str(),
+            op: metric_op(&call.op),
+        })
+        .observe(started.elapsed().as_secs_f64());
     let label = match &outcome {
         Outcome::Success => "success",
         Outcome::Failure(_) => "failure",

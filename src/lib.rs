@@ -4,6 +4,7 @@
 //! Layers, dependencies pointing down only: [`model`] and [`engine`] are pure; [`invoke`] calls
 //! branches; [`store`] persists; [`scheduler`] drives; [`api`] serves HTTP.
 
+pub mod activity;
 pub mod api;
 pub mod bank;
 pub mod bench;
@@ -21,4 +22,6 @@ pub mod reload;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod telemetry;
+pub mod timed_store;
 pub mod tls;

@@ -3,8 +3,10 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Labels of an API request.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,6 +42,29 @@ pub struct BranchLabels {
     pub op: String,
     /// `success`, `failure`, `ongoing` or `error`.
     pub outcome: String,
+}
+
+/// Labels of a gauge by transaction status.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    /// `prepared`, `submitted` or `aborting`.
+    pub status: &'static str,
+}
+
+/// Labels of a branch call latency sample (fixed sets: 5 modes, 9 ops).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// Mode.
+    pub trans_type: &'static str,
+    /// Operation (`other` for a workflow's resume call).
+    pub op: &'static str,
+}
+
+/// Labels of a store call (a fixed set: the store trait's method names).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// Store method.
+    pub op: &'static str,
 }
 
 /// Labels of an operator metric.
@@ -88,6 +113,18 @@ pub struct Metrics {
     pub status_writes: Family<KindLabels, Counter>,
     /// Status writes skipped because nothing changed.
     pub status_skips: Family<KindLabels, Counter>,
+    /// Unfinished transactions by status (refreshed from the store on every scrape).
+    pub unfinished: Family<StatusLabels, Gauge>,
+    /// Seconds since the earliest due unfinished transaction became due (0: none overdue).
+    pub oldest_due_seconds: Gauge<f64, AtomicU64>,
+    /// Duration of processing passes by mode.
+    pub pass_duration: Family<RouteLabels, Histogram>,
+    /// Branch call latency by mode and op.
+    pub branch_call_duration: Family<CallLabels, Histogram>,
+    /// Store call latency by method.
+    pub store_duration: Family<StoreLabels, Histogram>,
+    /// Store calls that failed, by method.
+    pub store_errors: Family<StoreLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -166,8 +203,56 @@ impl Metrics {
             "Resource status writes skipped because nothing changed",
             status_skips.clone(),
         );
+        let unfinished = Family::<StatusLabels, Gauge>::default();
+        let oldest_due_seconds = Gauge::<f64, AtomicU64>::default();
+        let pass_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        let branch_call_duration = Family::<CallLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+        });
+        let store_duration = Family::<StoreLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        let store_errors = Family::<StoreLabels, Counter>::default();
+        registry.register(
+            "unfinished_transactions",
+            "Unfinished transactions by status, read from the store at scrape time",
+            unfinished.clone(),
+        );
+        registry.register(
+            "oldest_due_seconds",
+            "Seconds the earliest due unfinished transaction has been waiting (0: none overdue)",
+            oldest_due_seconds.clone(),
+        );
+        registry.register(
+            "pass_duration_seconds",
+            "Processing pass duration by mode",
+            pass_duration.clone(),
+        );
+        registry.register(
+            "branch_call_duration_seconds",
+            "Branch call latency by mode and op",
+            branch_call_duration.clone(),
+        );
+        registry.register(
+            "store_duration_seconds",
+            "Store call latency by method",
+            store_duration.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Store calls that failed, by method",
+            store_errors.clone(),
+        );
         Metrics {
             registry,
+            unfinished,
+            oldest_due_seconds,
+            pass_duration,
+            branch_call_duration,
+            store_duration,
+            store_errors,
             api_requests,
             api_duration,
             transactions_finished,
@@ -182,6 +267,19 @@ impl Metrics {
             status_writes,
             status_skips,
         }
+    }
+
+    /// Sets the gauges of unfinished transactions from a store summary taken at `now`.
+    pub fn set_unfinished(&self, summary: &crate::store::UnfinishedSummary, now: crate::model::Millis) {
+        for (status, count) in &summary.counts {
+            self.unfinished
+                .get_or_create(&StatusLabels {
+                    status: status.as_str(),
+                })
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
+        let overdue = summary.earliest_due.map_or(0, |at| (now - at).max(0));
+        self.oldest_due_seconds.set(overdue as f64 / 1000.0);
     }
 
     /// Renders the Prometheus text format.

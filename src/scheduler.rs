@@ -12,15 +12,20 @@ use futures::future::join_all;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
+use crate::activity::Activity;
 use crate::driver::{self, PassContext, PassSink};
-use crate::engine::{self, BranchUpdate, Outcome, Policy};
+use crate::engine::{self, BranchUpdate, Call, Outcome, Policy};
 use crate::invoke::Invoker;
 use crate::invoke::policy::OutboundPolicy;
 use crate::metrics::{Metrics, RouteLabels, TransLabels};
 use crate::model::{Branch, GlobalTrans, Millis, TransStatus};
 use crate::store::{Guard, Lease, StatusChange, Store, StoreError};
+
+/// How often the background loop refreshes the gauges of unfinished transactions (a scrape of
+/// `/api/metrics` refreshes them too; the operator's `/metrics` relies on this).
+const GAUGE_REFRESH: Duration = Duration::from_secs(10);
 
 /// Longest pause of the background loop while the store keeps failing.
 const MAX_CLAIM_BACKOFF: Duration = Duration::from_secs(5);
@@ -140,6 +145,7 @@ pub struct Coordinator {
     tracker: TaskTracker,
     permits: Arc<Semaphore>,
     wake: Notify,
+    activity: Activity,
 }
 
 impl Coordinator {
@@ -174,6 +180,20 @@ impl Coordinator {
             tracker: TaskTracker::new(),
             permits,
             wake: Notify::new(),
+            activity: Activity::default(),
+        }
+    }
+
+    /// What this process saw of recent branch calls (the console's attempts and last errors).
+    pub fn activity(&self) -> &Activity {
+        &self.activity
+    }
+
+    /// Reads the unfinished counts and the earliest due time from the store into the gauges. A
+    /// failed read leaves the last values (the failure shows in `kubetx_store_errors`).
+    pub async fn refresh_gauges(&self) {
+        if let Ok(summary) = self.store.unfinished_summary().await {
+            self.metrics.set_unfinished(&summary, self.clock.now());
         }
     }
 
@@ -313,7 +333,12 @@ impl Coordinator {
     /// while the store fails. Returns when `shutdown` is cancelled.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
+        let mut gauges_at: Option<std::time::Instant> = None;
         loop {
+            if gauges_at.is_none_or(|at| at.elapsed() >= GAUGE_REFRESH) {
+                self.refresh_gauges().await;
+                gauges_at = Some(std::time::Instant::now());
+            }
             let idle = match self.claim_and_spawn().await {
                 Ok(claimed) => {
                     if failures > 0 {
@@ -430,8 +455,23 @@ impl Coordinator {
             owner: &self.owner,
             lease: self.config.lease.as_millis() as Millis,
             lease_until: global.next_cron_time,
+            activity: &self.activity,
+            gid: global.gid.clone(),
         };
-        let result = driver::run_pass(global, branches, &context, &mut sink).await?;
+        let trans_type = global.trans_type;
+        let span = info_span!("pass", gid = %global.gid, mode = %trans_type, status = %global.status);
+        crate::telemetry::continue_trace(&span, &global.ext_data);
+        let started = std::time::Instant::now();
+        let result = driver::run_pass(global, branches, &context, &mut sink)
+            .instrument(span)
+            .await;
+        self.metrics
+            .pass_duration
+            .get_or_create(&RouteLabels {
+                api: trans_type.as_str().to_owned(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let result = result?;
         if !result.completed {
             return Ok(self.lost(result.global, result.last_problem));
         }
@@ -509,6 +549,8 @@ struct StoreSink<'a> {
     owner: &'a str,
     lease: Millis,
     lease_until: Millis,
+    activity: &'a Activity,
+    gid: String,
 }
 
 impl StoreSink<'_> {
@@ -523,6 +565,10 @@ impl StoreSink<'_> {
 
 impl PassSink for StoreSink<'_> {
     type Error = SchedulerError;
+
+    fn call_made(&mut self, call: &Call, outcome: &Outcome, now: Millis) {
+        self.activity.record(&self.gid, &call.branch_id, &call.op, outcome, now);
+    }
 
     async fn transition(
         &mut self,

@@ -106,7 +106,10 @@ impl Server {
     ) -> Result<Self, ServeError> {
         config.validate()?;
         let options = config.store_options()?;
-        let store = store::open(&options).await?;
+        let store: Arc<dyn Store> = Arc::new(crate::timed_store::TimedStore::new(
+            store::open(&options).await?,
+            Arc::clone(&metrics),
+        ));
         let coordinator = Arc::new(Coordinator::new(store, invoker, clock, config.scheduler(), metrics));
         // Before the API answers: a restarted process resumes its predecessor's work at once.
         coordinator.reclaim_leases().await.map_err(|error| match error {

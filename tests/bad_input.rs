@@ -869,7 +869,9 @@ async fn unknown_routes_and_methods_answer_json() {
     for (method, path, status) in [
         ("GET", "/api/dtmsvr/nothing", 404),
         ("POST", "/api/dtmsvr/submitt", 404),
-        ("GET", "/", 404),
+        // `GET /` is the console (tests/console_api.rs); anything else there is JSON.
+        ("GET", "/nothing", 404),
+        ("POST", "/", 405),
         ("POST", "/api/other", 404),
         ("DELETE", "/api/dtmsvr/topic", 404),
         ("GET", "/api/dtmsvr/submit", 405),

@@ -14,14 +14,14 @@
 
 mod kube_double;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
@@ -381,6 +381,16 @@ fn check_schema(object: &Value, case: &str) {
             for endpoint in object["spec"]["endpoints"].as_array().expect("endpoints") {
                 for key in endpoint.as_object().expect("endpoint").keys() {
                     assert!(allowed.contains(&key.as_str()), "{case}: ServiceMonitor endpoint {key}");
+                }
+            }
+        }
+        "ConfigMap" => assert_round_trips::<ConfigMap>(object, case),
+        "PrometheusRule" => {
+            assert_eq!(object["apiVersion"], "monitoring.coreos.com/v1", "{case}");
+            for rule in object["spec"]["groups"][0]["rules"].as_array().expect("rules") {
+                for key in rule.as_object().expect("rule").keys() {
+                    let allowed = ["alert", "expr", "for", "labels", "annotations"];
+                    assert!(allowed.contains(&key.as_str()), "{case}: PrometheusRule rule {key}");
                 }
             }
         }
@@ -2402,4 +2412,105 @@ fn operator_command(kubeconfig: &Path) -> Command {
         .env("POD_NAME", "kubetx-0")
         .env("POD_NAMESPACE", NAMESPACE);
     command
+}
+
+// ---------------------------------------------------------------------------------------------
+// Alerts and dashboard
+// ---------------------------------------------------------------------------------------------
+
+/// Every `kubetx_*` series the PrometheusRule and the Grafana dashboard query is one the binary
+/// exposes (histograms by their `_bucket`/`_count`/`_sum`, counters by `_total`): a renamed
+/// metric cannot leave an alert that never fires.
+#[test]
+fn alerts_and_dashboard_query_only_metrics_kubetx_exposes() {
+    use kubetx::metrics::*;
+    let metrics = Metrics::new();
+    // A family renders only once it has a series: give each one.
+    let (api, kind) = (String::from("x"), String::from("Saga"));
+    metrics
+        .api_requests
+        .get_or_create(&ApiLabels {
+            api: api.clone(),
+            code: 200,
+        })
+        .inc();
+    metrics
+        .api_duration
+        .get_or_create(&RouteLabels { api: api.clone() })
+        .observe(0.0);
+    let finished = TransLabels {
+        trans_type: api.clone(),
+        status: api.clone(),
+    };
+    metrics.transactions_finished.get_or_create(&finished).inc();
+    metrics
+        .transaction_duration
+        .get_or_create(&RouteLabels { api: api.clone() })
+        .observe(0.0);
+    let call = BranchLabels {
+        trans_type: api.clone(),
+        op: api.clone(),
+        outcome: api.clone(),
+    };
+    metrics.branch_calls.get_or_create(&call).inc();
+    metrics
+        .reconciles
+        .get_or_create(&KindLabels { kind: kind.clone() })
+        .inc();
+    let failure = FailureLabels {
+        kind: kind.clone(),
+        error: api.clone(),
+    };
+    metrics.reconcile_failures.get_or_create(&failure).inc();
+    metrics
+        .status_writes
+        .get_or_create(&KindLabels { kind: kind.clone() })
+        .inc();
+    metrics.status_skips.get_or_create(&KindLabels { kind }).inc();
+    metrics
+        .unfinished
+        .get_or_create(&StatusLabels { status: "submitted" })
+        .set(1);
+    metrics.pass_duration.get_or_create(&RouteLabels { api }).observe(0.0);
+    let call = CallLabels {
+        trans_type: "saga",
+        op: "action",
+    };
+    metrics.branch_call_duration.get_or_create(&call).observe(0.0);
+    metrics
+        .store_duration
+        .get_or_create(&StoreLabels { op: "find" })
+        .observe(0.0);
+    metrics.store_errors.get_or_create(&StoreLabels { op: "find" }).inc();
+    let exposed: HashSet<String> = metrics
+        .render()
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .flat_map(|line| {
+            let mut parts = line.split(' ');
+            let name = parts.next().unwrap_or_default().to_owned();
+            let suffixes: &[&str] = match parts.next() {
+                Some("counter") => &["_total"],
+                Some("histogram") => &["_bucket", "_count", "_sum"],
+                _ => &[""],
+            };
+            suffixes.iter().map(move |s| format!("{name}{s}")).collect::<Vec<_>>()
+        })
+        .collect();
+    let names = regex::Regex::new(r"kubetx_[a-z_]+").expect("regex");
+    for file in ["templates/prometheusrule.yaml", "dashboards/kubetx.json"] {
+        let text = std::fs::read_to_string(chart_dir().join(file)).expect("chart file");
+        let used: HashSet<&str> = names.find_iter(&text).map(|m| m.as_str()).collect();
+        assert!(used.len() >= 3, "{file} queries kubetx metrics");
+        for name in used {
+            assert!(
+                exposed.contains(name),
+                "{file} queries {name}, which kubetx does not expose: {exposed:?}"
+            );
+        }
+    }
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(chart_dir().join("dashboards/kubetx.json")).expect("dashboard"))
+            .expect("the dashboard is JSON");
+    assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 6));
 }

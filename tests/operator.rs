@@ -905,6 +905,12 @@ async fn with_a_sql_store_the_status_keeps_a_summary_in_three_writes() {
             vec!["succeed".into(), "succeed".into(), "succeed".into(), "failed".into()]
         )
     );
+    // The row names its resource, for the console.
+    let row = store.find(&gid(&saga)).await.expect("reads").expect("saved");
+    let ext: Value = serde_json::from_str(&row.ext_data).expect("ext_data is JSON");
+    assert_eq!(ext["resource"]["kind"], "Saga");
+    assert_eq!(ext["resource"]["name"], "sql-ok");
+    assert_eq!(ext["resource"]["namespace"], saga["metadata"]["namespace"]);
     env.event_reasons(5).await;
     operator.stop().await.expect("stops");
     let ok_writes = env

@@ -87,6 +87,7 @@ pub(super) async fn all(State(state): State<AppState>, Query(params): Params) ->
             .transpose()?,
         created_from: number(&params, "createTimeStart")?,
         created_to: number(&params, "createTimeEnd")?,
+        gid_prefix: None,
     };
     let page = store.list(&query).await?;
     let next_position = match page.last() {

@@ -1,8 +1,9 @@
-//! The DTM-compatible HTTP API (`/api/dtmsvr/...`), plus `/api/ping` and `/api/metrics`, and
-//! DTM's gRPC API ([`grpc`]) over the same handlers.
+//! The DTM-compatible HTTP API (`/api/dtmsvr/...`), plus `/api/ping`, `/api/metrics`, the
+//! console (`/` and `/api/admin/...`), and DTM's gRPC API ([`grpc`]) over the same handlers.
 
 mod admin;
 pub mod auth;
+mod console;
 #[cfg(fuzzing)]
 pub mod fuzzing;
 pub mod grpc;
@@ -188,6 +189,22 @@ pub fn router_with(state: AppState, config: &ApiConfig) -> Router {
         .route("/topic/{name}", delete(admin::delete_topic))
         .route("/scanKV", get(admin::scan_kv))
         .route("/queryKV", get(admin::query_kv))
+        .route_layer(middleware::from_fn(crate::telemetry::trace_request))
+        .route_layer(middleware::from_fn_with_state(
+            config.tokens.clone(),
+            auth::require_token,
+        ));
+    let console = Router::new()
+        .route("/transactions", get(console::list))
+        .route("/transactions/{gid}", get(console::detail))
+        .route("/transactions/{gid}/force-stop", post(console::force_stop))
+        .route("/transactions/{gid}/retry-now", post(console::retry_now))
+        .route(
+            "/transactions/{gid}/retry-compensation",
+            post(console::retry_compensation),
+        )
+        .route("/due", get(console::due))
+        .route("/summary", get(console::summary))
         .route_layer(middleware::from_fn_with_state(
             config.tokens.clone(),
             auth::require_token,
@@ -200,7 +217,11 @@ pub fn router_with(state: AppState, config: &ApiConfig) -> Router {
         ));
     Router::new()
         .nest("/api/dtmsvr", dtm)
+        .nest("/api/admin", console)
         .merge(metrics)
+        .route("/", get(console::index))
+        .route("/console/app.js", get(console::app_js))
+        .route("/console/style.css", get(console::style_css))
         .route("/api/ping", any(|| async { Json(json!({"msg": "pong"})) }))
         .method_not_allowed_fallback(|| async {
             (
@@ -220,6 +241,9 @@ pub fn router_with(state: AppState, config: &ApiConfig) -> Router {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    // The gauges of unfinished transactions are read from the store at scrape time, so that
+    // every replica reports the shared store's truth.
+    state.coordinator.refresh_gauges().await;
     (
         [(
             header::CONTENT_TYPE,

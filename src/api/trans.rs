@@ -659,7 +659,8 @@ fn new_global(
         owner: String::new(),
         result: String::new(),
         rollback_reason: String::new(),
-        ext_data: String::new(),
+        // The trace the client's request belongs to: the passes continue it.
+        ext_data: crate::telemetry::new_ext_data(&req.gid),
     };
     let policy = &coordinator.config().policy;
     global.next_cron_interval = engine::base_interval(&global, policy);

@@ -22,6 +22,8 @@ pub use layout::{
     tcc_branches, tcc_resource_branches, xa_branches,
 };
 
+pub use saga::compensation_pending;
+
 use crate::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus, TransType, op, without_userinfo};
 
 /// What a branch call produced, as classified by the invoke layer.

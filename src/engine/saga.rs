@@ -242,6 +242,13 @@ pub(super) fn plan(global: &GlobalTrans, branches: &[Branch], pass: &Pass, now: 
     }
 }
 
+/// True when a saga has a step that may have run and is not compensated: a failed saga that
+/// was force-stopped (or stopped by a limit) before its compensations ran.
+pub fn compensation_pending(global: &GlobalTrans, branches: &[Branch]) -> bool {
+    let saga = Saga::new(global, branches);
+    global.trans_type == TransType::Saga && (0..saga.steps.len()).any(|s| saga.needs_compensation(s))
+}
+
 /// Saga `retry_limit`: an action that errored or is ongoing may be re-invoked at once in the same
 /// pass, up to the limit; past it the saga rolls back.
 pub(super) fn allow_retry(global: &GlobalTrans, pass: &mut Pass, row: usize) {

@@ -59,6 +59,8 @@ pub struct BranchCall<'a> {
     pub headers: &'a BTreeMap<String, String>,
     /// Whole-call timeout.
     pub timeout: Duration,
+    /// W3C trace context the transaction stored; the current span's wins when spans are exported.
+    pub traceparent: Option<&'a str>,
 }
 
 /// One pooled keep-alive HTTP client for every outbound call, and one pooled gRPC channel per
@@ -251,6 +253,10 @@ impl Invoker {
             .request(method, url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .timeout(call.timeout);
+        // The trace this call belongs to (a `traceparent` in branch_headers replaces it).
+        if let Some(traceparent) = crate::telemetry::outgoing_traceparent(call.traceparent) {
+            request = request.header(crate::telemetry::TRACEPARENT, traceparent);
+        }
         // `branch_headers` replace the defaults (a custom content-type is not sent twice).
         if !call.headers.is_empty() {
             match header_map(call.headers) {

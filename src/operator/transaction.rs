@@ -589,7 +589,13 @@ pub fn engine_state<K: Transactional>(
         owner: String::new(),
         result: String::new(),
         rollback_reason: status.message.clone().unwrap_or_default(),
-        ext_data: String::new(),
+        // Which resource this is, for the console (with a SQL store the row is all it sees).
+        ext_data: serde_json::json!({"resource": {
+            "kind": K::kind(&()),
+            "namespace": obj.meta().namespace.clone().unwrap_or_default(),
+            "name": obj.meta().name.clone().unwrap_or_default(),
+        }})
+        .to_string(),
     };
     (global, branches)
 }

@@ -163,7 +163,41 @@ pub struct ListQuery {
     pub created_from: Option<Millis>,
     /// Created at or before.
     pub created_to: Option<Millis>,
+    /// Only gids starting with this (the console's search box).
+    pub gid_prefix: Option<String>,
 }
+
+impl ListQuery {
+    /// The gid range `[prefix, upper)` holding every gid that starts with the prefix: keys compare
+    /// byte for byte in every store, and no gid character sorts after U+10FFFF. A range, unlike
+    /// `LIKE`, needs no escaping and uses the gid index.
+    pub fn gid_range(&self) -> Option<(String, String)> {
+        let prefix = self.gid_prefix.as_deref().filter(|p| !p.is_empty())?;
+        Some((prefix.to_owned(), format!("{prefix}\u{10FFFF}")))
+    }
+}
+
+/// Keyset position in the list of unfinished transactions, ordered by when they are due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DuePosition {
+    /// `next_cron_time` of the previous page's last row.
+    pub next_cron_time: Millis,
+    /// Its id (ties on the time).
+    pub id: i64,
+}
+
+/// How many unfinished transactions there are and how long the oldest has been due.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnfinishedSummary {
+    /// Count per unfinished status (`prepared`, `submitted`, `aborting`), zero ones included.
+    pub counts: Vec<(TransStatus, u64)>,
+    /// Earliest `next_cron_time` of an unfinished transaction, if any.
+    pub earliest_due: Option<Millis>,
+}
+
+/// The unfinished statuses, in lifecycle order.
+pub const UNFINISHED_STATUSES: [TransStatus; 3] =
+    [TransStatus::Prepared, TransStatus::Submitted, TransStatus::Aborting];
 
 /// A key-value record (topics live under category `topics`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,6 +281,16 @@ pub trait Store: Send + Sync + 'static {
     /// Lists transactions, newest first.
     async fn list(&self, query: &ListQuery) -> Result<Vec<GlobalTrans>>;
 
+    /// Unfinished transactions, earliest due first, after `after` (keyset paging).
+    async fn list_due(&self, after: Option<DuePosition>, limit: i64) -> Result<Vec<GlobalTrans>> {
+        list_due_by_scan(self, after, limit).await
+    }
+
+    /// Counts unfinished transactions by status and finds the earliest due one (gauges).
+    async fn unfinished_summary(&self) -> Result<UnfinishedSummary> {
+        summary_by_scan(self).await
+    }
+
     /// Makes a parked transaction due now. False when the gid is unknown.
     async fn reset_next_cron_time(&self, gid: &str, now: Millis) -> Result<bool>;
 
@@ -288,6 +332,53 @@ pub(crate) async fn change_then_load<S: Store + ?Sized>(
         return Ok(None);
     };
     Ok(Some((global, store.branches(&change.gid).await?)))
+}
+
+/// [`Store::list_due`] through [`Store::list`] (a store without a query of its own): reads every
+/// unfinished transaction, so fine for small stores only. The SQL stores override it.
+async fn list_due_by_scan<S: Store + ?Sized>(
+    store: &S,
+    after: Option<DuePosition>,
+    limit: i64,
+) -> Result<Vec<GlobalTrans>> {
+    let mut rows = all_unfinished(store).await?;
+    rows.retain(|g| after.is_none_or(|a| (g.next_cron_time, g.id) > (a.next_cron_time, a.id)));
+    rows.sort_by_key(|g| (g.next_cron_time, g.id));
+    rows.truncate(usize::try_from(limit).unwrap_or(0));
+    Ok(rows)
+}
+
+/// [`Store::unfinished_summary`] through [`Store::list`].
+async fn summary_by_scan<S: Store + ?Sized>(store: &S) -> Result<UnfinishedSummary> {
+    let rows = all_unfinished(store).await?;
+    Ok(UnfinishedSummary {
+        counts: UNFINISHED_STATUSES
+            .iter()
+            .map(|&s| (s, rows.iter().filter(|g| g.status == s).count() as u64))
+            .collect(),
+        earliest_due: rows.iter().map(|g| g.next_cron_time).min(),
+    })
+}
+
+async fn all_unfinished<S: Store + ?Sized>(store: &S) -> Result<Vec<GlobalTrans>> {
+    let mut rows = Vec::new();
+    for status in UNFINISHED_STATUSES {
+        let mut query = ListQuery {
+            limit: 1000,
+            status: Some(status),
+            ..ListQuery::default()
+        };
+        loop {
+            let page = store.list(&query).await?;
+            let full = page.len() as i64 == query.limit;
+            query.before_id = page.last().map(|g| g.id);
+            rows.extend(page);
+            if !full {
+                break;
+            }
+        }
+    }
+    Ok(rows)
 }
 
 /// The start of every lease owner of a scheduler running as `instance`: `{instance}/`, then a

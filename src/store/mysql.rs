@@ -549,6 +549,23 @@ impl Store for MySqlStore {
         .collect()
     }
 
+    async fn list_due(&self, after: Option<super::DuePosition>, limit: i64) -> Result<Vec<GlobalTrans>> {
+        db!(self.reach, {
+            let mut sql = super::sql::list_due_query::<MySql>(GLOBAL_COLUMNS, after, limit);
+            sql.build().fetch_all(&self.pool).await
+        })?
+        .iter()
+        .map(decode::global)
+        .collect()
+    }
+
+    async fn unfinished_summary(&self) -> Result<super::UnfinishedSummary> {
+        let rows: Vec<(String, i64, Option<i64>)> = db!(self.reach, {
+            sqlx::query_as(super::sql::SUMMARY_SQL).fetch_all(&self.pool).await
+        })?;
+        Ok(super::sql::summary_from(rows))
+    }
+
     async fn reset_next_cron_time(&self, gid: &str, now: Millis) -> Result<bool> {
         // A leased transaction is being driven right now; making it due would invite a second
         // driver, so only parked ones move.

@@ -12,7 +12,8 @@ use tracing::{info, warn};
 
 use sqlx::QueryBuilder;
 
-use super::{ListQuery, Result, StoreError};
+use super::decode::UNFINISHED;
+use super::{DuePosition, ListQuery, Result, StoreError, UNFINISHED_STATUSES, UnfinishedSummary};
 
 /// How often a write that lost a deadlock or a serialization race is tried in all.
 const ATTEMPTS: usize = 4;
@@ -216,6 +217,7 @@ where
     DB: sqlx::Database,
     i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
     &'static str: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
 {
     let mut sql = QueryBuilder::new(format!("SELECT {columns} FROM trans_global WHERE 1 = 1"));
     if let Some(before) = query.before_id {
@@ -233,6 +235,56 @@ where
     if let Some(to) = query.created_to {
         sql.push(" AND create_time <= ").push_bind(to);
     }
+    if let Some((low, high)) = query.gid_range() {
+        sql.push(" AND gid >= ")
+            .push_bind(low)
+            .push(" AND gid < ")
+            .push_bind(high);
+    }
     sql.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
     sql
+}
+
+/// `SELECT <columns>` of unfinished transactions, earliest due first, after a keyset position.
+pub(super) fn list_due_query<DB>(columns: &str, after: Option<DuePosition>, limit: i64) -> QueryBuilder<DB>
+where
+    DB: sqlx::Database,
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    let mut sql = QueryBuilder::new(format!(
+        "SELECT {columns} FROM trans_global WHERE status IN {UNFINISHED}"
+    ));
+    if let Some(after) = after {
+        sql.push(" AND (next_cron_time > ")
+            .push_bind(after.next_cron_time)
+            .push(" OR (next_cron_time = ")
+            .push_bind(after.next_cron_time)
+            .push(" AND id > ")
+            .push_bind(after.id)
+            .push("))");
+    }
+    sql.push(" ORDER BY next_cron_time, id LIMIT ").push_bind(limit);
+    sql
+}
+
+/// Counts and earliest due time of unfinished transactions, one row per status present.
+pub(super) const SUMMARY_SQL: &str = "SELECT status, COUNT(*), MIN(next_cron_time) FROM trans_global \
+    WHERE status IN ('prepared', 'submitted', 'aborting') GROUP BY status";
+
+/// Builds the summary from `(status, count, earliest due)` rows.
+pub(super) fn summary_from(rows: impl IntoIterator<Item = (String, i64, Option<i64>)>) -> UnfinishedSummary {
+    let mut summary = UnfinishedSummary {
+        counts: UNFINISHED_STATUSES.iter().map(|&s| (s, 0)).collect(),
+        earliest_due: None,
+    };
+    for (status, count, earliest) in rows {
+        if let Some(slot) = summary.counts.iter_mut().find(|(s, _)| s.as_str() == status) {
+            slot.1 = count.max(0) as u64;
+        }
+        summary.earliest_due = match (summary.earliest_due, earliest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    summary
 }

@@ -780,11 +780,42 @@ impl Store for SqliteStore {
         if let Some(to) = query.created_to {
             filter(" AND create_time <= ?", to.into());
         }
+        if let Some((low, high)) = query.gid_range() {
+            filter(" AND gid >= ?", low.into());
+            filter(" AND gid < ?", high.into());
+        }
         filter(" ORDER BY id DESC LIMIT ?", query.limit.into());
         self.scan(move |conn| {
             query_all(conn, &sql, rusqlite::params_from_iter(values), |row| {
                 decode::global(row)
             })
+        })
+        .await
+    }
+
+    async fn list_due(&self, after: Option<super::DuePosition>, limit: i64) -> Result<Vec<GlobalTrans>> {
+        let (time, id) = after.map_or((i64::MIN, i64::MIN), |a| (a.next_cron_time, a.id));
+        self.scan(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE status IN {UNFINISHED} \
+                     AND (next_cron_time > ?1 OR (next_cron_time = ?1 AND id > ?2)) ORDER BY next_cron_time, id LIMIT ?3"
+                ),
+                rusqlite::params![time, id, limit],
+                |row| decode::global(row),
+            )
+        })
+        .await
+    }
+
+    async fn unfinished_summary(&self) -> Result<super::UnfinishedSummary> {
+        self.scan(|conn| {
+            let mut statement = conn.prepare_cached(super::sql::SUMMARY_SQL)?;
+            let rows = statement
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect::<rusqlite::Result<Vec<(String, i64, Option<i64>)>>>()?;
+            Ok(super::sql::summary_from(rows))
         })
         .await
     }
