@@ -120,6 +120,38 @@ pub struct OutboundPolicy {
     cidrs: Vec<IpNet>,
     never: Vec<IpNet>,
     local: Vec<IpNet>,
+    checked: CheckedUrls,
+}
+
+/// Most URLs [`OutboundPolicy::check`] remembers; it forgets them all when full.
+const MAX_CHECKED_URLS: usize = 1024;
+/// Longest URL it remembers (branch URLs are short; a long one is parsed every time).
+const MAX_CHECKED_URL_LEN: usize = 512;
+
+/// URLs already parsed and allowed, shared by the clones of one policy. Branch URLs repeat (every
+/// transaction calls the same few endpoints, and the API checks them at submit too), and parsing
+/// one costs more than the rest of its check: the parses were over a tenth of kubetx's
+/// instructions per saga (BENCHMARKS.md). The answer depends on the string and the policy alone,
+/// so a remembered one is the answer a fresh check would give.
+#[derive(Debug, Clone, Default)]
+struct CheckedUrls(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Url>>>);
+
+impl CheckedUrls {
+    fn get(&self, url: &str) -> Option<Url> {
+        self.0.lock().ok()?.get(url).cloned()
+    }
+
+    fn remember(&self, url: &str, parsed: &Url) {
+        if url.len() > MAX_CHECKED_URL_LEN {
+            return;
+        }
+        if let Ok(mut checked) = self.0.lock() {
+            if checked.len() >= MAX_CHECKED_URLS {
+                checked.clear();
+            }
+            checked.insert(url.to_owned(), parsed.clone());
+        }
+    }
 }
 
 impl OutboundPolicy {
@@ -141,6 +173,7 @@ impl OutboundPolicy {
             cidrs,
             never: builtin(&NEVER_CALLED),
             local: builtin(&LOCAL),
+            checked: CheckedUrls::default(),
         })
     }
 
@@ -151,6 +184,7 @@ impl OutboundPolicy {
             cidrs: builtin(&["0.0.0.0/0", "::/0"]),
             never: builtin(&NEVER_CALLED),
             local: builtin(&LOCAL),
+            checked: CheckedUrls::default(),
         }
     }
 
@@ -168,8 +202,12 @@ impl OutboundPolicy {
 
     /// Parses and checks a URL: http(s), and a host that may be called.
     pub fn check(&self, url: &str) -> Result<Url, Refusal> {
+        if let Some(parsed) = self.checked.get(url) {
+            return Ok(parsed);
+        }
         let parsed = Url::parse(url).map_err(|e| Refusal::Invalid(e.to_string()))?;
         self.check_url(&parsed)?;
+        self.checked.remember(url, &parsed);
         Ok(parsed)
     }
 
@@ -283,6 +321,24 @@ mod tests {
             Ok(parsed) => panic!("{url} was allowed (parsed as host {:?})", parsed.host_str()),
             Err(refusal) => refusal.to_string(),
         }
+    }
+
+    #[test]
+    fn a_remembered_check_answers_as_a_fresh_one_and_stays_bounded() {
+        let policy = OutboundPolicy::cluster(&[], &[], "svc").expect("valid");
+        let url = "http://bank.default.svc:8080/api/TransOut";
+        let first = policy.check(url).expect("allowed");
+        assert_eq!(policy.check(url).expect("allowed again"), first);
+        // A clone shares what was remembered; a refusal is never remembered.
+        assert_eq!(policy.clone().check(url).expect("allowed"), first);
+        let outside = "http://example.com/x";
+        assert!(refused(&policy, outside).contains("example.com"));
+        assert!(refused(&policy, outside).contains("example.com"));
+        for i in 0..(MAX_CHECKED_URLS + 10) {
+            assert!(policy.check(&format!("http://s{i}.ns.svc/")).is_ok());
+        }
+        assert!(policy.checked.0.lock().expect("lock").len() <= MAX_CHECKED_URLS);
+        assert_eq!(policy.check(url).expect("allowed"), first);
     }
 
     #[test]

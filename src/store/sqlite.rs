@@ -19,7 +19,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
-use super::decode::{self, BRANCH_COLUMNS, FINISHED, GLOBAL_COLUMNS, UNFINISHED};
+use super::decode::{self, BRANCH_COLUMNS, FINISHED, GLOBAL_COLUMNS};
 use super::{
     AddBranches, Guard, KvEntry, Lease, ListQuery, Result, StatusChange, Store, StoreError, branches_to_add,
     check_branches, check_change, check_key, check_new, check_text,
@@ -37,7 +37,8 @@ const MAX_BATCH: usize = 512;
 /// How long a connection waits for a lock held by another process sharing the file.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Prepared statements the writer keeps (it uses about twenty distinct ones).
+/// Prepared statements the writer keeps (it uses about twenty distinct ones, plus one branch
+/// insert per row count up to [`ROWS_PER_INSERT`]).
 const STATEMENT_CACHE: usize = 64;
 
 /// SQLite `synchronous` setting: how hard a commit waits for the disk.
@@ -371,7 +372,7 @@ fn apply(conn: &Connection, write: Write) -> Result<Reply> {
             let done = conn
                 .prepare_cached(&format!(
                     "UPDATE trans_global SET owner = ?1, next_cron_time = ?2, update_time = ?3 \
-                     WHERE gid = ?4 AND status IN {UNFINISHED} AND (owner = '' OR next_cron_time <= ?3)"
+                     WHERE gid = ?4 AND status NOT IN {FINISHED} AND (owner = '' OR next_cron_time <= ?3)"
                 ))?
                 .execute(params![lease.owner, lease.until, now, gid])?;
             Ok(Reply::Flag(done == 1))
@@ -379,7 +380,7 @@ fn apply(conn: &Connection, write: Write) -> Result<Reply> {
         Write::ClaimDue(lease, now, limit) => {
             let mut statement = conn.prepare_cached(&format!(
                 "UPDATE trans_global SET owner = ?1, next_cron_time = ?2, update_time = ?3 \
-                 WHERE id IN (SELECT id FROM trans_global WHERE status IN {UNFINISHED} AND next_cron_time <= ?3 \
+                 WHERE id IN (SELECT id FROM trans_global WHERE status NOT IN {FINISHED} AND next_cron_time <= ?3 \
                  ORDER BY next_cron_time LIMIT ?4) RETURNING gid"
             ))?;
             let gids = statement
@@ -425,7 +426,7 @@ fn apply(conn: &Connection, write: Write) -> Result<Reply> {
             let done = conn
                 .prepare_cached(&format!(
                     "UPDATE trans_global SET next_cron_time = ?1 WHERE id IN (SELECT id FROM trans_global \
-                     WHERE status IN {UNFINISHED} AND owner = '' AND next_cron_time > ?2 LIMIT ?3)"
+                     WHERE status NOT IN {FINISHED} AND owner = '' AND next_cron_time > ?2 LIMIT ?3)"
                 ))?
                 .execute(params![now, after, limit])?;
             Ok(Reply::Count(done as u64))
@@ -445,7 +446,7 @@ fn apply(conn: &Connection, write: Write) -> Result<Reply> {
             let done = conn
                 .prepare_cached(&format!(
                     "UPDATE trans_global SET owner = '', next_cron_time = ?1 \
-                     WHERE status IN {UNFINISHED} AND owner <> '' AND owner <> ?2"
+                     WHERE status NOT IN {FINISHED} AND owner <> '' AND owner <> ?2"
                 ))?
                 .execute(params![now, owner])?;
             Ok(Reply::Count(done as u64))
@@ -564,26 +565,49 @@ fn record_branches(conn: &Connection, gid: &str, updates: &[BranchUpdate], now: 
     Ok(())
 }
 
+/// Branch rows per INSERT statement. A saga's rows go in one statement (a 2-step saga has 4), so
+/// SQLite's per-statement work (bind, step, the AUTOINCREMENT counter, halt) is paid once, not
+/// per row; longer lists take several.
+const ROWS_PER_INSERT: usize = 16;
+
 fn insert_branches(conn: &Connection, branches: &[Branch]) -> Result<()> {
-    let mut statement = conn.prepare_cached(
-        "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, create_time, update_time, \
-         finish_time, rollback_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )?;
-    for branch in branches {
-        statement.execute(params![
-            branch.gid,
-            branch.url,
-            branch.bin_data,
-            branch.branch_id,
-            branch.op,
-            branch.status.as_str(),
-            branch.create_time,
-            branch.update_time,
-            branch.finish_time,
-            branch.rollback_time,
-        ])?;
+    for chunk in branches.chunks(ROWS_PER_INSERT) {
+        let statuses: Vec<&str> = chunk.iter().map(|b| b.status.as_str()).collect();
+        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 10);
+        for (branch, status) in chunk.iter().zip(&statuses) {
+            values.extend([
+                &branch.gid as &dyn rusqlite::ToSql,
+                &branch.url,
+                &branch.bin_data,
+                &branch.branch_id,
+                &branch.op,
+                status,
+                &branch.create_time,
+                &branch.update_time,
+                &branch.finish_time,
+                &branch.rollback_time,
+            ]);
+        }
+        conn.prepare_cached(&insert_branches_sql(chunk.len()))?
+            .execute(rusqlite::params_from_iter(values))?;
     }
     Ok(())
+}
+
+/// `INSERT` of `rows` branch rows; the rows get ids in the order given.
+fn insert_branches_sql(rows: usize) -> String {
+    let row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    let mut sql = String::from(
+        "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, create_time, update_time, \
+         finish_time, rollback_time) VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(row);
+    }
+    sql
 }
 
 fn add_branches(conn: &Connection, gid: &str, branches: &[Branch]) -> Result<AddBranches> {
