@@ -823,7 +823,7 @@ impl Store for SqliteStore {
             query_all(
                 conn,
                 &format!(
-                    "SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE status IN {UNFINISHED} \
+                    "SELECT {GLOBAL_COLUMNS} FROM trans_global WHERE status NOT IN {FINISHED} \
                      AND (next_cron_time > ?1 OR (next_cron_time = ?1 AND id > ?2)) ORDER BY next_cron_time, id LIMIT ?3"
                 ),
                 rusqlite::params![time, id, limit],
