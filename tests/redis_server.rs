@@ -404,3 +404,105 @@ async fn rediss_trusts_the_configured_ca_only() {
     let log = std::fs::read_to_string(dir.path().join("untrusted.log")).expect("log");
     assert!(log.to_lowercase().contains("certificate"), "{log}");
 }
+
+/// Every key of the key prefix `prefix`, sorted.
+async fn keys_of(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}*"))
+        .query_async(conn)
+        .await
+        .expect("KEYS");
+    keys.sort();
+    keys
+}
+
+/// The gids of a sorted set with their scores.
+async fn index(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<(String, i64)> {
+    redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(conn)
+        .await
+        .expect("ZRANGE")
+}
+
+/// The layout of docs/redis.md, read back from Redis: one shard's keys for a transaction, its
+/// index entries following its status and lease in the same writes, nothing left after
+/// retention; and a data set refuses to be reopened with another shard count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_indexes_follow_the_records_and_the_shard_count_is_pinned() {
+    use kubetx::model::{Branch, GlobalTrans, TransOptions, TransType};
+    use kubetx::store::{Lease, StatusChange, StoreError};
+    let Some(bin) = redis_server_bin() else {
+        eprintln!("SKIPPED: the Redis layout test (no redis-server binary)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let addr = free_addr();
+    let _redis = RedisProcess::start(&bin, addr, dir.path(), 0).await;
+    let store = store::open(&store_options(&format!("redis://{addr}/0?prefix=lay&shards=1")))
+        .await
+        .expect("opens");
+    let client = redis::Client::open(format!("redis://{addr}/0")).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+
+    let t0 = 1_700_000_000_000;
+    let global = GlobalTrans {
+        id: 0,
+        gid: "g1".to_owned(),
+        trans_type: TransType::Saga,
+        status: TransStatus::Submitted,
+        query_prepared: String::new(),
+        protocol: "http".to_owned(),
+        custom_data: String::new(),
+        options: TransOptions::default(),
+        create_time: t0,
+        update_time: t0,
+        finish_time: None,
+        rollback_time: None,
+        next_cron_time: t0 + 5_000,
+        next_cron_interval: 10,
+        owner: String::new(),
+        result: String::new(),
+        rollback_reason: String::new(),
+        ext_data: String::new(),
+    };
+    let branch = Branch::new("g1", "01", "action", "http://bank/a", b"{}".to_vec(), t0);
+    assert!(store.create(&global, &[branch]).await.expect("create"));
+    assert_eq!(
+        keys_of(&mut conn, "lay").await,
+        [
+            "{lay:0}:bd:g1",
+            "{lay:0}:bs:g1",
+            "{lay:0}:due",
+            "{lay:0}:g:g1",
+            "{lay:0}:ids",
+            "{lay}:seq",
+            "{lay}:shards"
+        ]
+    );
+    assert_eq!(index(&mut conn, "{lay:0}:due").await, [("g1".to_owned(), t0 + 5_000)]);
+
+    // A lease moves the due entry to its expiry; finishing moves it to the retention index.
+    let lease = Lease {
+        owner: "a".to_owned(),
+        until: t0 + 30_000,
+    };
+    assert!(store.claim("g1", &lease, t0).await.expect("claim"));
+    assert_eq!(index(&mut conn, "{lay:0}:due").await, [("g1".to_owned(), t0 + 30_000)]);
+    let mut finish = StatusChange::new("g1", TransStatus::Submitted, TransStatus::Succeed, t0 + 1);
+    finish.owner = Some("a".to_owned());
+    assert!(store.change_status(&finish).await.expect("finish"));
+    assert!(index(&mut conn, "{lay:0}:due").await.is_empty());
+    assert_eq!(index(&mut conn, "{lay:0}:done").await, [("g1".to_owned(), t0 + 1)]);
+
+    // Retention leaves only the counters.
+    assert_eq!(store.purge_finished(t0 + 2, 10).await.expect("purge"), 1);
+    assert_eq!(keys_of(&mut conn, "lay").await, ["{lay}:seq", "{lay}:shards"]);
+
+    // Another shard count would map gids elsewhere: refused.
+    let other = store::open(&store_options(&format!("redis://{addr}/0?prefix=lay&shards=2"))).await;
+    assert!(matches!(other, Err(StoreError::Invalid(_))), "{:?}", other.err());
+}

@@ -14,8 +14,9 @@
 //! A transaction's keys and its shard's indexes share a slot, so every state change is one
 //! server-side script (see `redis_lua`), atomic and fenced on status and owner. The gid itself
 //! is not the hash tag: an index entry and the record it indexes must change in one script,
-//! which Redis Cluster only allows within one slot. The global id counter (`{<prefix>}:seq`)
-//! and the KV records (`{<prefix>:kv}:…`) have tags of their own.
+//! which Redis Cluster only allows within one slot. The global id counter (`{<prefix>}:seq`,
+//! handed out in blocks per process) and the KV records (`{<prefix>:kv}:…`) have tags of their
+//! own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +46,12 @@ pub const DEFAULT_PREFIX: &str = "kubetx";
 pub const PASSWORD_ENV: &str = "KUBETX_REDIS_PASSWORD";
 /// How long a command may take before it fails (a `list` with filters walks a shard).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Transaction ids reserved per `INCRBY` of the shared counter: a create then rarely waits for a
+/// write of its own (with `appendfsync always`, an fsync) before its script.
+const ID_BLOCK: i64 = 32;
+/// How long reserved ids stay usable, which bounds how far `/all`'s newest-first order across
+/// replicas can stray (ids are handed out in blocks per process).
+const ID_BLOCK_LIFETIME: Duration = Duration::from_secs(1);
 /// Pause between two connection attempts of the probe while Redis is unreachable.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -109,6 +116,15 @@ pub struct RedisStore {
     link: Link,
     prefix: String,
     shards: u32,
+    ids: Arc<tokio::sync::Mutex<IdBlock>>,
+}
+
+/// Transaction ids this process reserved from the shared counter and has not used yet.
+#[derive(Debug)]
+struct IdBlock {
+    next: i64,
+    end: i64,
+    taken: tokio::time::Instant,
 }
 
 /// The connection, and whether Redis is known to be unreachable.
@@ -444,6 +460,11 @@ impl RedisStore {
             link: Link { conn, health },
             prefix: target.prefix,
             shards: target.shards,
+            ids: Arc::new(tokio::sync::Mutex::new(IdBlock {
+                next: 0,
+                end: 0,
+                taken: tokio::time::Instant::now(),
+            })),
         };
         store.pin_shards().await?;
         for warning in store.durability_warnings().await {
@@ -505,6 +526,26 @@ impl RedisStore {
                  transactions; set appendfsync always"
             )],
         }
+    }
+
+    /// The next transaction id: from this process's block, or a fresh block of the shared
+    /// counter (`{<prefix>}:seq`) when it is used up or older than [`ID_BLOCK_LIFETIME`].
+    async fn next_id(&self) -> Result<i64> {
+        let mut block = self.ids.lock().await;
+        if block.next >= block.end || block.taken.elapsed() >= ID_BLOCK_LIFETIME {
+            let seq = format!("{{{}}}:seq", self.prefix);
+            let last: i64 = self
+                .link
+                .call(|mut conn| async move { conn.incr(seq, ID_BLOCK).await })
+                .await?;
+            *block = IdBlock {
+                next: last - ID_BLOCK + 1,
+                end: last + 1,
+                taken: tokio::time::Instant::now(),
+            };
+        }
+        block.next += 1;
+        Ok(block.next - 1)
     }
 
     fn shard_of(&self, gid: &str) -> u32 {
@@ -631,11 +672,7 @@ impl Store for RedisStore {
 
     async fn create(&self, global: &GlobalTrans, branches: &[Branch]) -> Result<bool> {
         check_new(global, branches)?;
-        let seq = format!("{{{}}}:seq", self.prefix);
-        let id: i64 = self
-            .link
-            .call(|mut conn| async move { conn.incr(seq, 1).await })
-            .await?;
+        let id = self.next_id().await?;
         let (base, g, bd, bs) = self.keys(&global.gid);
         let fields = global_fields(global, id, branches.len())?;
         let mut invocation = lua::CREATE.prepare_invoke();

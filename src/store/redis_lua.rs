@@ -4,7 +4,8 @@
 //!
 //! Every script touches only keys of one hash tag (one transaction shard, or the KV tag), so
 //! each runs on one Redis Cluster slot. Keys it reads by name (the transactions a due-index
-//! entry names) share the declared keys' tag.
+//! entry names) share the declared keys' tag; a cluster-mode Redis refuses any script that
+//! breaks this (see `prelude!`), and `.ci/run` runs the contract suite on one.
 //!
 //! Values are passed and stored as strings and compared as strings, except times, which are
 //! compared as Lua numbers (exact for milliseconds: doubles hold integers up to 2^53).
@@ -13,10 +14,12 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Helpers every script starts with.
+/// What every script starts with: the `#!lua` shebang, which makes Redis (7 or later) refuse,
+/// in cluster mode, a script that touches keys of more than one slot (declared or not), so the
+/// cluster-safety of the layout is checked by the server itself; then the helpers.
 macro_rules! prelude {
     () => {
-        r#"
+        r#"#!lua
 local function finished(s) return s == 'succeed' or s == 'failed' end
 local function unfinished(s) return s == 'prepared' or s == 'submitted' or s == 'aborting' end
 -- An optional argument: '+value' is Some(value), '-' is None.
@@ -314,20 +317,22 @@ return out
 
 /// `kv_create`. KEYS: category hash, category ids, id counter. ARGV: key, value, now.
 pub(super) static KV_CREATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        prelude!(),
         r#"
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 local id = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[1], ARGV[1], table.concat({id, 1, ARGV[3], ARGV[3]}, '|') .. '|' .. ARGV[2])
 redis.call('ZADD', KEYS[2], id, ARGV[1])
 return 1
-"#,
-    )
+"#
+    ))
 });
 
 /// `kv_update`. KEYS: category hash. ARGV: key, value, version, now.
 pub(super) static KV_UPDATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        prelude!(),
         r#"
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old then return 0 end
@@ -335,24 +340,26 @@ local id, version, created = string.match(old, '^([^|]*)|([^|]*)|([^|]*)|')
 if version ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], table.concat({id, tonumber(version) + 1, created, ARGV[4]}, '|') .. '|' .. ARGV[2])
 return 1
-"#,
-    )
+"#
+    ))
 });
 
 /// `kv_delete`. KEYS: category hash, category ids. ARGV: key.
 pub(super) static KV_DELETE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        prelude!(),
         r#"
 redis.call('ZREM', KEYS[2], ARGV[1])
 return redis.call('HDEL', KEYS[1], ARGV[1])
-"#,
-    )
+"#
+    ))
 });
 
 /// `kv_scan`. KEYS: category hash, category ids. ARGV: after id, limit. Returns (key, record)
 /// pairs, flat, by id.
 pub(super) static KV_SCAN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        prelude!(),
         r#"
 local keys = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
 local out = {}
@@ -361,6 +368,6 @@ for _, k in ipairs(keys) do
   if v then out[#out + 1] = k; out[#out + 1] = v end
 end
 return out
-"#,
-    )
+"#
+    ))
 });

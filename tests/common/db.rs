@@ -214,8 +214,13 @@ async fn delete_prefix(server: &str, prefix: &str) {
         else {
             return;
         };
+        // One key per DEL: a cluster-mode server refuses a DEL of keys in several slots.
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.del(key).ignore();
+        }
         if !keys.is_empty() {
-            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+            let _: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
         }
         if next == 0 {
             return;
