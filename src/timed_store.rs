@@ -46,6 +46,15 @@ impl Store for TimedStore {
     async fn ping(&self) -> Result<()> {
         self.timed("ping", self.inner.ping()).await
     }
+    // Every method is forwarded, those with a default in the trait too: a default here would
+    // silently replace the wrapped store's own (Redis's warnings, SQLite's lease reclaim).
+    async fn warnings(&self) -> Vec<String> {
+        self.inner.warnings().await
+    }
+    async fn reclaim_leases(&self, instance: &str, owner: &str, now: Millis) -> Result<u64> {
+        self.timed("reclaim_leases", self.inner.reclaim_leases(instance, owner, now))
+            .await
+    }
     async fn create(&self, global: &GlobalTrans, branches: &[Branch]) -> Result<bool> {
         self.timed("create", self.inner.create(global, branches)).await
     }

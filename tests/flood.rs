@@ -112,7 +112,7 @@ async fn a_flood_of_non_waiting_submits_keeps_memory_bounded_and_loses_nothing()
     let addr = free_addr();
     let log = dir.path().join("kubetx.log");
     let child = Command::new(env!("CARGO_BIN_EXE_kubetx"))
-        .args(["serve", "--listen", &addr.to_string(), "--db"])
+        .args(["serve", "--listen", &addr.to_string(), "--grpc-listen", "", "--db"])
         .arg(dir.path().join("kubetx.db"))
         .args(["--max-concurrent-passes", MAX_PASSES, "--poll-interval-ms", "50"])
         // Held calls must not time out while the flood lasts.

@@ -340,7 +340,15 @@ async fn a_password_comes_from_the_url_or_the_environment_and_is_never_shown() {
 async fn serve_until_ready(store: &str, log: &Path, env: &[(&str, &str)]) -> bool {
     let listen = free_addr();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kubetx"))
-        .args(["serve", "--listen", &listen.to_string(), "--store", store])
+        .args([
+            "serve",
+            "--listen",
+            &listen.to_string(),
+            "--grpc-listen",
+            "",
+            "--store",
+            store,
+        ])
         .args(["--log-level", "debug"])
         .env_remove("RUST_LOG")
         .env_remove("KUBETX_CONFIG")
