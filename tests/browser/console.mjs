@@ -35,15 +35,20 @@ async function waitRows() {
   await page.waitForFunction(() => /shown, page/.test(document.getElementById("status").textContent));
 }
 
-async function applyFilters(filters) {
-  await page.getByRole("button", { name: "Clear" }).click();
+/** Runs `action` and waits for the list it loads: the status line is emptied first, so that the
+ * previous list's "shown, page" (or a fetch still in flight) is never taken for the new one. */
+async function reload(action) {
+  await page.evaluate(() => { document.getElementById("status").textContent = ""; });
+  await action();
   await waitRows();
+}
+
+async function applyFilters(filters) {
+  await reload(() => page.getByRole("button", { name: "Clear" }).click());
   await page.getByLabel("Status").selectOption(filters.status || "");
   await page.getByLabel("Mode").selectOption(filters.mode || "");
   await page.getByLabel("Gid starts with").fill(filters.gid || "");
-  await page.evaluate(() => { document.getElementById("status").textContent = ""; });
-  await page.getByRole("button", { name: "Apply" }).click();
-  await waitRows();
+  await reload(() => page.getByRole("button", { name: "Apply" }).click());
 }
 
 /** Every gid of the current list, following "Next page" to the end. */
@@ -53,9 +58,7 @@ async function allPages() {
     seen.push(...(await rowGids()));
     const next = page.getByRole("button", { name: "Next page" });
     if (await next.isDisabled()) return seen;
-    await page.evaluate(() => { document.getElementById("status").textContent = ""; });
-    await next.click();
-    await waitRows();
+    await reload(() => next.click());
   }
   throw new Error("paging does not end");
 }
@@ -129,9 +132,8 @@ try {
   assert.equal(aborted.length, expect.tcc_aborted);
 
   step("the unfinished view, oldest due first");
-  await page.getByRole("link", { name: "Unfinished, oldest due first" }).click();
+  await reload(() => page.getByRole("link", { name: "Unfinished, oldest due first" }).click());
   await page.getByRole("heading", { name: "Unfinished transactions, oldest due first" }).waitFor();
-  await waitRows();
   assert.equal(await page.getByLabel("Status").isVisible(), false, "no filters on this view");
   const due = await rowGids();
   assert.equal(due[0], expect.oldest_due_gid);
