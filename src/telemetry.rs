@@ -226,11 +226,18 @@ pub async fn trace_request(request: Request, next: Next) -> Response {
         .and_then(|path| path.as_str().rsplit('/').find(|s| !s.is_empty() && !s.starts_with('{')))
         .unwrap_or("dtm")
         .to_owned();
-    let incoming = request
+    let traceparent = request
         .headers()
         .get(TRACEPARENT)
         .and_then(|value| value.to_str().ok())
-        .and_then(normalized);
+        .map(str::to_owned);
+    traced(&route, traceparent.as_deref(), next.run(request)).await
+}
+
+/// Runs the handler of one DTM request (HTTP route or gRPC call) in a span of its own, child
+/// of the client's `traceparent` (an HTTP header, or gRPC metadata) when it is valid.
+pub async fn traced<F: std::future::Future>(route: &str, traceparent: Option<&str>, handler: F) -> F::Output {
+    let incoming = traceparent.and_then(normalized);
     let span = tracing::info_span!(
         "dtm",
         otel.name = %format!("dtm {route}"),
@@ -241,7 +248,7 @@ pub async fn trace_request(request: Request, next: Next) -> Response {
     if let Some(context) = incoming.as_deref().and_then(context_of) {
         let _ = span.set_parent(context);
     }
-    INCOMING.scope(incoming, next.run(request).instrument(span)).await
+    INCOMING.scope(incoming, handler.instrument(span)).await
 }
 
 #[cfg(test)]

@@ -940,3 +940,28 @@ async fn stopping_the_server_does_not_wait_for_idle_grpc_clients() {
     assert!(matches!(stopped, Ok(Ok(()))), "{stopped:?}");
     assert!(dtm.new_gid(()).await.is_err(), "the API is gone");
 }
+
+#[tokio::test]
+async fn the_clients_traceparent_reaches_every_grpc_branch() {
+    let (server, bank) = (TestServer::start().await, GrpcBank::start().await);
+    let mut dtm = client(&server).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let options = DtmTransOptions {
+        wait_result: true,
+        ..DtmTransOptions::default()
+    };
+    let mut request = tonic::Request::new(transfer_saga("g-traced", &bank, options));
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().expect("metadata"));
+    dtm.submit(request).await.expect("Submit");
+    let calls = bank.calls_for("g-traced");
+    assert_eq!(calls.len(), 2);
+    for call in calls {
+        let sent = call.metadata.get("traceparent").and_then(|v| v.to_str().ok());
+        assert_eq!(sent, Some(traceparent), "{}", call.method);
+    }
+    // Stored with the transaction: retries, after a restart too, continue the same trace.
+    let stored = server.transaction("g-traced").await["ext_data"].clone();
+    assert_eq!(stored, json!(json!({"traceparent": traceparent}).to_string()));
+}

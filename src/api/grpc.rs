@@ -65,6 +65,12 @@ pub fn service(
     )
 }
 
+/// The client's W3C `traceparent` metadata, continued by the call's span and branch calls.
+fn traceparent(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    let value = metadata.get(crate::telemetry::TRACEPARENT)?;
+    value.to_str().ok().map(str::to_owned)
+}
+
 fn bearer(request: &Request<()>) -> Option<&str> {
     let value = request.metadata().get("authorization")?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
@@ -155,10 +161,11 @@ impl DtmService {
     async fn observed<T>(
         &self,
         rpc: &str,
+        traceparent: Option<String>,
         call: impl Future<Output = Result<Response<T>, Status>>,
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
-        let result = call.await;
+        let result = crate::telemetry::traced(rpc, traceparent.as_deref(), call).await;
         let metrics = self.state.coordinator.metrics();
         let api = format!("grpc_{rpc}");
         let code = result.as_ref().map_or_else(|status| http_code(status.code()), |_| 200);
@@ -184,8 +191,8 @@ impl DtmService {
 
 #[tonic::async_trait]
 impl Dtm for DtmService {
-    async fn new_gid(&self, _request: Request<()>) -> Result<Response<DtmGidReply>, Status> {
-        self.observed("newgid", async {
+    async fn new_gid(&self, request: Request<()>) -> Result<Response<DtmGidReply>, Status> {
+        self.observed("newgid", traceparent(request.metadata()), async {
             let Json(answer) = admin::new_gid().await?;
             let gid = answer.get("gid").and_then(Value::as_str).unwrap_or_default().to_owned();
             Ok(Response::new(DtmGidReply { gid }))
@@ -194,7 +201,7 @@ impl Dtm for DtmService {
     }
 
     async fn submit(&self, request: Request<DtmRequest>) -> Result<Response<()>, Status> {
-        self.observed("submit", async {
+        self.observed("submit", traceparent(request.metadata()), async {
             let body = trans_request(request.into_inner())?;
             empty(trans::submit(self.state(), JsonBody(body)).await)
         })
@@ -202,7 +209,7 @@ impl Dtm for DtmService {
     }
 
     async fn prepare(&self, request: Request<DtmRequest>) -> Result<Response<()>, Status> {
-        self.observed("prepare", async {
+        self.observed("prepare", traceparent(request.metadata()), async {
             let body = trans_request(request.into_inner())?;
             empty(trans::prepare(self.state(), JsonBody(body)).await)
         })
@@ -210,7 +217,7 @@ impl Dtm for DtmService {
     }
 
     async fn abort(&self, request: Request<DtmRequest>) -> Result<Response<()>, Status> {
-        self.observed("abort", async {
+        self.observed("abort", traceparent(request.metadata()), async {
             let body = trans_request(request.into_inner())?;
             empty(trans::abort(self.state(), JsonBody(body)).await)
         })
@@ -218,7 +225,7 @@ impl Dtm for DtmService {
     }
 
     async fn register_branch(&self, request: Request<DtmBranchRequest>) -> Result<Response<()>, Status> {
-        self.observed("registerbranch", async {
+        self.observed("registerbranch", traceparent(request.metadata()), async {
             let (fields, data) = branch_fields(request.into_inner());
             empty(trans::register(&self.state.coordinator, &fields, data).await)
         })
@@ -226,7 +233,7 @@ impl Dtm for DtmService {
     }
 
     async fn prepare_workflow(&self, request: Request<DtmRequest>) -> Result<Response<DtmProgressesReply>, Status> {
-        self.observed("prepareworkflow", async {
+        self.observed("prepareworkflow", traceparent(request.metadata()), async {
             let body = trans_request(request.into_inner())?;
             let (global, branches) = trans::workflow_progress(&self.state.coordinator, &body).await?;
             Ok(Response::new(DtmProgressesReply {
@@ -251,21 +258,21 @@ impl Dtm for DtmService {
     }
 
     async fn subscribe(&self, request: Request<DtmTopicRequest>) -> Result<Response<()>, Status> {
-        self.observed("subscribe", async {
+        self.observed("subscribe", traceparent(request.metadata()), async {
             empty(admin::subscribe(self.state(), Self::topic_params(request.into_inner())).await)
         })
         .await
     }
 
     async fn unsubscribe(&self, request: Request<DtmTopicRequest>) -> Result<Response<()>, Status> {
-        self.observed("unsubscribe", async {
+        self.observed("unsubscribe", traceparent(request.metadata()), async {
             empty(admin::unsubscribe(self.state(), Self::topic_params(request.into_inner())).await)
         })
         .await
     }
 
     async fn delete_topic(&self, request: Request<DtmTopicRequest>) -> Result<Response<()>, Status> {
-        self.observed("deletetopic", async {
+        self.observed("deletetopic", traceparent(request.metadata()), async {
             empty(admin::delete_topic(self.state(), Path(request.into_inner().topic)).await)
         })
         .await

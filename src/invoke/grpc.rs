@@ -133,6 +133,8 @@ pub struct GrpcCall<'a> {
     pub body: &'a [u8],
     /// `branch_headers`, sent as metadata.
     pub headers: &'a BTreeMap<String, String>,
+    /// The trace context stored with the transaction, for when no span is current.
+    pub traceparent: Option<&'a str>,
     /// Deadline of the call.
     pub timeout: Duration,
 }
@@ -261,9 +263,13 @@ fn request(call: &GrpcCall<'_>) -> Result<tonic::Request<Vec<u8>>, String> {
     ];
     // DTM's XA resource managers read their phase-2 address from `dtm-phase2_url`.
     let phase2 = (call.trans_type == "xa").then_some(("dtm-phase2_url", call.address));
+    // The trace this call belongs to, as W3C metadata (a `traceparent` in branch_headers
+    // replaces it, as on HTTP).
+    let traceparent = crate::telemetry::outgoing_traceparent(call.traceparent);
+    let trace = traceparent.as_deref().map(|t| (crate::telemetry::TRACEPARENT, t));
     let headers = call.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     let metadata = request.metadata_mut();
-    for (name, value) in fixed.into_iter().chain(phase2).chain(headers) {
+    for (name, value) in fixed.into_iter().chain(phase2).chain(trace).chain(headers) {
         check_metadata([(name, value)])?;
         let key = MetadataKey::from_bytes(name.as_bytes()).map_err(|_| format!("invalid metadata name {name:?}"))?;
         let value: MetadataValue<_> = value

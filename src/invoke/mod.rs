@@ -230,6 +230,7 @@ impl Invoker {
                     op: call.op,
                     body: call.body,
                     headers: call.headers,
+                    traceparent: call.traceparent,
                     timeout: call.timeout,
                 })
                 .await;
