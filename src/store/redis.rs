@@ -849,7 +849,8 @@ impl Store for RedisStore {
                 .arg(filter(query.trans_type.map(TransType::as_str)))
                 .arg(query.created_from.map(|t| t.to_string()).unwrap_or_default())
                 .arg(query.created_to.map(|t| t.to_string()).unwrap_or_default())
-                .arg(&base);
+                .arg(&base)
+                .arg(query.gid_prefix.as_deref().unwrap_or_default());
             async move { self.link.run::<Vec<(String, i64)>>(&invocation).await }
         });
         let mut found: Vec<(String, i64)> = futures::future::try_join_all(calls)

@@ -287,8 +287,8 @@ return deleted
 });
 
 /// One shard's page of `list`, newest first. KEYS: ids. ARGV: max id (a ZSET bound), limit,
-/// status, mode, created from, created to ('' for no filter), key prefix. Returns (gid, id)
-/// pairs, flat. Walks the shard's id index in chunks until `limit` rows match.
+/// status, mode, created from, created to ('' for no filter), key prefix, gid prefix ('' for
+/// none). Returns (gid, id) pairs, flat. Walks the shard's id index in chunks until `limit` rows match.
 pub(super) static LIST_SHARD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         prelude!(),
@@ -303,7 +303,8 @@ while found < limit do
     local cur = redis.call('HMGET', ARGV[7] .. 'g:' .. chunk[k], 'status', 'trans_type', 'create_time')
     local created = tonumber(cur[3])
     if cur[1] and (ARGV[3] == '' or cur[1] == ARGV[3]) and (ARGV[4] == '' or cur[2] == ARGV[4])
-      and (not from or created >= from) and (not to or created <= to) and found < limit then
+      and (not from or created >= from) and (not to or created <= to)
+      and (ARGV[8] == '' or string.sub(chunk[k], 1, #ARGV[8]) == ARGV[8]) and found < limit then
       out[#out + 1] = chunk[k]
       out[#out + 1] = chunk[k + 1]
       found = found + 1
