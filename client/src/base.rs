@@ -58,6 +58,23 @@ impl TransBase {
         self.dtm.call(route, self).await.map(drop)
     }
 
+    /// Ends a TCC or XA global transaction on what its body returned: submit on success, abort
+    /// with the error as the rollback reason otherwise (the body's error is the one returned).
+    pub async fn submit_or_abort<T>(mut self, outcome: Result<T>) -> Result<T> {
+        match outcome {
+            Ok(value) => {
+                self.send("submit").await?;
+                Ok(value)
+            }
+            Err(e) => {
+                self.rollback_reason = e.to_string().chars().take(1024).collect();
+                // The abort's own error matters less than why we aborted.
+                let _ = self.dtm.call("abort", &self.short()).await;
+                Err(e)
+            }
+        }
+    }
+
     /// `{gid, trans_type}` plus a rollback reason: what abort and the phase-2 submits need.
     pub fn short(&self) -> serde_json::Value {
         serde_json::json!({

@@ -86,19 +86,7 @@ impl TccBuilder {
             }),
         };
         let base = tcc.inner.base.clone();
-        match body(tcc).await {
-            Ok(value) => {
-                base.send("submit").await?;
-                Ok(value)
-            }
-            Err(e) => {
-                let mut abort = base;
-                abort.rollback_reason = e.to_string().chars().take(1024).collect();
-                // The abort's own error matters less than why we aborted.
-                let _ = abort.dtm.call("abort", &abort.short()).await;
-                Err(e)
-            }
-        }
+        base.submit_or_abort(body(tcc).await).await
     }
 }
 

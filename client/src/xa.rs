@@ -87,18 +87,7 @@ impl XaBuilder {
         let xa = Xa {
             inner: Arc::new((self.base, BranchIds::new(""))),
         };
-        match body(xa).await {
-            Ok(value) => {
-                base.send("submit").await?;
-                Ok(value)
-            }
-            Err(e) => {
-                let mut abort = base;
-                abort.rollback_reason = e.to_string().chars().take(1024).collect();
-                let _ = abort.dtm.call("abort", &abort.short()).await;
-                Err(e)
-            }
-        }
+        base.submit_or_abort(body(xa).await).await
     }
 }
 
