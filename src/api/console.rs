@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 use super::wire::{self, TransRequest};
 use super::{ApiError, ApiResult, AppState, JsonBody};
 use crate::engine;
-use crate::model::{GlobalTrans, Millis, TransStatus, TransType};
+use crate::model::{Branch, GlobalTrans, Millis, TransStatus, TransType};
+use crate::scheduler::Coordinator;
 use crate::store::{DuePosition, ListQuery, StatusChange};
 
 type Params = Query<HashMap<String, String>>;
@@ -124,17 +125,22 @@ pub(super) async fn summary(State(state): State<AppState>) -> ApiResult {
     })))
 }
 
+/// The transaction `gid` names and its branches; 404 when there is none.
+async fn load(coordinator: &Coordinator, gid: &str) -> Result<(GlobalTrans, Vec<Branch>), ApiError> {
+    wire::check_gid(gid)?;
+    let store = coordinator.store();
+    let global = store
+        .find(gid)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no transaction with gid {gid}")))?;
+    Ok((global, store.branches(gid).await?))
+}
+
 /// `GET /api/admin/transactions/{gid}`: the transaction, its branch operations in order with what
 /// this process saw of their calls, and which actions apply.
 pub(super) async fn detail(State(state): State<AppState>, Path(gid): Path<String>) -> ApiResult {
-    wire::check_gid(&gid)?;
     let coordinator = &state.coordinator;
-    let store = coordinator.store();
-    let global = store
-        .find(&gid)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no transaction with gid {gid}")))?;
-    let branches = store.branches(&gid).await?;
+    let (global, branches) = load(coordinator, &gid).await?;
     let activity = coordinator.activity().of(&gid);
     let operations: Vec<Value> = branches
         .iter()
@@ -201,14 +207,8 @@ pub(super) async fn retry_now(State(state): State<AppState>, Path(gid): Path<Str
 /// not all run (force-stopped, or stopped by a limit) rolls back again: `failed` to `aborting`,
 /// driven at once.
 pub(super) async fn retry_compensation(State(state): State<AppState>, Path(gid): Path<String>) -> ApiResult {
-    wire::check_gid(&gid)?;
     let coordinator = &state.coordinator;
-    let store = coordinator.store();
-    let global = store
-        .find(&gid)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no transaction with gid {gid}")))?;
-    let branches = store.branches(&gid).await?;
+    let (global, branches) = load(coordinator, &gid).await?;
     if global.trans_type != TransType::Saga
         || global.status != TransStatus::Failed
         || !engine::compensation_pending(&global, &branches)
@@ -221,7 +221,7 @@ pub(super) async fn retry_compensation(State(state): State<AppState>, Path(gid):
     let now = coordinator.now();
     let mut change = StatusChange::new(&gid, TransStatus::Failed, TransStatus::Aborting, now);
     change.lease = Some(coordinator.lease(now));
-    if !store.change_status(&change).await? {
+    if !coordinator.store().change_status(&change).await? {
         return Err(ApiError::Failure(format!(
             "transaction {gid} is changing concurrently; retry"
         )));
