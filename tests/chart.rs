@@ -179,7 +179,7 @@ const INLINE_CASES: &[(&str, &str)] = &[
     (
         "ipv6-digest-ports",
         "bindAddress: '::'\nimage: {digest: 'sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef'}\n\
-         ports: {api: 9000, health: 9001}\nservice: {apiPort: 80, metricsPort: 9090}\n",
+         ports: {api: 9000, grpc: 9002, health: 9001}\nservice: {apiPort: 80, grpcPort: 81, metricsPort: 9090}\n",
     ),
     ("named-release", "fullnameOverride: tx\nnameOverride: txop\n"),
     (
@@ -867,6 +867,16 @@ fn check_case(case: &Case, r: &Rendered) {
         v["ports"]["api"].as_i64().as_ref().filter(|_| api_on),
         "{name}: an API port exactly when the API is on"
     );
+    assert_eq!(
+        ports.get("grpc"),
+        v["ports"]["grpc"].as_i64().as_ref().filter(|_| api_on),
+        "{name}: a gRPC port exactly when the API is on"
+    );
+    assert_eq!(
+        r.env_value("KUBETX_GRPC_LISTEN").map(|l| port_of(&l)),
+        ports.get("grpc").copied(),
+        "{name}: KUBETX_GRPC_LISTEN"
+    );
     assert_eq!(ports.get("health"), v["ports"]["health"].as_i64().as_ref(), "{name}");
     let listen = r.env_value("KUBETX_LISTEN").expect("KUBETX_LISTEN");
     let health_listen = r.env_value("KUBETX_HEALTH_LISTEN").expect("KUBETX_HEALTH_LISTEN");
@@ -1189,6 +1199,11 @@ fn check_case(case: &Case, r: &Rendered) {
         service_ports.get("api"),
         Some(&(v["service"]["apiPort"].as_i64().expect("apiPort"), "api".to_owned())).filter(|_| api_on),
         "{name}: the Service has an API port exactly when the API is on"
+    );
+    assert_eq!(
+        service_ports.get("grpc"),
+        Some(&(v["service"]["grpcPort"].as_i64().expect("grpcPort"), "grpc".to_owned())).filter(|_| api_on),
+        "{name}: the Service has a gRPC port exactly when the API is on"
     );
     assert_eq!(
         service_ports["metrics"],
