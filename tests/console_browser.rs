@@ -270,6 +270,8 @@ async fn the_console_in_a_real_browser() {
     let store_dir = tempfile::tempdir().expect("temp dir");
     let mut config = Config {
         listen: "127.0.0.1:0".to_owned(),
+        // Not the fixed gRPC port: a kubetx already running on this machine holds it.
+        grpc_listen: String::new(),
         api_tokens: vec![TOKEN.to_owned()],
         ..Config::default()
     };

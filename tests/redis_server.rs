@@ -166,6 +166,8 @@ async fn a_redis_crash_loses_no_acknowledged_saga_with_aof_always() {
     let url = format!("redis://{addr}/0?prefix=restart");
     let config = Config {
         listen: "127.0.0.1:0".to_owned(),
+        // Not the fixed gRPC port: a kubetx already running on this machine holds it.
+        grpc_listen: String::new(),
         store: url.clone(),
         store_acquire_timeout_ms: 1_000,
         lease: 2,
