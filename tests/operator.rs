@@ -460,6 +460,42 @@ async fn a_saga_deleted_during_its_first_pass_compensates() {
 }
 
 #[tokio::test]
+async fn a_saga_deleted_while_a_step_runs_calls_no_further_step_and_rolls_back() {
+    let env = Env::new().await;
+    let operator = env.start();
+    // TransOut succeeds, slowly; TransIn would succeed at once.
+    env.bank.script("TransOut", &[Reply::Slow(500)]);
+    env.create("sagas", env.transfer("stopped", "TransIn")).await;
+    let calls = env.bank.wait_calls_on("TransOut", 1).await;
+    env.delete_saga_and_wait_gone("stopped").await;
+    let routes = env.bank.routes(&calls[0].gid);
+    // TransIn was never called; its compensation may be (the engine cannot tell a step it never
+    // called from one a crashed pass called), TransOut's must be, last.
+    assert!(
+        !routes.contains(&"TransIn".to_owned()),
+        "the delete stopped the pass between its steps: {routes:?}"
+    );
+    assert_eq!(routes.last().map(String::as_str), Some("TransOutRevert"), "{routes:?}");
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn a_saga_deleted_while_its_last_step_runs_rolls_back_instead_of_committing() {
+    let env = Env::new().await;
+    let operator = env.start();
+    env.bank.script("TransIn", &[Reply::Slow(500)]);
+    env.create("sagas", env.transfer("last", "TransIn")).await;
+    let calls = env.bank.wait_calls_on("TransIn", 1).await;
+    env.delete_saga_and_wait_gone("last").await;
+    let routes = env.bank.routes(&calls[0].gid);
+    assert!(
+        routes.ends_with(&["TransInRevert".to_owned(), "TransOutRevert".to_owned()]),
+        "deleted before its success was recorded, so it rolled back: {routes:?}"
+    );
+    operator.stop().await.expect("stops");
+}
+
+#[tokio::test]
 async fn a_retry_now_annotation_makes_a_backed_off_saga_due_at_once() {
     let env = Env::new().await;
     let mut config = env.config();

@@ -99,6 +99,7 @@ impl Operator {
             written: Default::default(),
             fence,
             identity: config.reporter.clone(),
+            deletions: Default::default(),
         });
         let stopped = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -268,6 +269,7 @@ fn add_controller<K: Transactional>(
         .with_config(controller::Config::default().concurrency(config.concurrency))
         .graceful_shutdown_on(stop.clone().cancelled_owned());
     let store = controller.store();
+    context.deletions.watch(store.clone());
     synced.push(
         async move {
             // Err only when the controller is gone, which the runs branch notices.

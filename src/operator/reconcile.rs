@@ -139,6 +139,53 @@ pub struct Context {
     pub fence: Arc<Fence>,
     /// This replica's identity (its pod name): the owner of what it writes to a SQL store.
     pub identity: String,
+    /// Deletes the watches have seen, which a running pass checks between calls.
+    pub deletions: Deletions,
+}
+
+/// Which objects are being deleted, as the controllers' watch caches see them now. A reconcile
+/// learns of a delete when it starts; a pass already running asks here before each round of
+/// branch calls and before it commits, so that a delete during a pass stops it and rolls the
+/// transaction back instead of letting it run on to the end.
+#[derive(Default)]
+pub struct Deletions {
+    probes: std::sync::RwLock<Vec<(&'static str, DeletionProbe)>>,
+}
+
+/// Answers whether the object (namespace, name, uid) is marked for deletion in one watch cache.
+type DeletionProbe = Box<dyn Fn(&str, &str, &str) -> bool + Send + Sync>;
+
+impl Deletions {
+    /// Adds the watch cache of one controller.
+    pub fn watch<K: Transactional>(&self, store: kube::runtime::reflector::Store<K>) {
+        let probe: DeletionProbe = Box::new(move |namespace, name, uid| {
+            let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
+            store.get(&key).is_some_and(|cached| {
+                cached.meta().deletion_timestamp.is_some() && cached.meta().uid.as_deref() == Some(uid)
+            })
+        });
+        self.probes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((K::KIND, probe));
+    }
+
+    /// True when a watch cache has this very object (same uid) marked for deletion.
+    pub fn requested<K: Transactional>(&self, obj: &K) -> bool {
+        let (namespace, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+        let uid = obj.meta().uid.clone().unwrap_or_default();
+        let probes = self.probes.read().unwrap_or_else(|p| p.into_inner());
+        probes
+            .iter()
+            .any(|(kind, probe)| *kind == K::KIND && probe(&namespace, &name, &uid))
+    }
+}
+
+impl std::fmt::Debug for Deletions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = self.probes.read().map(|p| p.len()).unwrap_or_default();
+        f.debug_struct("Deletions").field("watches", &count).finish()
+    }
 }
 
 /// Until when this replica may act: renewed with the leader Lease, never past its renew deadline
@@ -371,13 +418,7 @@ async fn run_and_record<K: Transactional>(
     }
     let mut decided: Option<(TransStatus, Option<String>)> = None;
     if deleting && obj.abort_on_delete(global.status) {
-        decided = Some(match global.trans_type {
-            TransType::Msg => (TransStatus::Failed, Some("deleted before it was submitted".to_owned())),
-            _ => (
-                TransStatus::Aborting,
-                Some("deleted while running: rolling back".to_owned()),
-            ),
-        });
+        decided = Some(delete_decision(global.trans_type));
     } else if old.phase.is_some() && global.next_cron_time > now && !deleting && !just_submitted {
         // Woken early (a watch event, not our requeue): nothing is due yet.
         return Ok(Action::requeue(until(global.next_cron_time, now)));
@@ -471,8 +512,10 @@ async fn run_engine<K: Transactional>(
         now: &now,
         metrics: &ctx.metrics,
     };
+    let abort_for_delete = |status: TransStatus| obj.abort_on_delete(status) && ctx.deletions.requested(obj);
     let mut sink = StatusSink {
         fence: Arc::clone(&ctx.fence),
+        abort_for_delete: &abort_for_delete,
         tally: CallTally::default(),
         decision: None,
     };
@@ -508,25 +551,45 @@ fn apply_decision(global: &mut GlobalTrans, to: TransStatus, reason: Option<Stri
     global.next_cron_time = now;
 }
 
+/// The decision a delete of a running transaction takes: roll back (a saga, a TCC before its
+/// confirm), or fail a Msg that was never submitted.
+fn delete_decision(trans_type: TransType) -> (TransStatus, Option<String>) {
+    match trans_type {
+        TransType::Msg => (TransStatus::Failed, Some("deleted before it was submitted".to_owned())),
+        _ => (
+            TransStatus::Aborting,
+            Some("deleted while running: rolling back".to_owned()),
+        ),
+    }
+}
+
 /// Collects the pass in memory. A decision (any transition short of the end) stops the pass so
 /// that it is written before it is acted on.
-struct StatusSink {
+struct StatusSink<'a> {
     fence: Arc<Fence>,
+    /// Whether a delete seen since the pass began rolls back a transaction in this status.
+    abort_for_delete: &'a (dyn Fn(TransStatus) -> bool + Sync),
     tally: CallTally,
     decision: Option<(TransStatus, Option<String>)>,
 }
 
-impl PassSink for StatusSink {
+impl PassSink for StatusSink<'_> {
     type Error = std::convert::Infallible;
 
     async fn transition(
         &mut self,
-        _global: &GlobalTrans,
+        global: &GlobalTrans,
         _updates: &[BranchUpdate],
         to: TransStatus,
         reason: Option<&str>,
         _now: Millis,
     ) -> Result<bool, Self::Error> {
+        let forward = !matches!(to, TransStatus::Aborting | TransStatus::Failed);
+        if forward && (self.abort_for_delete)(global.status) {
+            // Deleted before the commit was recorded: roll back what ran instead.
+            self.decision = Some(delete_decision(global.trans_type));
+            return Ok(false);
+        }
         if to.is_finished() {
             return Ok(true);
         }
@@ -534,7 +597,11 @@ impl PassSink for StatusSink {
         Ok(false)
     }
 
-    async fn before_calls(&mut self, _: &GlobalTrans, _: Millis, _: Millis) -> Result<bool, Self::Error> {
+    async fn before_calls(&mut self, global: &GlobalTrans, _: Millis, _: Millis) -> Result<bool, Self::Error> {
+        if (self.abort_for_delete)(global.status) {
+            self.decision = Some(delete_decision(global.trans_type));
+            return Ok(false);
+        }
         // No call once this replica may have lost the Lease (a paused process wakes up here).
         Ok(self.fence.holds())
     }
