@@ -50,7 +50,7 @@ pub enum CliError {
     Operator(#[from] crate::operator::OperatorError),
     /// The CRDs could not be rendered.
     #[error("cannot render CRDs: {0}")]
-    Crd(#[from] serde_yaml::Error),
+    Crd(#[from] yaml_serde::Error),
     /// The benchmark failed.
     #[error(transparent)]
     Bench(#[from] crate::bench::BenchError),

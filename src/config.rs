@@ -36,7 +36,7 @@ pub enum ConfigError {
         path: String,
         /// Cause.
         #[source]
-        source: serde_yaml::Error,
+        source: yaml_serde::Error,
     },
     /// A value is out of range.
     #[error("invalid configuration: {0}")]
@@ -232,7 +232,7 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+        yaml_serde::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.display().to_string(),
             source,
         })
@@ -445,7 +445,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let error = serde_yaml::from_str::<Config>("listne: 1.2.3.4:5").unwrap_err();
+        let error = yaml_serde::from_str::<Config>("listne: 1.2.3.4:5").unwrap_err();
         assert!(error.to_string().contains("listne"), "{error}");
     }
 

@@ -140,7 +140,7 @@ struct Case {
 
 fn yaml_file(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let yaml: yaml_serde::Value = yaml_serde::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::to_value(yaml).expect("YAML as JSON")
 }
 
@@ -241,8 +241,8 @@ struct Rendered {
 
 fn parse_documents(text: &str) -> Vec<Value> {
     use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(text)
-        .map(|doc| serde_yaml::Value::deserialize(doc).expect("rendered YAML parses"))
+    yaml_serde::Deserializer::from_str(text)
+        .map(|doc| yaml_serde::Value::deserialize(doc).expect("rendered YAML parses"))
         .filter(|doc| !doc.is_null())
         .map(|doc| serde_json::to_value(doc).expect("YAML as JSON"))
         .collect()

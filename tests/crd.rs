@@ -193,7 +193,7 @@ fn example_manifests_are_valid_resources() {
             continue;
         }
         let text = std::fs::read_to_string(&path).expect("readable");
-        let value: Value = serde_yaml::from_str(&text).expect("valid YAML");
+        let value: Value = yaml_serde::from_str(&text).expect("valid YAML");
         let result = match value["kind"].as_str() {
             Some("Saga") => {
                 let saga: Saga = serde_json::from_value(value).expect("a Saga");

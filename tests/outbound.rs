@@ -438,6 +438,6 @@ fn branch_tls_flags_and_config_file_keys_reach_the_configuration() {
     assert_eq!(config.branch_ca_file, "/ca.pem");
     assert_eq!(config.branch_client_cert_file, "/client.pem");
     assert_eq!(config.branch_client_key_file, "/client.key");
-    let yaml: Config = serde_yaml::from_str("branch_ca_file: /etc/ca.pem").expect("key parses");
+    let yaml: Config = yaml_serde::from_str("branch_ca_file: /etc/ca.pem").expect("key parses");
     assert_eq!(yaml.branch_ca_file, "/etc/ca.pem");
 }

@@ -512,18 +512,18 @@ pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiext
 }
 
 /// Each CRD as `(file name, YAML)`, the layout of the committed `crds/` directory.
-pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
+pub fn crd_files() -> Result<Vec<(String, String)>, yaml_serde::Error> {
     all_crds()
         .into_iter()
         .map(|crd| {
             let name = format!("{}.yaml", crd.metadata.name.clone().unwrap_or_default());
-            Ok((name, serde_yaml::to_string(&crd)?))
+            Ok((name, yaml_serde::to_string(&crd)?))
         })
         .collect()
 }
 
 /// The CRDs as one multi-document YAML stream (what `kubetx crd` prints).
-pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+pub fn crds_yaml() -> Result<String, yaml_serde::Error> {
     let mut out = String::new();
     for (_, yaml) in crd_files()? {
         out.push_str("---\n");

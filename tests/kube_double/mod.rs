@@ -1304,7 +1304,7 @@ fn restore_rv(candidate: &mut Value, old: &Value) {
 fn parse_apply_body(body: &[u8]) -> Result<Value, ApiError> {
     let value = match serde_json::from_slice::<Value>(body) {
         Ok(v) => v,
-        Err(_) => serde_yaml::from_slice::<Value>(body)
+        Err(_) => yaml_serde::from_slice::<Value>(body)
             .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
     };
     if !value.is_object() {
