@@ -5,7 +5,10 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=migrations");
     println!("cargo:rerun-if-changed=proto");
-    let files = protox::compile(["proto/dtmgimp.proto", "proto/workflow.proto"], ["proto"])?;
+    let files = protox::compile(
+        ["proto/dtmgimp.proto", "proto/workflow.proto", "proto/busi.proto"],
+        ["proto"],
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -81,6 +81,10 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, env = "BANK_LISTEN", default_value = "0.0.0.0:8080")]
         listen: String,
+        /// Address of the bank's gRPC side, `busi.Busi` (DTM's quick-start service), for gRPC
+        /// branches; empty: HTTP only.
+        #[arg(long, env = "BANK_GRPC_LISTEN", default_value = "")]
+        grpc_listen: String,
     },
     /// Benchmark kubetx against a trivial bank service on 127.0.0.1 (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
@@ -326,25 +330,46 @@ impl ServeArgs {
     }
 }
 
+/// The demo bank: HTTP on `listen`, and `busi.Busi` over gRPC on `grpc_listen` when set.
+async fn bank(listen: &str, grpc_listen: &str) -> Result<(), CliError> {
+    init_logging("info", LogFormat::Text);
+    let bind = |addr: &str| {
+        let addr = addr.to_owned();
+        async move {
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|source| CliError::Serve(ServeError::Bind { addr, source }))
+        }
+    };
+    let accounts = crate::bank::Shared::default();
+    if !grpc_listen.is_empty() {
+        let incoming = tonic::transport::server::TcpIncoming::from(bind(grpc_listen).await?);
+        let service = crate::bank::grpc_service(accounts.clone());
+        tracing::info!(%grpc_listen, "demo bank serving busi.Busi over gRPC");
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, shutdown_signal())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "the bank's gRPC side stopped");
+            }
+        });
+    }
+    let listener = bind(listen).await?;
+    tracing::info!(%listen, "demo bank serving");
+    axum::serve(listener, crate::bank::router_with(accounts))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| CliError::Serve(ServeError::Http(e)))
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(&args.config()?).await,
         Command::Operator(args) => operator(&args).await,
-        Command::Bank { listen } => {
-            init_logging("info", LogFormat::Text);
-            let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|source| {
-                CliError::Serve(ServeError::Bind {
-                    addr: listen.clone(),
-                    source,
-                })
-            })?;
-            tracing::info!(%listen, "demo bank serving");
-            axum::serve(listener, crate::bank::router())
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-                .map_err(|e| CliError::Serve(ServeError::Http(e)))
-        }
+        Command::Bank { listen, grpc_listen } => bank(&listen, &grpc_listen).await,
         Command::Bench(args) => Ok(crate::bench::main(&args).await?),
         Command::Crd { out_dir: None } => {
             print!("{}", crate::operator::crd::crds_yaml()?);

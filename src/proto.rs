@@ -1,5 +1,5 @@
 //! Code generated at build time from `proto/` (prost messages, tonic clients and servers): DTM's
-//! `dtmgimp.Dtm` API and the `workflow.Workflow` callback service. Plain data and stubs, no
+//! `dtmgimp.Dtm` API, the `workflow.Workflow` callback service and the demo bank's `busi.Busi`. Plain data and stubs, no
 //! logic, so that both the API (server) and the invoke layer (workflow callback) can use them.
 
 /// `dtmgimp`: DTM's gRPC API.
@@ -12,4 +12,10 @@ pub mod dtmgimp {
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod workflow {
     tonic::include_proto!("workflow");
+}
+
+/// `busi`: the demo bank's gRPC service (`kubetx bank --grpc-listen`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod busi {
+    tonic::include_proto!("busi");
 }

@@ -212,7 +212,7 @@ fn example_manifests_are_valid_resources() {
         assert!(result.is_ok(), "{}: {result:?}", path.display());
         checked += 1;
     }
-    assert_eq!(checked, 5);
+    assert_eq!(checked, 6);
 }
 
 // ---------------------------------------------------------------------------------------------

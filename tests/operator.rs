@@ -1089,6 +1089,66 @@ async fn a_grpc_saga_calls_grpc_methods_with_base64_payloads_and_rolls_back_on_a
     operator.stop().await.expect("stops");
 }
 
+/// `examples/saga-grpc.yaml` as shipped (only the bank's port differs) against the demo bank's
+/// gRPC side, `kubetx bank --grpc-listen`: the money moves, and with the FAILURE payload its
+/// comment gives, TransIn refuses and the transfer is rolled back.
+#[tokio::test]
+async fn the_grpc_example_transfers_at_the_demo_banks_grpc_side_and_rolls_back_on_failure() {
+    let env = Env::new().await;
+    let accounts = kubetx::bank::Shared::default();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let grpc_port = grpc.local_addr().expect("addr").port();
+    let service = kubetx::bank::grpc_service(accounts.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc)),
+    );
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let balances_url = format!("http://{}/balances", http.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(http, kubetx::bank::router_with(accounts)).await });
+    let invoker = invoker_for(&["127.0.0.0/8"])
+        .static_host("bank.default.svc", &["127.0.0.1".parse().expect("ip")])
+        .build()
+        .expect("client");
+    let operator = env.start_on(env.double.client(), env.config(), invoker);
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/saga-grpc.yaml");
+    let mut example: Value = yaml_serde::from_str(&std::fs::read_to_string(path).expect("example")).expect("YAML");
+    example["metadata"]["namespace"] = json!(NS);
+    for step in example["spec"]["steps"].as_array_mut().expect("steps") {
+        for endpoint in ["action", "compensate"] {
+            step[endpoint]["service"]["port"] = json!(grpc_port);
+        }
+    }
+    env.create("sagas", example.clone()).await;
+    env.wait_phase("sagas", "transfer-grpc", "Succeeded").await;
+    let balances = |url: String| async move {
+        reqwest::get(url)
+            .await
+            .expect("get")
+            .json::<Value>()
+            .await
+            .expect("json")
+    };
+    assert_eq!(balances(balances_url.clone()).await, json!({"A": 9970, "B": 10030}));
+
+    example["metadata"]["name"] = json!("transfer-grpc-failing");
+    example["spec"]["steps"][1]["payloadBase64"] = json!("CB4iB0ZBSUxVUkU=");
+    env.create("sagas", example).await;
+    let failed = env.wait_phase("sagas", "transfer-grpc-failing", "Failed").await;
+    let message = failed["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("busi.Busi/TransIn") && message.contains("FAILURE"),
+        "{message}"
+    );
+    assert_eq!(
+        balances(balances_url).await,
+        json!({"A": 9970, "B": 10030}),
+        "rolled back"
+    );
+    operator.stop().await.expect("stops");
+}
+
 /// A Tcc over gRPC (the controller calls try itself) and a Msg delivered to a gRPC method.
 #[tokio::test]
 async fn a_grpc_tcc_tries_then_cancels_and_a_grpc_msg_is_delivered() {
