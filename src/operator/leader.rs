@@ -43,9 +43,16 @@ impl LeaderElector {
         }
     }
 
-    /// How often to renew: a third of the lease.
+    /// How often to renew: a fifth of the lease, so that a renewal that is slow to be answered
+    /// (a loaded API server) still lands well before the renew deadline.
     pub fn renew_interval(&self) -> Duration {
-        self.config.lease_duration / 3
+        self.config.lease_duration / 5
+    }
+
+    /// How soon to try again after a renewal failed: a fifteenth of the lease (1 s of 15 s), so
+    /// that several attempts fit before the renew deadline.
+    pub fn retry_period(&self) -> Duration {
+        self.config.lease_duration / 15
     }
 
     /// How long after a renewal this replica may still act: two thirds of the lease, so that it

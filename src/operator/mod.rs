@@ -188,20 +188,26 @@ async fn run(
 /// renewal. In-flight passes stop when the fence lapses, before the Lease can expire.
 async fn renew(elector: Arc<LeaderElector>, clock: Arc<dyn Clock>, fence: Arc<Fence>, lost: CancellationToken) {
     let deadline = elector.renew_deadline().as_millis() as i64;
+    let mut pause = elector.renew_interval();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(elector.renew_interval()) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = lost.cancelled() => return,
             () = fence.lapsed() => {
                 warn!("leader lease not renewed before its renew deadline; stopping");
                 break;
             }
         }
-        // The Lease runs from when the renewal was sent, not from when it was answered.
+        // The Lease runs from when the renewal was sent, not from when it was answered; an
+        // answer may take as long as the fence still holds, and a failure is retried soon.
         let attempt = clock.now();
-        let renewal = tokio::time::timeout(elector.renew_interval(), elector.try_acquire_or_renew(attempt)).await;
+        let renewal = tokio::time::timeout(fence.remaining(), elector.try_acquire_or_renew(attempt)).await;
+        pause = elector.retry_period();
         match renewal {
-            Ok(Ok(true)) => fence.extend(attempt.saturating_add(deadline)),
+            Ok(Ok(true)) => {
+                fence.extend(attempt.saturating_add(deadline));
+                pause = elector.renew_interval();
+            }
             Ok(Ok(false)) => {
                 warn!("another replica holds the leader lease; stopping");
                 break;

@@ -228,14 +228,24 @@ impl Fence {
         self.clock.now() < self.valid_until.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// How long this replica may still act (zero once the fence no longer holds).
+    pub fn remaining(&self) -> Duration {
+        let left = self
+            .valid_until
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .saturating_sub(self.clock.now());
+        Duration::from_millis(left.max(0) as u64)
+    }
+
     /// Resolves once the fence no longer holds. Polls, because the clock may be moved.
     pub async fn lapsed(&self) {
         loop {
-            let left = self.valid_until.load(std::sync::atomic::Ordering::SeqCst) - self.clock.now();
-            if left <= 0 {
+            // Saturating: a closed fence is `Millis::MIN`, which a plain subtraction overflows.
+            let left = self.remaining();
+            if left.is_zero() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(left.clamp(1, 100) as u64)).await;
+            tokio::time::sleep(left.clamp(Duration::from_millis(1), Duration::from_millis(100))).await;
         }
     }
 }
@@ -1014,5 +1024,29 @@ async fn publish<K: Transactional>(obj: &K, ctx: &Context, type_: EventType, rea
         // Events are best effort: a lost one must not fail the reconcile.
         Ok(Err(error)) => warn!(%error, "cannot publish event"),
         Err(_) => warn!("publishing an event timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::SystemClock;
+
+    #[tokio::test]
+    async fn a_closed_fence_has_lapsed_and_has_no_time_left() {
+        let fence = Fence::open(Arc::new(SystemClock));
+        assert!(fence.holds());
+        fence.close();
+        assert!(!fence.holds());
+        assert_eq!(fence.remaining(), Duration::ZERO);
+        // `Millis::MIN` minus now overflowed here before (a panic in debug builds, a fence that
+        // never lapsed in release builds, so in-flight calls were not cancelled).
+        tokio::time::timeout(Duration::from_secs(5), fence.lapsed())
+            .await
+            .expect("lapsed at once");
+        let never_opened = Fence::closed(Arc::new(SystemClock));
+        tokio::time::timeout(Duration::from_secs(5), never_opened.lapsed())
+            .await
+            .expect("lapsed at once");
     }
 }
