@@ -263,9 +263,9 @@ async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, ti
         .metrics
         .branch_calls
         .get_or_create(&BranchLabels {
-            trans_type: global.trans_type.as_str().to_owned(),
-            op: metric_op(&call.op).to_owned(),
-            outcome: label.to_owned(),
+            trans_type: global.trans_type.as_str(),
+            op: metric_op(&call.op),
+            outcome: label,
         })
         .inc();
     if let Outcome::Error(text) | Outcome::Failure(text) = &outcome {

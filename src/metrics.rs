@@ -28,20 +28,20 @@ pub struct RouteLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransLabels {
     /// Mode.
-    pub trans_type: String,
+    pub trans_type: &'static str,
     /// Final status.
-    pub status: String,
+    pub status: &'static str,
 }
 
 /// Labels of a branch call.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BranchLabels {
     /// Mode.
-    pub trans_type: String,
-    /// Operation.
-    pub op: String,
+    pub trans_type: &'static str,
+    /// Operation (`other` for a workflow's resume call).
+    pub op: &'static str,
     /// `success`, `failure`, `ongoing` or `error`.
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 /// Labels of a gauge by transaction status.

@@ -502,8 +502,8 @@ impl Coordinator {
         self.metrics
             .transactions_finished
             .get_or_create(&TransLabels {
-                trans_type: global.trans_type.as_str().to_owned(),
-                status: global.status.as_str().to_owned(),
+                trans_type: global.trans_type.as_str(),
+                status: global.status.as_str(),
             })
             .inc();
         self.metrics

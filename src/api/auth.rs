@@ -105,9 +105,28 @@ fn bearer(request: &Request) -> Option<&str> {
 
 /// Middleware: 401 unless tokens are off or the request carries one of them.
 pub async fn require_token(State(tokens): State<Tokens>, request: Request, next: Next) -> Response {
-    if tokens.is_empty() || bearer(&request).is_some_and(|token| tokens.accepts(token)) {
+    if allowed(&tokens, &request) {
         return next.run(request).await;
     }
+    unauthorized()
+}
+
+/// Middleware of the DTM routes: [`require_token`], then the request's span
+/// ([`crate::telemetry::trace_request`]), in one layer. Every `from_fn` layer clones the route's
+/// whole service stack below it on each request; two layers cost twice.
+pub async fn require_token_traced(State(tokens): State<Tokens>, request: Request, next: Next) -> Response {
+    if allowed(&tokens, &request) {
+        return crate::telemetry::trace_request(request, next).await;
+    }
+    unauthorized()
+}
+
+/// Whether tokens are off or the request carries one of them.
+fn allowed(tokens: &Tokens, request: &Request) -> bool {
+    tokens.is_empty() || bearer(request).is_some_and(|token| tokens.accepts(token))
+}
+
+fn unauthorized() -> Response {
     (
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, "Bearer")],

@@ -189,10 +189,9 @@ pub fn router_with(state: AppState, config: &ApiConfig) -> Router {
         .route("/topic/{name}", delete(admin::delete_topic))
         .route("/scanKV", get(admin::scan_kv))
         .route("/queryKV", get(admin::query_kv))
-        .route_layer(middleware::from_fn(crate::telemetry::trace_request))
         .route_layer(middleware::from_fn_with_state(
             config.tokens.clone(),
-            auth::require_token,
+            auth::require_token_traced,
         ));
     let console = Router::new()
         .route("/transactions", get(console::list))

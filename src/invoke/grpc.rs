@@ -157,7 +157,7 @@ impl GrpcInvoker {
     ) -> Self {
         GrpcInvoker {
             channels: Arc::default(),
-            connector: PolicyConnector { policy, hosts, source },
+            connector: PolicyConnector::new(policy, hosts, source),
             tls,
         }
     }
@@ -349,16 +349,28 @@ impl Decoder for RawCodec {
     }
 }
 
+/// Longest wait for a TCP connection to a branch.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Dials a target's host: resolves it (or takes the static hosts), keeps only the addresses the
 /// policy allows, and connects to the first that answers.
 #[derive(Debug, Clone)]
-struct PolicyConnector {
+pub(super) struct PolicyConnector {
     policy: Arc<OutboundPolicy>,
     hosts: Arc<HashMap<String, Vec<IpAddr>>>,
     source: Option<IpAddr>,
 }
 
 impl PolicyConnector {
+    /// A connector that dials through `policy`, from `source` when set.
+    pub(super) fn new(
+        policy: Arc<OutboundPolicy>,
+        hosts: Arc<HashMap<String, Vec<IpAddr>>>,
+        source: Option<IpAddr>,
+    ) -> Self {
+        PolicyConnector { policy, hosts, source }
+    }
+
     async fn addresses(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = IpAddr::from_str(bare) {
@@ -410,7 +422,12 @@ impl tower::Service<Uri> for PolicyConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        Box::pin(self.clone().connect(uri))
+        let connect = self.clone().connect(uri);
+        Box::pin(async move {
+            tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout"))?
+        })
     }
 }
 

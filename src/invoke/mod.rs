@@ -13,7 +13,13 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use self::grpc::{GrpcCall, GrpcInvoker, GrpcTarget};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use url::Url;
+
+use self::grpc::{GrpcCall, GrpcInvoker, GrpcTarget, PolicyConnector};
 use self::policy::{OutboundPolicy, Refusal};
 use crate::engine::Outcome;
 use crate::model::without_userinfo;
@@ -68,6 +74,11 @@ pub struct BranchCall<'a> {
 #[derive(Debug, Clone)]
 pub struct Invoker {
     client: reqwest::Client,
+    /// Plain `http://` branch calls (the common case inside a cluster): hyper's pooled client
+    /// directly, dialing through the policy's connector. reqwest's layers (its URL conversions,
+    /// the redirect layer even with redirects off) were a tenth of kubetx's instructions per saga
+    /// (BENCHMARKS.md, issue 15). HTTPS, and URLs with userinfo, go through `client`.
+    plain: HyperClient<PolicyConnector, Full<Bytes>>,
     grpc: GrpcInvoker,
     policy: Arc<OutboundPolicy>,
     strict: bool,
@@ -128,6 +139,16 @@ impl InvokerBuilder {
             policy: Arc::clone(&policy),
             hosts: Arc::clone(&hosts),
         };
+        // Same pool settings as `client`; hyper never follows redirects.
+        let plain = HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .pool_timer(TokioTimer::new())
+            .build(PolicyConnector::new(
+                Arc::clone(&policy),
+                Arc::clone(&hosts),
+                self.source,
+            ));
         let grpc = GrpcInvoker::new(
             Arc::clone(&policy),
             hosts,
@@ -160,6 +181,7 @@ impl InvokerBuilder {
             .build()?;
         Ok(Invoker {
             client,
+            plain,
             grpc,
             policy,
             strict: self.strict,
@@ -239,6 +261,9 @@ impl Invoker {
             Ok(url) => url,
             Err(refusal) => return Outcome::Error(format!("endpoint refused: {refusal}")),
         };
+        if url.scheme() == "http" && url.username().is_empty() && url.password().is_none() && url.fragment().is_none() {
+            return self.call_plain(&url, &call).await;
+        }
         url.query_pairs_mut()
             .append_pair("gid", call.gid)
             .append_pair("trans_type", call.trans_type)
@@ -279,6 +304,117 @@ impl Invoker {
             Err(error) => Outcome::Error(describe(error)),
         }
     }
+}
+
+impl Invoker {
+    /// A plain-HTTP call on hyper's client, with the same request and classification as the
+    /// reqwest path: the query parameters, `content-type`, `accept`, the trace, the branch headers
+    /// last (they replace the defaults), one timeout for the whole call.
+    async fn call_plain(&self, url: &Url, call: &BranchCall<'_>) -> Outcome {
+        let request = match plain_request(url, call) {
+            Ok(request) => request,
+            Err(outcome) => return outcome,
+        };
+        let reply = tokio::time::timeout(call.timeout, async {
+            let response = self.plain.request(request).await.map_err(|e| describe_plain(&e))?;
+            let status = response.status().as_u16();
+            let body = read_plain(response.into_body()).await.map_err(|e| describe_plain(&e))?;
+            Ok::<_, String>((status, body))
+        })
+        .await;
+        match reply {
+            Ok(Ok((status, body))) if self.strict => classify_strict(status, &body),
+            Ok(Ok((status, body))) => classify(status, &body),
+            Ok(Err(error)) => Outcome::Error(error),
+            Err(_) => Outcome::Error(format!("timeout after {} ms", call.timeout.as_millis())),
+        }
+    }
+}
+
+/// The request of a plain-HTTP call to `url` (checked by the policy; no userinfo, no fragment).
+fn plain_request(url: &Url, call: &BranchCall<'_>) -> Result<hyper::Request<Full<Bytes>>, Outcome> {
+    use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+    let mut target = String::with_capacity(url.as_str().len() + 64 + call.gid.len() + call.branch_id.len());
+    target.push_str(url.as_str());
+    // The pairs are appended as `Url::query_pairs_mut` would: after `?`, or `&` after a query.
+    let start = match url.query() {
+        Some(query) => target.len() - query.len(),
+        None => {
+            target.push('?');
+            target.len()
+        }
+    };
+    url::form_urlencoded::Serializer::for_suffix(&mut target, start)
+        .append_pair("gid", call.gid)
+        .append_pair("trans_type", call.trans_type)
+        .append_pair("branch_id", call.branch_id)
+        .append_pair("op", call.op)
+        .finish();
+    let uri = hyper::Uri::try_from(target).map_err(|e| Outcome::Error(format!("invalid branch URL: {e}")))?;
+    let mut request = hyper::Request::new(Full::new(Bytes::copy_from_slice(call.body)));
+    *request.method_mut() = if call.force_post || !call.body.is_empty() {
+        hyper::Method::POST
+    } else {
+        hyper::Method::GET
+    };
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // The trace this call belongs to (a `traceparent` in branch_headers replaces it).
+    if let Some(traceparent) = crate::telemetry::outgoing_traceparent(call.traceparent) {
+        let value = HeaderValue::try_from(traceparent).map_err(|_| Outcome::Error("invalid traceparent".to_owned()))?;
+        headers.insert(crate::telemetry::TRACEPARENT, value);
+    }
+    if !call.headers.is_empty() {
+        headers.extend(header_map(call.headers)?);
+    }
+    Ok(request)
+}
+
+/// The reply body, its first [`MAX_REPLY_BYTES`] only.
+async fn read_plain(mut body: hyper::body::Incoming) -> Result<String, hyper::Error> {
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(chunk) = frame?.into_data() else {
+            continue;
+        };
+        let room = MAX_REPLY_BYTES - bytes.len();
+        bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if bytes.len() >= MAX_REPLY_BYTES {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The text of a plain-HTTP call error: a refusal of the policy's connector as such, otherwise
+/// the error and its causes (hyper's errors quote no URL; userinfo is removed all the same).
+fn describe_plain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(error);
+    while let Some(inner) = next {
+        if let Some(refusal) = refusal_in(inner) {
+            return format!("endpoint refused: {refusal}");
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&inner.to_string());
+        next = inner.source();
+    }
+    without_userinfo(&text)
+}
+
+/// The policy's refusal, when `error` is one or an I/O error that carries one (an I/O error's
+/// `source` skips the error it wraps).
+fn refusal_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a Refusal> {
+    error.downcast_ref::<Refusal>().or_else(|| {
+        error
+            .downcast_ref::<std::io::Error>()?
+            .get_ref()?
+            .downcast_ref::<Refusal>()
+    })
 }
 
 /// TLS of `grpcs://` branch calls: the system's roots plus the branch CA bundle, and the client

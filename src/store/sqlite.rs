@@ -223,6 +223,7 @@ fn open_writer(file: &std::path::Path, synchronous: Synchronous) -> Result<Conne
 /// The writer thread: takes whatever is queued (at least one job), commits it, answers, repeats
 /// until every sender is gone. Writes that arrive during a commit form the next batch.
 fn run_writer(conn: &Connection, mut jobs: mpsc::Receiver<Job>) {
+    let conn = &Writer::new(conn);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(job) = jobs.blocking_recv() {
         batch.push(job);
@@ -241,9 +242,98 @@ fn run_writer(conn: &Connection, mut jobs: mpsc::Receiver<Job>) {
 
 type Answer = (oneshot::Sender<Result<Reply>>, Result<Reply>);
 
+/// The writer's connection with its hottest statements prepared once and kept. A
+/// `prepare_cached` statement costs a hash of its SQL text twice per use (taken from the cache,
+/// put back), a twentieth of kubetx's instructions per saga (BENCHMARKS.md, issue 15); the
+/// others still go through the cache (the `Deref` to the connection).
+struct Writer<'c> {
+    conn: &'c Connection,
+    hot: std::cell::RefCell<[Option<rusqlite::Statement<'c>>; Hot::COUNT]>,
+}
+
+/// The statements [`Writer`] keeps: every saga runs each of them.
+#[derive(Debug, Clone, Copy)]
+enum Hot {
+    Begin,
+    Commit,
+    InsertGlobal,
+    ChangeStatus,
+    GuardHolds,
+    UpdateBranch,
+}
+
+impl Hot {
+    const COUNT: usize = 6;
+
+    fn sql(self) -> &'static str {
+        match self {
+            Hot::Begin => "BEGIN IMMEDIATE",
+            Hot::Commit => "COMMIT",
+            Hot::InsertGlobal => {
+                "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, custom_data, \
+                 options, create_time, update_time, finish_time, rollback_time, next_cron_time, \
+                 next_cron_interval, owner, result, rollback_reason, ext_data) \
+                 VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (gid) DO NOTHING"
+            }
+            Hot::ChangeStatus => {
+                "UPDATE trans_global SET status = ?1, update_time = ?2, \
+                 rollback_reason = COALESCE(?3, rollback_reason), result = COALESCE(?4, result), \
+                 custom_data = COALESCE(?5, custom_data), owner = COALESCE(?6, owner), \
+                 next_cron_time = COALESCE(?7, next_cron_time), \
+                 finish_time = CASE WHEN ?1 = 'succeed' THEN ?2 ELSE finish_time END, \
+                 rollback_time = CASE WHEN ?1 = 'failed' THEN ?2 ELSE rollback_time END \
+                 WHERE gid = ?8 AND status = ?9 AND (?10 IS NULL OR owner = ?10) \
+                 AND (?11 IS NULL OR trans_type = ?11)"
+            }
+            Hot::GuardHolds => "SELECT 1 FROM trans_global WHERE gid = ? AND status = ? AND owner = ?",
+            Hot::UpdateBranch => {
+                "UPDATE trans_branch_op SET status = ?1, update_time = ?2, \
+                 finish_time = CASE WHEN ?1 = 'succeed' THEN ?3 ELSE finish_time END, \
+                 rollback_time = CASE WHEN ?1 = 'failed' THEN ?3 ELSE rollback_time END \
+                 WHERE gid = ?4 AND branch_id = ?5 AND op = ?6"
+            }
+        }
+    }
+}
+
+impl<'c> Writer<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        Writer {
+            conn,
+            hot: std::cell::RefCell::new(Default::default()),
+        }
+    }
+
+    /// Runs `use_it` on the kept statement `which`, preparing it on first use. (`use_it` never
+    /// comes back here, so the cell is never borrowed twice.)
+    fn hot<T>(
+        &self,
+        which: Hot,
+        use_it: impl FnOnce(&mut rusqlite::Statement<'c>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        let mut hot = self.hot.borrow_mut();
+        let slot = &mut hot[which as usize];
+        if slot.is_none() {
+            *slot = Some(self.conn.prepare(which.sql())?);
+        }
+        match slot {
+            Some(statement) => Ok(use_it(statement)?),
+            None => Err(StoreError::Corrupt("statement not prepared".to_owned())),
+        }
+    }
+}
+
+impl std::ops::Deref for Writer<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
 /// Runs a batch in one transaction; every write gets its own result, or the commit's error.
-fn commit_batch(conn: &Connection, batch: &mut Vec<Job>) -> Vec<Answer> {
-    if let Err(error) = run(conn, "BEGIN IMMEDIATE") {
+fn commit_batch(conn: &Writer<'_>, batch: &mut Vec<Job>) -> Vec<Answer> {
+    if let Err(error) = conn.hot(Hot::Begin, |begin| begin.execute([])) {
         return batch.drain(..).map(|job| (job.reply, Err(error.clone()))).collect();
     }
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
@@ -260,8 +350,8 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Job>) -> Vec<Answer> {
         }
     }
     drop(jobs);
-    match run(conn, "COMMIT") {
-        Ok(()) => answers,
+    match conn.hot(Hot::Commit, |commit| commit.execute([])) {
+        Ok(_) => answers,
         Err(error) => {
             // Best effort: leave the connection usable for the next batch.
             let _ = run(conn, "ROLLBACK");
@@ -285,9 +375,35 @@ fn run(conn: &Connection, sql: &str) -> Result<()> {
     Ok(())
 }
 
+/// Undoes a create whose branch rows failed to insert (that one statement SQLite has undone by
+/// itself): deletes the global row the create has just inserted, which leaves the database as
+/// before the write. Cheaper than a savepoint around every create, which copies each page the
+/// create touches into the statement journal first (BENCHMARKS.md, issue 15). If the delete
+/// fails too, the whole batch is given up (the caller sees autocommit mode and fails every write).
+fn undo_create(conn: &Connection, gid: &str) {
+    if conn.is_autocommit() {
+        // SQLite gave up the whole transaction itself: nothing of the create remains.
+        return;
+    }
+    let undone = conn
+        .prepare_cached("DELETE FROM trans_global WHERE gid = ?")
+        .and_then(|mut statement| statement.execute([gid]));
+    if undone.is_err() {
+        give_up_batch(conn);
+    }
+}
+
+/// Gives up the whole batch after a write failed half-way and cannot be undone alone: the
+/// caller sees the connection in autocommit mode and fails every write of the batch.
+fn give_up_batch(conn: &Connection) {
+    if !conn.is_autocommit() {
+        let _ = run(conn, "ROLLBACK");
+    }
+}
+
 /// Runs a write of several statements all or nothing. (A single statement needs no savepoint:
 /// SQLite undoes a failed statement by itself and the batch goes on.)
-fn atomically<T>(conn: &Connection, write: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+fn atomically<T>(conn: &Writer<'_>, write: impl FnOnce(&Writer<'_>) -> Result<T>) -> Result<T> {
     run(conn, "SAVEPOINT w")?;
     let result = write(conn);
     if result.is_err()
@@ -302,42 +418,15 @@ fn atomically<T>(conn: &Connection, write: impl FnOnce(&Connection) -> Result<T>
     result
 }
 
-fn apply(conn: &Connection, write: Write) -> Result<Reply> {
+fn apply(conn: &Writer<'_>, write: Write) -> Result<Reply> {
     match write {
         Write::Create(global, branches) => {
             let options = serde_json::to_string(&global.options).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            atomically(conn, |conn| {
-                let inserted =
-                    conn.prepare_cached(
-                        "INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, custom_data, \
-                         options, create_time, update_time, finish_time, rollback_time, next_cron_time, \
-                         next_cron_interval, owner, result, rollback_reason, ext_data) \
-                         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (gid) DO NOTHING",
-                    )?
-                    .execute(params![
-                        global.gid,
-                        global.trans_type.as_str(),
-                        global.status.as_str(),
-                        global.query_prepared,
-                        global.protocol,
-                        global.custom_data,
-                        options,
-                        global.create_time,
-                        global.update_time,
-                        global.finish_time,
-                        global.rollback_time,
-                        global.next_cron_time,
-                        global.next_cron_interval,
-                        global.owner,
-                        global.result,
-                        global.rollback_reason,
-                        global.ext_data,
-                    ])? == 1;
-                if inserted {
-                    insert_branches(conn, &branches)?;
-                }
-                Ok(Reply::Flag(inserted))
-            })
+            if branches.len() > ROWS_PER_INSERT {
+                // Several branch statements: the savepoint undoes the first ones if a later fails.
+                return atomically(conn, |conn| create(conn, &global, &options, &branches));
+            }
+            create(conn, &global, &options, &branches)
         }
         Write::ChangeStatus(change) => Ok(Reply::Flag(change_status(conn, &change)?)),
         Write::ChangeStatusAndLoad(change) => {
@@ -488,46 +577,66 @@ fn apply(conn: &Connection, write: Write) -> Result<Reply> {
     }
 }
 
-/// A conditional status change, with the branch outcomes it records.
-fn change_status(conn: &Connection, change: &StatusChange) -> Result<bool> {
-    let (owner, next_cron_time) = change.owner_and_expiry();
-    let update = |conn: &Connection| -> Result<bool> {
-        let done = conn
-            .prepare_cached(
-                "UPDATE trans_global SET status = ?1, update_time = ?2, \
-                 rollback_reason = COALESCE(?3, rollback_reason), result = COALESCE(?4, result), \
-                 custom_data = COALESCE(?5, custom_data), owner = COALESCE(?6, owner), \
-                 next_cron_time = COALESCE(?7, next_cron_time), \
-                 finish_time = CASE WHEN ?1 = 'succeed' THEN ?2 ELSE finish_time END, \
-                 rollback_time = CASE WHEN ?1 = 'failed' THEN ?2 ELSE rollback_time END \
-                 WHERE gid = ?8 AND status = ?9 AND (?10 IS NULL OR owner = ?10) \
-                 AND (?11 IS NULL OR trans_type = ?11)",
-            )?
-            .execute(params![
-                change.to.as_str(),
-                change.now,
-                change.rollback_reason,
-                change.result,
-                change.custom_data,
-                owner,
-                next_cron_time,
-                change.gid,
-                change.from.as_str(),
-                change.owner,
-                change.trans_type.map(|t| t.as_str()),
-            ])?;
-        Ok(done == 1)
-    };
-    if change.branch_updates.is_empty() {
-        return update(conn);
+/// Inserts a transaction and its branch rows (at most [`ROWS_PER_INSERT`] of them: one
+/// statement), unless the gid exists. A failed branch insert is undone with the create.
+fn create(conn: &Writer<'_>, global: &GlobalTrans, options: &str, branches: &[Branch]) -> Result<Reply> {
+    let inserted = conn.hot(Hot::InsertGlobal, |insert| {
+        insert.execute(params![
+            global.gid,
+            global.trans_type.as_str(),
+            global.status.as_str(),
+            global.query_prepared,
+            global.protocol,
+            global.custom_data,
+            options,
+            global.create_time,
+            global.update_time,
+            global.finish_time,
+            global.rollback_time,
+            global.next_cron_time,
+            global.next_cron_interval,
+            global.owner,
+            global.result,
+            global.rollback_reason,
+            global.ext_data,
+        ])
+    })? == 1;
+    if inserted && let Err(error) = insert_branches(conn, branches) {
+        undo_create(conn, &global.gid);
+        return Err(error);
     }
-    atomically(conn, |conn| {
-        let done = update(conn)?;
-        if done {
-            record_branches(conn, &change.gid, &change.branch_updates, change.now)?;
-        }
-        Ok(done)
-    })
+    Ok(Reply::Flag(inserted))
+}
+
+/// A conditional status change, with the branch outcomes it records.
+fn change_status(conn: &Writer<'_>, change: &StatusChange) -> Result<bool> {
+    let (owner, next_cron_time) = change.owner_and_expiry();
+    let done = conn.hot(Hot::ChangeStatus, |update| {
+        update.execute(params![
+            change.to.as_str(),
+            change.now,
+            change.rollback_reason,
+            change.result,
+            change.custom_data,
+            owner,
+            next_cron_time,
+            change.gid,
+            change.from.as_str(),
+            change.owner,
+            change.trans_type.map(|t| t.as_str()),
+        ])
+    })? == 1;
+    // The branch updates set a status and times by unique key: no constraint can refuse them,
+    // only the disk. Should one fail all the same, the status change before it cannot be undone
+    // alone, and the whole batch is given up (no savepoint per change: BENCHMARKS.md, issue 15).
+    if done
+        && !change.branch_updates.is_empty()
+        && let Err(error) = record_branches(conn, &change.gid, &change.branch_updates, change.now)
+    {
+        give_up_batch(conn);
+        return Err(error);
+    }
+    Ok(done)
 }
 
 fn load_branches(conn: &Connection, gid: &str) -> Result<Vec<Branch>> {
@@ -539,30 +648,26 @@ fn load_branches(conn: &Connection, gid: &str) -> Result<Vec<Branch>> {
     )
 }
 
-fn guard_holds(conn: &Connection, guard: &Guard) -> Result<bool> {
-    Ok(conn
-        .prepare_cached("SELECT 1 FROM trans_global WHERE gid = ? AND status = ? AND owner = ?")?
-        .exists(params![guard.gid, guard.status.as_str(), guard.owner])?)
+fn guard_holds(conn: &Writer<'_>, guard: &Guard) -> Result<bool> {
+    conn.hot(Hot::GuardHolds, |select| {
+        select.exists(params![guard.gid, guard.status.as_str(), guard.owner])
+    })
 }
 
-fn record_branches(conn: &Connection, gid: &str, updates: &[BranchUpdate], now: Millis) -> Result<()> {
-    let mut statement = conn.prepare_cached(
-        "UPDATE trans_branch_op SET status = ?1, update_time = ?2, \
-         finish_time = CASE WHEN ?1 = 'succeed' THEN ?3 ELSE finish_time END, \
-         rollback_time = CASE WHEN ?1 = 'failed' THEN ?3 ELSE rollback_time END \
-         WHERE gid = ?4 AND branch_id = ?5 AND op = ?6",
-    )?;
-    for update in updates {
-        statement.execute(params![
-            update.status.as_str(),
-            now,
-            update.at,
-            gid,
-            update.branch_id,
-            update.op
-        ])?;
-    }
-    Ok(())
+fn record_branches(conn: &Writer<'_>, gid: &str, updates: &[BranchUpdate], now: Millis) -> Result<()> {
+    conn.hot(Hot::UpdateBranch, |statement| {
+        for update in updates {
+            statement.execute(params![
+                update.status.as_str(),
+                now,
+                update.at,
+                gid,
+                update.branch_id,
+                update.op
+            ])?;
+        }
+        Ok(())
+    })
 }
 
 /// Branch rows per INSERT statement. A saga's rows go in one statement (a 2-step saga has 4), so
@@ -588,11 +693,15 @@ fn insert_branches(conn: &Connection, branches: &[Branch]) -> Result<()> {
                 &branch.rollback_time,
             ]);
         }
-        conn.prepare_cached(&insert_branches_sql(chunk.len()))?
+        conn.prepare_cached(&INSERT_BRANCHES_SQL[chunk.len() - 1])?
             .execute(rusqlite::params_from_iter(values))?;
     }
     Ok(())
 }
+
+/// The `INSERT` of 1 to [`ROWS_PER_INSERT`] branch rows, written once (not on every create).
+static INSERT_BRANCHES_SQL: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| (1..=ROWS_PER_INSERT).map(insert_branches_sql).collect());
 
 /// `INSERT` of `rows` branch rows; the rows get ids in the order given.
 fn insert_branches_sql(rows: usize) -> String {
