@@ -20,7 +20,7 @@ port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
 db="$out/kubetx.db"
 
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/callgrind.out" \
-    "$bin" serve --listen "127.0.0.1:$port" --db "$db" --log-level warn 2>"$out/valgrind.log" &
+    "$bin" serve --listen "127.0.0.1:$port" --grpc-listen "" --db "$db" --log-level warn 2>"$out/valgrind.log" &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
