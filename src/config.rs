@@ -513,5 +513,12 @@ mod tests {
             };
             assert_eq!(config.validate().is_ok(), ok, "{id}");
         }
+        for (group_commit, ok) in [(0, true), (MAX_GROUP_COMMIT, true), (MAX_GROUP_COMMIT + 1, false)] {
+            let config = Config {
+                store_group_commit: group_commit,
+                ..Config::default()
+            };
+            assert_eq!(config.validate().is_ok(), ok, "{group_commit}");
+        }
     }
 }
