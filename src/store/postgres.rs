@@ -122,10 +122,16 @@ impl Write {
         (0, gid, "")
     }
 
+    /// Whether [`Write::apply`] is one statement (then it needs no transaction of its own):
+    /// everything but the branch registration.
+    pub(super) fn single_statement(&self) -> bool {
+        !matches!(self, Write::AddBranches(..))
+    }
+
     /// Runs the write on `conn` as a transaction of its own (without group commit): a single
     /// statement commits by itself, the branch registration's statements in a transaction.
     async fn apply_alone(&self, conn: &mut PgConnection) -> Result<Reply, sqlx::Error> {
-        if !matches!(self, Write::AddBranches(..)) {
+        if self.single_statement() {
             return self.apply(conn).await;
         }
         let mut tx = conn.begin().await?;
