@@ -1,8 +1,13 @@
-//! Group commit for PostgreSQL: one writer task runs every queued write of this process in one
-//! database transaction and answers each caller only once that transaction has committed.
+//! Group commit for PostgreSQL: a writer task runs the writes queued for it (each write goes to
+//! one of a few writers by its gid) in one database transaction and answers each caller only
+//! once that transaction has committed.
 //!
 //! - **One commit per batch.** Concurrent state transitions share one WAL flush and one
-//!   BEGIN/COMMIT instead of one autocommit each.
+//!   BEGIN/COMMIT instead of one autocommit each; a batch of a single one-statement write is
+//!   that autocommit statement (one round trip, nothing to share).
+//! - **Sequential round trips.** sqlx cannot pipeline, so a batch of N writes costs N + 2 round
+//!   trips one after another; it pays where commits (fsyncs) cost more than round trips
+//!   (BENCHMARKS.md, "PostgreSQL group commit").
 //! - **No savepoint on the happy path.** A failing statement aborts the whole PostgreSQL
 //!   transaction, so a batch runs optimistically without savepoints (each one would cost two
 //!   more round trips per write); when a write fails, the transaction is rolled back, that write
