@@ -128,6 +128,7 @@ async fn run(args: Args) -> Result<(), String> {
                 migrate: true,
                 max_connections: 16,
                 acquire_timeout: Duration::from_secs(10),
+                group_commit: 0,
             })
             .await
             .map_err(|e| format!("store: {e}"))?;

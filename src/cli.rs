@@ -123,6 +123,9 @@ pub struct ServeArgs {
     /// Milliseconds a call waits for a database connection before failing with 503.
     #[arg(long, env = "KUBETX_STORE_ACQUIRE_TIMEOUT_MS")]
     pub store_acquire_timeout_ms: Option<u64>,
+    /// PostgreSQL group commit: most writes committed together in one transaction (0: off).
+    #[arg(long, env = "KUBETX_STORE_GROUP_COMMIT")]
+    pub store_group_commit: Option<usize>,
     /// Seconds after which finished transactions are deleted; 0 keeps them.
     #[arg(long, env = "KUBETX_RETENTION")]
     pub retention: Option<u64>,
@@ -282,6 +285,7 @@ impl ServeArgs {
             skip_migrations => skip_migrations,
             store_max_connections => store_max_connections,
             store_acquire_timeout_ms => store_acquire_timeout_ms,
+            store_group_commit => store_group_commit,
             retention => retention,
             retention_interval => retention_interval,
             db => sqlite.path,

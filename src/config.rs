@@ -92,6 +92,9 @@ pub struct Config {
     pub store_max_connections: u32,
     /// How long a call waits for a database connection before it fails (503), in milliseconds.
     pub store_acquire_timeout_ms: u64,
+    /// PostgreSQL group commit: most writes committed together in one database transaction;
+    /// 0 (the default) runs every write as its own statement.
+    pub store_group_commit: usize,
     /// The embedded SQLite store.
     pub sqlite: SqliteConfig,
     /// Finished transactions are deleted this long after their last write; 0 keeps them forever.
@@ -178,6 +181,9 @@ pub struct Config {
     pub branch_client_key_file: String,
 }
 
+/// Largest PostgreSQL group commit: a batch holds its row locks until it commits.
+const MAX_GROUP_COMMIT: usize = 4096;
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -187,6 +193,7 @@ impl Default for Config {
             skip_migrations: false,
             store_max_connections: 16,
             store_acquire_timeout_ms: 2000,
+            store_group_commit: 0,
             sqlite: SqliteConfig::default(),
             retention: 7 * 24 * 3600,
             retention_batch: 500,
@@ -261,6 +268,11 @@ impl Config {
             if value <= 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
             }
+        }
+        if self.store_group_commit > MAX_GROUP_COMMIT {
+            return Err(ConfigError::Invalid(format!(
+                "store_group_commit must be at most {MAX_GROUP_COMMIT}"
+            )));
         }
         if self.max_retry_interval < self.retry_interval {
             return Err(ConfigError::Invalid(
@@ -386,6 +398,7 @@ impl Config {
             migrate: !self.skip_migrations,
             max_connections: self.store_max_connections,
             acquire_timeout: Duration::from_millis(self.store_acquire_timeout_ms),
+            group_commit: self.store_group_commit,
         })
     }
 
@@ -499,6 +512,13 @@ mod tests {
                 ..Config::default()
             };
             assert_eq!(config.validate().is_ok(), ok, "{id}");
+        }
+        for (group_commit, ok) in [(0, true), (MAX_GROUP_COMMIT, true), (MAX_GROUP_COMMIT + 1, false)] {
+            let config = Config {
+                store_group_commit: group_commit,
+                ..Config::default()
+            };
+            assert_eq!(config.validate().is_ok(), ok, "{group_commit}");
         }
     }
 }

@@ -830,6 +830,7 @@ async fn detail_store(dir: &tempfile::TempDir) -> Arc<dyn kubetx::store::Store> 
         migrate: true,
         max_connections: 4,
         acquire_timeout: Duration::from_secs(2),
+        group_commit: 0,
     })
     .await
     .expect("store opens")

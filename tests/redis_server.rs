@@ -228,6 +228,7 @@ async fn a_redis_crash_loses_no_acknowledged_saga_with_aof_always() {
         migrate: false,
         max_connections: 1,
         acquire_timeout: Duration::from_secs(5),
+        group_commit: 0,
     })
     .await
     .expect("reader opens");
@@ -297,6 +298,7 @@ fn store_options(url: &str) -> StoreOptions {
         migrate: true,
         max_connections: 1,
         acquire_timeout: Duration::from_secs(5),
+        group_commit: 0,
     }
 }
 

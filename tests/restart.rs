@@ -601,6 +601,7 @@ async fn read_sql(url: &str, gids: &[String]) -> Vec<GlobalTrans> {
         migrate: false,
         max_connections: 2,
         acquire_timeout: Duration::from_secs(5),
+        group_commit: 0,
     })
     .await
     .expect("open the database");

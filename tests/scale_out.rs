@@ -40,21 +40,29 @@ fn refused(index: usize) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_share_a_postgres_database_through_kills() {
     if common::db::available(Backend::Postgres, "the scale-out suite") {
-        scale_out(Backend::Postgres).await;
+        scale_out(Backend::Postgres, 0).await;
+    }
+}
+
+/// The same with PostgreSQL group commit: three processes' batches on the same rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_with_group_commit_share_a_postgres_database_through_kills() {
+    if common::db::available(Backend::Postgres, "the scale-out suite") {
+        scale_out(Backend::Postgres, 256).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_share_a_mysql_database_through_kills() {
     if common::db::available(Backend::MySql, "the scale-out suite") {
-        scale_out(Backend::MySql).await;
+        scale_out(Backend::MySql, 0).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_share_a_redis_through_kills() {
     if common::db::available(Backend::Redis, "the scale-out suite") {
-        scale_out(Backend::Redis).await;
+        scale_out(Backend::Redis, 0).await;
     }
 }
 
@@ -66,7 +74,7 @@ struct Replica {
 }
 
 impl Replica {
-    async fn start(url: &str, log: PathBuf, http: &reqwest::Client) -> Replica {
+    async fn start(url: &str, group_commit: usize, log: PathBuf, http: &reqwest::Client) -> Replica {
         let addr = free_addr();
         let stderr = std::fs::File::create(&log).expect("log file");
         let child = Command::new(kubetx_bin())
@@ -89,6 +97,7 @@ impl Replica {
             ])
             .env_remove("RUST_LOG")
             .env_remove("KUBETX_CONFIG")
+            .env("KUBETX_STORE_GROUP_COMMIT", group_commit.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -247,7 +256,7 @@ fn kubetx_bin() -> String {
     std::env::var("KUBETX_SCALE_OUT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kubetx").to_owned())
 }
 
-async fn scale_out(backend: Backend) {
+async fn scale_out(backend: Backend, group_commit: usize) {
     let _turn = ONE_AT_A_TIME.lock().await;
     kubetx::invoke::install_crypto_provider();
     let db = TestDb::create(backend).await;
@@ -258,7 +267,7 @@ async fn scale_out(backend: Backend) {
 
     let mut replicas = Vec::new();
     for i in 0..3 {
-        replicas.push(Replica::start(&db.url, log(format!("replica-{i}")), &http).await);
+        replicas.push(Replica::start(&db.url, group_commit, log(format!("replica-{i}")), &http).await);
     }
     let pool: Pool = Arc::new(RwLock::new(replicas.iter().map(|r| r.addr).collect()));
     let replicas = Arc::new(tokio::sync::Mutex::new(replicas));
@@ -290,7 +299,13 @@ async fn scale_out(backend: Backend) {
                 let _ = replicas[victim].child.wait();
                 kills.fetch_add(1, Ordering::SeqCst);
                 generation += 1;
-                let fresh = Replica::start(&url, logs.join(format!("restart-{generation}.log")), &http).await;
+                let fresh = Replica::start(
+                    &url,
+                    group_commit,
+                    logs.join(format!("restart-{generation}.log")),
+                    &http,
+                )
+                .await;
                 pool.write().expect("pool").push(fresh.addr);
                 replicas[victim] = fresh;
             }
@@ -328,6 +343,7 @@ async fn scale_out(backend: Backend) {
         migrate: false,
         max_connections: 2,
         acquire_timeout: Duration::from_secs(5),
+        group_commit: 0,
     })
     .await
     .expect("open the database");

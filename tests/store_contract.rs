@@ -32,11 +32,17 @@ fn options(kind: StoreKind) -> StoreOptions {
         migrate: true,
         max_connections: 8,
         acquire_timeout: Duration::from_secs(5),
+        group_commit: 0,
     }
 }
 
 /// Opens a fresh store of `backend`; `None` (and a SKIPPED line) when its server is not set.
 async fn harness(backend: Backend) -> Option<Harness> {
+    harness_with(backend, 0).await
+}
+
+/// [`harness`] with PostgreSQL's group commit batching up to `group_commit` writes.
+async fn harness_with(backend: Backend, group_commit: usize) -> Option<Harness> {
     match backend {
         Backend::Sqlite => {
             let dir = tempfile::tempdir().expect("temp dir");
@@ -56,7 +62,12 @@ async fn harness(backend: Backend) -> Option<Harness> {
             }
             let db = TestDb::create(backend).await;
             let kind = StoreKind::parse(&db.url, "").expect("url");
-            let store = store::open(&options(kind)).await.expect("store opens");
+            let store = store::open(&StoreOptions {
+                group_commit,
+                ..options(kind)
+            })
+            .await
+            .expect("store opens");
             Some(Harness {
                 store,
                 _dir: None,
@@ -83,6 +94,13 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn postgres() {
                     if let Some(h) = harness(Backend::Postgres).await {
+                        super::$check(h.store.clone()).await;
+                    }
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn postgres_group_commit() {
+                    if let Some(h) = harness_with(Backend::Postgres, 64).await {
                         super::$check(h.store.clone()).await;
                     }
                 }

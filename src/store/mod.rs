@@ -10,6 +10,7 @@
 
 mod decode;
 mod mysql;
+mod pg_batch;
 mod postgres;
 mod redis;
 mod redis_lua;
@@ -591,6 +592,9 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long a call waits for a connection before it fails with `Unavailable`.
     pub acquire_timeout: Duration,
+    /// PostgreSQL group commit: most writes one writer commits together in one database
+    /// transaction (see `pg_batch`); 0 runs every write as its own statement on the pool.
+    pub group_commit: usize,
 }
 
 /// Opens the store `options` names.

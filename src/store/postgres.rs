@@ -1,9 +1,15 @@
 //! The PostgreSQL store: several kubetx replicas share one database.
 //!
-//! Every trait call is one short transaction, most of them a single statement (multi-row work
-//! goes through `UNNEST` arrays), so a call costs one round trip and PostgreSQL's own group
-//! commit batches the WAL flushes of concurrent calls. Claiming uses `FOR UPDATE SKIP LOCKED`
-//! over a partial index of the unfinished transactions, so replicas never wait for each other.
+//! Every write is a single statement where it can be (multi-row work goes through `UNNEST`
+//! arrays). By default each write is its own transaction on the pool, so a call costs one round
+//! trip and PostgreSQL's own WAL flush covers concurrent commits. With group commit on
+//! (`StoreOptions::group_commit`), the writes that touch one transaction (or one key) go
+//! through writer tasks that commit every queued write in one database transaction (see
+//! [`pg_batch`]). Reads, and the bulk writes of the scheduler and retention, run on the pool. Claiming uses
+//! `FOR UPDATE SKIP LOCKED` over a partial index of the unfinished transactions, so replicas
+//! never wait for each other.
+//!
+//! [`pg_batch`]: super::pg_batch
 
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
@@ -12,6 +18,8 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Row};
+
+use super::pg_batch::Writer;
 
 use super::decode::{self, BRANCH_COLUMNS, FINISHED, GLOBAL_COLUMNS, KV_COLUMNS, UNFINISHED};
 use super::sql::Reachability;
@@ -62,6 +70,99 @@ fn bind_change<'q>(
 pub struct PgStore {
     pool: PgPool,
     reach: Arc<Reachability>,
+    /// The group-commit writers, when `StoreOptions::group_commit` asks for them.
+    writer: Option<Writer>,
+}
+
+/// How long a batched write waits for a row lock held by someone else (another process, a
+/// person's session) before it fails alone: the writer's other writes wait behind it. Longer
+/// than PostgreSQL's default `deadlock_timeout` (1 s), so a deadlock is detected first.
+const WRITER_LOCK_TIMEOUT: &str = "5s";
+
+/// A write of one transaction (or one key), as the writer task runs it.
+#[derive(Debug)]
+pub(super) enum Write {
+    Create(Box<GlobalTrans>, String, Vec<Branch>),
+    ChangeStatus(StatusChange),
+    ChangeStatusAndLoad(StatusChange),
+    AddBranches(String, Vec<Branch>),
+    UpdateBranches(Guard, Vec<BranchUpdate>, Millis),
+    Claim(String, Lease, Millis),
+    ExtendLease(Guard, Millis),
+    Release(Guard, Millis, i64, Millis),
+    ResetNextCronTime(String, Millis),
+    KvCreate(String, String, String, Millis),
+    KvUpdate(String, String, String, i64, Millis),
+    KvDelete(String, String),
+}
+
+/// What a [`Write`] answers.
+#[derive(Debug)]
+pub(super) enum Reply {
+    Flag(bool),
+    Added(AddBranches),
+    Loaded(Option<Box<(GlobalTrans, Vec<Branch>)>>),
+}
+
+impl Write {
+    /// The rows this write locks, as a key of the one order in which every batch takes its
+    /// locks: transactions by gid (the global row first, then its branch rows), then keys.
+    pub(super) fn lock_key(&self) -> (u8, &str, &str) {
+        let gid = match self {
+            Write::Create(global, _, _) => &global.gid,
+            Write::ChangeStatus(change) | Write::ChangeStatusAndLoad(change) => &change.gid,
+            Write::AddBranches(gid, _) | Write::Claim(gid, _, _) | Write::ResetNextCronTime(gid, _) => gid,
+            Write::UpdateBranches(guard, _, _) | Write::ExtendLease(guard, _) | Write::Release(guard, _, _, _) => {
+                &guard.gid
+            }
+            Write::KvCreate(cat, key, _, _) | Write::KvUpdate(cat, key, _, _, _) | Write::KvDelete(cat, key) => {
+                return (1, cat, key);
+            }
+        };
+        (0, gid, "")
+    }
+
+    /// Whether [`Write::apply`] is one statement (then it needs no transaction of its own):
+    /// everything but the branch registration.
+    pub(super) fn single_statement(&self) -> bool {
+        !matches!(self, Write::AddBranches(..))
+    }
+
+    /// Runs the write on `conn` as a transaction of its own (without group commit): a single
+    /// statement commits by itself, the branch registration's statements in a transaction.
+    async fn apply_alone(&self, conn: &mut PgConnection) -> Result<Reply, sqlx::Error> {
+        if self.single_statement() {
+            return self.apply(conn).await;
+        }
+        let mut tx = conn.begin().await?;
+        let reply = self.apply(&mut tx).await?;
+        tx.commit().await?;
+        Ok(reply)
+    }
+
+    /// Runs the write on `conn`, inside the writer's transaction.
+    pub(super) async fn apply(&self, conn: &mut PgConnection) -> Result<Reply, sqlx::Error> {
+        Ok(match self {
+            Write::Create(global, options, branches) => Reply::Flag(create(conn, global, options, branches).await?),
+            Write::ChangeStatus(change) => Reply::Flag(change_status(conn, change).await?),
+            Write::ChangeStatusAndLoad(change) => Reply::Loaded(change_and_load(conn, change).await?.map(Box::new)),
+            Write::AddBranches(gid, branches) => Reply::Added(add_branches_tx(conn, gid, branches).await?),
+            Write::UpdateBranches(guard, updates, now) => {
+                Reply::Flag(update_branches(conn, guard, updates, *now).await?)
+            }
+            Write::Claim(gid, lease, now) => Reply::Flag(claim(conn, gid, lease, *now).await?),
+            Write::ExtendLease(guard, until) => Reply::Flag(extend_lease(conn, guard, *until).await?),
+            Write::Release(guard, next_cron_time, interval, now) => {
+                Reply::Flag(release(conn, guard, *next_cron_time, *interval, *now).await?)
+            }
+            Write::ResetNextCronTime(gid, now) => Reply::Flag(reset_next_cron_time(conn, gid, *now).await?),
+            Write::KvCreate(cat, key, value, now) => Reply::Flag(kv_create(conn, cat, key, value, *now).await?),
+            Write::KvUpdate(cat, key, value, version, now) => {
+                Reply::Flag(kv_update(conn, cat, key, value, *version, *now).await?)
+            }
+            Write::KvDelete(cat, key) => Reply::Flag(kv_delete(conn, cat, key).await?),
+        })
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -124,7 +225,8 @@ fn unnest_branches(first: usize) -> String {
 }
 
 impl PgStore {
-    /// Connects, and runs the migrations unless `options.migrate` is false.
+    /// Connects, and runs the migrations unless `options.migrate` is false. With
+    /// `options.group_commit` above 0, writes go through group-commit writers.
     pub async fn open(url: &str, options: &StoreOptions) -> Result<Self> {
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Invalid(format!("invalid PostgreSQL URL: {e}")))?
@@ -135,20 +237,7 @@ impl PgStore {
             // statements whose custom plan looks cheaper, every execution (the planner was the
             // top of the server's profile under the benchmark).
             .options([("plan_cache_mode", "force_generic_plan")]);
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections.max(1))
-            .acquire_timeout(options.acquire_timeout)
-            // Ping only connections that sat idle (HikariCP's rule): one round trip saved per
-            // call under load, while a connection broken during an outage is still caught.
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for > super::sql::PING_IF_IDLE_FOR {
-                        conn.ping().await?;
-                    }
-                    Ok(true)
-                })
-            })
+        let pool = pool_options(options.max_connections.max(1), options)
             .connect_with(connect.clone())
             .await?;
         if options.migrate {
@@ -159,19 +248,191 @@ impl PgStore {
         }
         let reach = Reachability::new(
             "postgres",
-            super::sql::connect_probe::<PgConnection>(connect, options.acquire_timeout),
+            super::sql::connect_probe::<PgConnection>(connect.clone(), options.acquire_timeout),
         );
-        Ok(PgStore { pool, reach })
+        let writer = (options.group_commit > 0).then(|| {
+            // A connection per writer, named so that they can be told apart in pg_stat_activity.
+            let writers = writers(options.max_connections);
+            let writer_pool = pool_options(writers as u32, options).connect_lazy_with(
+                connect
+                    .application_name("kubetx-writer")
+                    .options([("lock_timeout", WRITER_LOCK_TIMEOUT)]),
+            );
+            Writer::start(writer_pool, reach.clone(), writers, options.group_commit)
+        });
+        Ok(PgStore { pool, reach, writer })
+    }
+
+    /// Runs a write: through the group-commit writers, or alone on a pooled connection.
+    async fn write(&self, write: Write) -> Result<Reply> {
+        self.reach.check()?;
+        match &self.writer {
+            Some(writer) => writer.write(write).await,
+            None => db!(self.reach, {
+                let mut conn = self.pool.acquire().await?;
+                write.apply_alone(&mut conn).await
+            }),
+        }
+    }
+
+    async fn write_flag(&self, write: Write) -> Result<bool> {
+        match self.write(write).await? {
+            Reply::Flag(flag) => Ok(flag),
+            other => Err(StoreError::Corrupt(format!("unexpected writer reply {other:?}"))),
+        }
     }
 }
 
-async fn add_branches_tx(pool: &PgPool, gid: &str, branches: &[Branch]) -> Result<AddBranches, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+/// Writer tasks beside a read pool of `max_connections`: a quarter of it, 1 to 4 (4 with the
+/// default pool of 16). Each overlaps its round trips with the others'; more of them make
+/// smaller batches, that is more commits.
+fn writers(max_connections: u32) -> usize {
+    (max_connections / 4).clamp(1, 4) as usize
+}
+
+/// A pool of up to `size` connections.
+fn pool_options(size: u32, options: &StoreOptions) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(options.acquire_timeout)
+        // Ping only connections that sat idle (HikariCP's rule): one round trip saved per
+        // call under load, while a connection broken during an outage is still caught.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > super::sql::PING_IF_IDLE_FOR {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
+/// The insert of a transaction and its branch rows, one statement.
+static CREATE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH g AS (INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, custom_data, \
+         options, create_time, update_time, finish_time, rollback_time, next_cron_time, next_cron_interval, \
+         owner, result, rollback_reason, ext_data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+         $13, $14, $15, $16, $17) ON CONFLICT (gid) DO NOTHING RETURNING id), \
+         b AS (INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, create_time, \
+         update_time, finish_time, rollback_time) SELECT $1, url, bin_data, branch_id, op, status, \
+         create_time, update_time, finish_time, rollback_time FROM ({}) AS v WHERE EXISTS (SELECT 1 FROM g) \
+         ORDER BY n) \
+         SELECT count(*) FROM g",
+        unnest_branches(18)
+    )
+});
+
+async fn create(
+    conn: &mut PgConnection,
+    global: &GlobalTrans,
+    options: &str,
+    branches: &[Branch],
+) -> Result<bool, sqlx::Error> {
+    let columns = BranchColumns::of(branches);
+    let inserted: i64 = sqlx::query_scalar(AssertSqlSafe(CREATE.as_str()))
+        .bind(&global.gid)
+        .bind(global.trans_type.as_str())
+        .bind(global.status.as_str())
+        .bind(&global.query_prepared)
+        .bind(&global.protocol)
+        .bind(&global.custom_data)
+        .bind(options)
+        .bind(global.create_time)
+        .bind(global.update_time)
+        .bind(global.finish_time)
+        .bind(global.rollback_time)
+        .bind(global.next_cron_time)
+        .bind(global.next_cron_interval)
+        .bind(&global.owner)
+        .bind(&global.result)
+        .bind(&global.rollback_reason)
+        .bind(&global.ext_data)
+        .bind(&columns.url)
+        .bind(&columns.bin_data)
+        .bind(&columns.branch_id)
+        .bind(&columns.op)
+        .bind(&columns.status)
+        .bind(&columns.create_time)
+        .bind(&columns.update_time)
+        .bind(&columns.finish_time)
+        .bind(&columns.rollback_time)
+        .fetch_one(conn)
+        .await?;
+    Ok(inserted == 1)
+}
+
+/// The conditional status change with the branch outcomes it records, one statement: the branch
+/// rows change only when the status does.
+static CHANGE_STATUS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH g AS ({UPDATE_STATUS} RETURNING id), \
+         u AS (UPDATE trans_branch_op b SET status = v.status, update_time = $2, \
+         finish_time = CASE WHEN v.status = 'succeed' THEN v.at ELSE b.finish_time END, \
+         rollback_time = CASE WHEN v.status = 'failed' THEN v.at ELSE b.rollback_time END \
+         FROM UNNEST($12::text[], $13::text[], $14::text[], $15::int8[]) AS v(branch_id, op, status, at) \
+         WHERE b.gid = $8 AND b.branch_id = v.branch_id AND b.op = v.op AND EXISTS (SELECT 1 FROM g) \
+         RETURNING 1) \
+         SELECT count(*) FROM g"
+    )
+});
+
+async fn change_status(conn: &mut PgConnection, change: &StatusChange) -> Result<bool, sqlx::Error> {
+    let updates = OutcomeColumns::new(&change.branch_updates);
+    let done: i64 = bind_change(sqlx::query(AssertSqlSafe(CHANGE_STATUS.as_str())), change)
+        .bind(&updates.branch_ids)
+        .bind(&updates.ops)
+        .bind(&updates.statuses)
+        .bind(&updates.ats)
+        .fetch_one(conn)
+        .await?
+        .try_get(0)?;
+    Ok(done == 1)
+}
+
+/// The conditional status change (without branch outcomes) and, when it happened, the changed
+/// row joined with its branch rows (one result row each): one statement.
+static CHANGE_AND_LOAD: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH g AS ({UPDATE_STATUS} RETURNING {GLOBAL_COLUMNS}) \
+         SELECT g.*, {} FROM g LEFT JOIN trans_branch_op b ON b.gid = g.gid ORDER BY b.id",
+        BRANCH_COLUMNS
+            .split(", ")
+            .map(|c| format!("b.{c} AS b_{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+});
+
+async fn change_and_load(
+    conn: &mut PgConnection,
+    change: &StatusChange,
+) -> Result<Option<(GlobalTrans, Vec<Branch>)>, sqlx::Error> {
+    let rows = bind_change(sqlx::query(AssertSqlSafe(CHANGE_AND_LOAD.as_str())), change)
+        .fetch_all(conn)
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let global = decode::global(first).map_err(super::sql::corrupt)?;
+    let mut branches = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row.try_get::<Option<i64>, _>("b_id")?.is_some() {
+            branches.push(decode::branch(&decode::Prefixed::new(row, "b_")).map_err(super::sql::corrupt)?);
+        }
+    }
+    Ok(Some((global, branches)))
+}
+
+/// Registers branches of a `prepared` transaction, inside the writer's transaction (its only
+/// write is the last statement, so an early answer leaves nothing to undo).
+async fn add_branches_tx(conn: &mut PgConnection, gid: &str, branches: &[Branch]) -> Result<AddBranches, sqlx::Error> {
     // Locking the global row orders registrations against each other and against the status
     // change that ends `prepared`: once that commits, no registration can slip in.
     let status: Option<String> = sqlx::query_scalar("SELECT status FROM trans_global WHERE gid = $1 FOR UPDATE")
         .bind(gid)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *conn)
         .await?;
     let status = match status.as_deref().map(TransStatus::parse) {
         None => None,
@@ -183,12 +444,11 @@ async fn add_branches_tx(pool: &PgPool, gid: &str, branches: &[Branch]) -> Resul
         }
     };
     if status != Some(TransStatus::Prepared) {
-        tx.rollback().await?;
         return Ok(AddBranches::WrongStatus(status));
     }
     let stored = sqlx::query("SELECT branch_id, op, url, bin_data, status FROM trans_branch_op WHERE gid = $1")
         .bind(gid)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await?
         .iter()
         .map(decode::stored_branch)
@@ -196,10 +456,7 @@ async fn add_branches_tx(pool: &PgPool, gid: &str, branches: &[Branch]) -> Resul
         .map_err(super::sql::corrupt)?;
     let missing = match branches_to_add(branches, &stored) {
         Ok(missing) => missing,
-        Err(answer) => {
-            tx.rollback().await?;
-            return Ok(answer);
-        }
+        Err(answer) => return Ok(answer),
     };
     let columns = BranchColumns::of(&missing);
     sqlx::query(AssertSqlSafe(format!(
@@ -218,10 +475,163 @@ async fn add_branches_tx(pool: &PgPool, gid: &str, branches: &[Branch]) -> Resul
     .bind(&columns.update_time)
     .bind(&columns.finish_time)
     .bind(&columns.rollback_time)
-    .execute(&mut *tx)
+    .execute(conn)
     .await?;
-    tx.commit().await?;
     Ok(AddBranches::Added)
+}
+
+async fn update_branches(
+    conn: &mut PgConnection,
+    guard: &Guard,
+    updates: &[BranchUpdate],
+    now: Millis,
+) -> Result<bool, sqlx::Error> {
+    let updates = OutcomeColumns::new(updates);
+    // The shared lock on the global row orders this write against a takeover: a claim by
+    // another process either commits first (then the guard fails) or waits for this one.
+    let held: i64 = sqlx::query_scalar(
+        "WITH g AS (SELECT id FROM trans_global WHERE gid = $1 AND owner = $2 AND status = $3 FOR SHARE), \
+         u AS (UPDATE trans_branch_op b SET status = v.status, update_time = $4, \
+         finish_time = CASE WHEN v.status = 'succeed' THEN v.at ELSE b.finish_time END, \
+         rollback_time = CASE WHEN v.status = 'failed' THEN v.at ELSE b.rollback_time END \
+         FROM UNNEST($5::text[], $6::text[], $7::text[], $8::int8[]) AS v(branch_id, op, status, at) \
+         WHERE b.gid = $1 AND b.branch_id = v.branch_id AND b.op = v.op AND EXISTS (SELECT 1 FROM g) \
+         RETURNING 1) \
+         SELECT count(*) FROM g",
+    )
+    .bind(&guard.gid)
+    .bind(&guard.owner)
+    .bind(guard.status.as_str())
+    .bind(now)
+    .bind(&updates.branch_ids)
+    .bind(&updates.ops)
+    .bind(&updates.statuses)
+    .bind(&updates.ats)
+    .fetch_one(conn)
+    .await?;
+    Ok(held == 1)
+}
+
+/// The claim of one transaction: parked, or its lease expired.
+static CLAIM: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE trans_global SET owner = $1, next_cron_time = $2, update_time = $3 \
+         WHERE gid = $4 AND status IN {UNFINISHED} AND (owner = '' OR next_cron_time <= $3)"
+    )
+});
+
+async fn claim(conn: &mut PgConnection, gid: &str, lease: &Lease, now: Millis) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(AssertSqlSafe(CLAIM.as_str()))
+        .bind(&lease.owner)
+        .bind(lease.until)
+        .bind(now)
+        .bind(gid)
+        .execute(conn)
+        .await?
+        .rows_affected();
+    Ok(done == 1)
+}
+
+async fn extend_lease(conn: &mut PgConnection, guard: &Guard, until: Millis) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("UPDATE trans_global SET next_cron_time = $1 WHERE gid = $2 AND owner = $3 AND status = $4")
+        .bind(until)
+        .bind(&guard.gid)
+        .bind(&guard.owner)
+        .bind(guard.status.as_str())
+        .execute(conn)
+        .await?
+        .rows_affected();
+    Ok(done == 1)
+}
+
+async fn release(
+    conn: &mut PgConnection,
+    guard: &Guard,
+    next_cron_time: Millis,
+    interval: i64,
+    now: Millis,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE trans_global SET owner = '', next_cron_time = $1, next_cron_interval = $2, \
+         update_time = $3 WHERE gid = $4 AND owner = $5 AND status = $6",
+    )
+    .bind(next_cron_time)
+    .bind(interval)
+    .bind(now)
+    .bind(&guard.gid)
+    .bind(&guard.owner)
+    .bind(guard.status.as_str())
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(done == 1)
+}
+
+async fn reset_next_cron_time(conn: &mut PgConnection, gid: &str, now: Millis) -> Result<bool, sqlx::Error> {
+    // A leased transaction is being driven right now; making it due would invite a second
+    // driver, so only parked ones move.
+    sqlx::query_scalar(
+        "WITH u AS (UPDATE trans_global SET next_cron_time = $1 WHERE gid = $2 AND owner = '' RETURNING 1) \
+         SELECT EXISTS (SELECT 1 FROM trans_global WHERE gid = $2)",
+    )
+    .bind(now)
+    .bind(gid)
+    .fetch_one(conn)
+    .await
+}
+
+async fn kv_create(
+    conn: &mut PgConnection,
+    cat: &str,
+    key: &str,
+    value: &str,
+    now: Millis,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO kv (cat, k, v, version, create_time, update_time) VALUES ($1, $2, $3, 1, $4, $4) \
+         ON CONFLICT (cat, k) DO NOTHING",
+    )
+    .bind(cat)
+    .bind(key)
+    .bind(value)
+    .bind(now)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(done == 1)
+}
+
+async fn kv_update(
+    conn: &mut PgConnection,
+    cat: &str,
+    key: &str,
+    value: &str,
+    version: i64,
+    now: Millis,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE kv SET v = $1, version = version + 1, update_time = $2 \
+         WHERE cat = $3 AND k = $4 AND version = $5",
+    )
+    .bind(value)
+    .bind(now)
+    .bind(cat)
+    .bind(key)
+    .bind(version)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(done == 1)
+}
+
+async fn kv_delete(conn: &mut PgConnection, cat: &str, key: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM kv WHERE cat = $1 AND k = $2")
+        .bind(cat)
+        .bind(key)
+        .execute(conn)
+        .await?
+        .rows_affected();
+    Ok(done == 1)
 }
 
 /// Branch outcomes as column arrays, for `UNNEST` (one statement whatever their number).
@@ -253,51 +663,8 @@ impl Store for PgStore {
     async fn create(&self, global: &GlobalTrans, branches: &[Branch]) -> Result<bool> {
         check_new(global, branches)?;
         let options = serde_json::to_string(&global.options).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let columns = BranchColumns::of(branches);
-        let sql = format!(
-            "WITH g AS (INSERT INTO trans_global (gid, trans_type, status, query_prepared, protocol, custom_data, \
-             options, create_time, update_time, finish_time, rollback_time, next_cron_time, next_cron_interval, \
-             owner, result, rollback_reason, ext_data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-             $13, $14, $15, $16, $17) ON CONFLICT (gid) DO NOTHING RETURNING id), \
-             b AS (INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, create_time, \
-             update_time, finish_time, rollback_time) SELECT $1, url, bin_data, branch_id, op, status, \
-             create_time, update_time, finish_time, rollback_time FROM ({}) AS v WHERE EXISTS (SELECT 1 FROM g) \
-             ORDER BY n) \
-             SELECT count(*) FROM g",
-            unnest_branches(18)
-        );
-        let inserted: i64 = db!(self.reach, {
-            sqlx::query_scalar(AssertSqlSafe(sql.clone()))
-                .bind(&global.gid)
-                .bind(global.trans_type.as_str())
-                .bind(global.status.as_str())
-                .bind(&global.query_prepared)
-                .bind(&global.protocol)
-                .bind(&global.custom_data)
-                .bind(&options)
-                .bind(global.create_time)
-                .bind(global.update_time)
-                .bind(global.finish_time)
-                .bind(global.rollback_time)
-                .bind(global.next_cron_time)
-                .bind(global.next_cron_interval)
-                .bind(&global.owner)
-                .bind(&global.result)
-                .bind(&global.rollback_reason)
-                .bind(&global.ext_data)
-                .bind(&columns.url)
-                .bind(&columns.bin_data)
-                .bind(&columns.branch_id)
-                .bind(&columns.op)
-                .bind(&columns.status)
-                .bind(&columns.create_time)
-                .bind(&columns.update_time)
-                .bind(&columns.finish_time)
-                .bind(&columns.rollback_time)
-                .fetch_one(&self.pool)
-                .await
-        })?;
-        Ok(inserted == 1)
+        self.write_flag(Write::Create(Box::new(global.clone()), options, branches.to_vec()))
+            .await
     }
 
     async fn find(&self, gid: &str) -> Result<Option<GlobalTrans>> {
@@ -330,31 +697,7 @@ impl Store for PgStore {
 
     async fn change_status(&self, change: &StatusChange) -> Result<bool> {
         check_change(change)?;
-        let updates = OutcomeColumns::new(&change.branch_updates);
-        // One statement: the branch rows change only when the status does.
-        let done: i64 = db!(self.reach, {
-            bind_change(
-                sqlx::query(AssertSqlSafe(format!(
-                    "WITH g AS ({UPDATE_STATUS} RETURNING id), \
-                     u AS (UPDATE trans_branch_op b SET status = v.status, update_time = $2, \
-                     finish_time = CASE WHEN v.status = 'succeed' THEN v.at ELSE b.finish_time END, \
-                     rollback_time = CASE WHEN v.status = 'failed' THEN v.at ELSE b.rollback_time END \
-                     FROM UNNEST($12::text[], $13::text[], $14::text[], $15::int8[]) AS v(branch_id, op, status, at) \
-                     WHERE b.gid = $8 AND b.branch_id = v.branch_id AND b.op = v.op AND EXISTS (SELECT 1 FROM g) \
-                     RETURNING 1) \
-                     SELECT count(*) FROM g"
-                ))),
-                change,
-            )
-            .bind(&updates.branch_ids)
-            .bind(&updates.ops)
-            .bind(&updates.statuses)
-            .bind(&updates.ats)
-            .fetch_one(&self.pool)
-            .await
-        })?
-        .try_get(0)?;
-        Ok(done == 1)
+        self.write_flag(Write::ChangeStatus(change.clone())).await
     }
 
     async fn change_status_and_load(&self, change: &StatusChange) -> Result<Option<(GlobalTrans, Vec<Branch>)>> {
@@ -362,87 +705,36 @@ impl Store for PgStore {
             return super::change_then_load(self, change).await;
         }
         check_change(change)?;
-        // One round trip: the changed row, joined with its branch rows (one result row each).
-        static CHANGE_AND_LOAD: LazyLock<String> = LazyLock::new(|| {
-            format!(
-                "WITH g AS ({UPDATE_STATUS} RETURNING {GLOBAL_COLUMNS}) \
-                 SELECT g.*, {} FROM g LEFT JOIN trans_branch_op b ON b.gid = g.gid ORDER BY b.id",
-                BRANCH_COLUMNS
-                    .split(", ")
-                    .map(|c| format!("b.{c} AS b_{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        });
-        let rows = db!(self.reach, {
-            bind_change(sqlx::query(AssertSqlSafe(CHANGE_AND_LOAD.as_str())), change)
-                .fetch_all(&self.pool)
-                .await
-        })?;
-        let Some(first) = rows.first() else {
-            return Ok(None);
-        };
-        let global = decode::global(first)?;
-        let mut branches = Vec::with_capacity(rows.len());
-        for row in &rows {
-            if row.try_get::<Option<i64>, _>("b_id")?.is_some() {
-                branches.push(decode::branch(&decode::Prefixed::new(row, "b_"))?);
-            }
+        match self.write(Write::ChangeStatusAndLoad(change.clone())).await? {
+            Reply::Loaded(loaded) => Ok(loaded.map(|loaded| *loaded)),
+            other => Err(StoreError::Corrupt(format!("unexpected writer reply {other:?}"))),
         }
-        Ok(Some((global, branches)))
     }
 
     async fn add_branches(&self, gid: &str, branches: &[Branch]) -> Result<AddBranches> {
         check_key("gid", gid)?;
         check_branches(branches)?;
-        db!(self.reach, add_branches_tx(&self.pool, gid, branches).await)
+        match self
+            .write(Write::AddBranches(gid.to_owned(), branches.to_vec()))
+            .await?
+        {
+            Reply::Added(added) => Ok(added),
+            other => Err(StoreError::Corrupt(format!("unexpected writer reply {other:?}"))),
+        }
     }
 
     async fn update_branches(&self, guard: &Guard, updates: &[BranchUpdate], now: Millis) -> Result<bool> {
-        let updates = OutcomeColumns::new(updates);
-        // The shared lock on the global row orders this write against a takeover: a claim by
-        // another process either commits first (then the guard fails) or waits for this one.
-        let held: i64 = db!(self.reach, {
-            sqlx::query_scalar(
-                "WITH g AS (SELECT id FROM trans_global WHERE gid = $1 AND owner = $2 AND status = $3 FOR SHARE), \
-                     u AS (UPDATE trans_branch_op b SET status = v.status, update_time = $4, \
-                     finish_time = CASE WHEN v.status = 'succeed' THEN v.at ELSE b.finish_time END, \
-                     rollback_time = CASE WHEN v.status = 'failed' THEN v.at ELSE b.rollback_time END \
-                     FROM UNNEST($5::text[], $6::text[], $7::text[], $8::int8[]) AS v(branch_id, op, status, at) \
-                     WHERE b.gid = $1 AND b.branch_id = v.branch_id AND b.op = v.op AND EXISTS (SELECT 1 FROM g) \
-                     RETURNING 1) \
-                     SELECT count(*) FROM g",
-            )
-            .bind(&guard.gid)
-            .bind(&guard.owner)
-            .bind(guard.status.as_str())
-            .bind(now)
-            .bind(&updates.branch_ids)
-            .bind(&updates.ops)
-            .bind(&updates.statuses)
-            .bind(&updates.ats)
-            .fetch_one(&self.pool)
+        self.write_flag(Write::UpdateBranches(guard.clone(), updates.to_vec(), now))
             .await
-        })?;
-        Ok(held == 1)
     }
 
     async fn claim(&self, gid: &str, lease: &Lease, now: Millis) -> Result<bool> {
-        let done = db!(self.reach, {
-            sqlx::query(AssertSqlSafe(format!(
-                "UPDATE trans_global SET owner = $1, next_cron_time = $2, update_time = $3 \
-                     WHERE gid = $4 AND status IN {UNFINISHED} AND (owner = '' OR next_cron_time <= $3)"
-            )))
-            .bind(&lease.owner)
-            .bind(lease.until)
-            .bind(now)
-            .bind(gid)
-            .execute(&self.pool)
-            .await
-        })?
-        .rows_affected();
-        Ok(done == 1)
+        self.write_flag(Write::Claim(gid.to_owned(), lease.clone(), now)).await
     }
+
+    // The bulk writes below lock many rows in an order of their own, so they stay out of the
+    // writer's batches (whose one lock order keeps replicas from deadlocking) and run on the
+    // pool; the scheduler and retention call them now and then, not once per transition.
 
     async fn claim_due(&self, lease: &Lease, now: Millis, limit: i64) -> Result<Vec<String>> {
         db!(self.reach, {
@@ -482,36 +774,12 @@ impl Store for PgStore {
     }
 
     async fn extend_lease(&self, guard: &Guard, until: Millis) -> Result<bool> {
-        let done = db!(self.reach, {
-            sqlx::query("UPDATE trans_global SET next_cron_time = $1 WHERE gid = $2 AND owner = $3 AND status = $4")
-                .bind(until)
-                .bind(&guard.gid)
-                .bind(&guard.owner)
-                .bind(guard.status.as_str())
-                .execute(&self.pool)
-                .await
-        })?
-        .rows_affected();
-        Ok(done == 1)
+        self.write_flag(Write::ExtendLease(guard.clone(), until)).await
     }
 
     async fn release(&self, guard: &Guard, next_cron_time: Millis, interval: i64, now: Millis) -> Result<bool> {
-        let done = db!(self.reach, {
-            sqlx::query(
-                "UPDATE trans_global SET owner = '', next_cron_time = $1, next_cron_interval = $2, \
-                     update_time = $3 WHERE gid = $4 AND owner = $5 AND status = $6",
-            )
-            .bind(next_cron_time)
-            .bind(interval)
-            .bind(now)
-            .bind(&guard.gid)
-            .bind(&guard.owner)
-            .bind(guard.status.as_str())
-            .execute(&self.pool)
+        self.write_flag(Write::Release(guard.clone(), next_cron_time, interval, now))
             .await
-        })?
-        .rows_affected();
-        Ok(done == 1)
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<GlobalTrans>> {
@@ -542,18 +810,7 @@ impl Store for PgStore {
     }
 
     async fn reset_next_cron_time(&self, gid: &str, now: Millis) -> Result<bool> {
-        // A leased transaction is being driven right now; making it due would invite a second
-        // driver, so only parked ones move.
-        db!(self.reach, {
-            sqlx::query_scalar(
-                "WITH u AS (UPDATE trans_global SET next_cron_time = $1 WHERE gid = $2 AND owner = '' RETURNING 1) \
-                     SELECT EXISTS (SELECT 1 FROM trans_global WHERE gid = $2)",
-            )
-            .bind(now)
-            .bind(gid)
-            .fetch_one(&self.pool)
-            .await
-        })
+        self.write_flag(Write::ResetNextCronTime(gid.to_owned(), now)).await
     }
 
     async fn reset_cron_times(&self, after: Millis, now: Millis, limit: i64) -> Result<u64> {
@@ -608,51 +865,24 @@ impl Store for PgStore {
         check_key("category", cat)?;
         check_key("key", key)?;
         check_text("value", value)?;
-        let done = db!(self.reach, {
-            sqlx::query(
-                "INSERT INTO kv (cat, k, v, version, create_time, update_time) VALUES ($1, $2, $3, 1, $4, $4) \
-                     ON CONFLICT (cat, k) DO NOTHING",
-            )
-            .bind(cat)
-            .bind(key)
-            .bind(value)
-            .bind(now)
-            .execute(&self.pool)
+        self.write_flag(Write::KvCreate(cat.to_owned(), key.to_owned(), value.to_owned(), now))
             .await
-        })?
-        .rows_affected();
-        Ok(done == 1)
     }
 
     async fn kv_update(&self, cat: &str, key: &str, value: &str, version: i64, now: Millis) -> Result<bool> {
         check_text("value", value)?;
-        let done = db!(self.reach, {
-            sqlx::query(
-                "UPDATE kv SET v = $1, version = version + 1, update_time = $2 \
-                     WHERE cat = $3 AND k = $4 AND version = $5",
-            )
-            .bind(value)
-            .bind(now)
-            .bind(cat)
-            .bind(key)
-            .bind(version)
-            .execute(&self.pool)
-            .await
-        })?
-        .rows_affected();
-        Ok(done == 1)
+        self.write_flag(Write::KvUpdate(
+            cat.to_owned(),
+            key.to_owned(),
+            value.to_owned(),
+            version,
+            now,
+        ))
+        .await
     }
 
     async fn kv_delete(&self, cat: &str, key: &str) -> Result<bool> {
-        let done = db!(self.reach, {
-            sqlx::query("DELETE FROM kv WHERE cat = $1 AND k = $2")
-                .bind(cat)
-                .bind(key)
-                .execute(&self.pool)
-                .await
-        })?
-        .rows_affected();
-        Ok(done == 1)
+        self.write_flag(Write::KvDelete(cat.to_owned(), key.to_owned())).await
     }
 
     async fn purge_finished(&self, before: Millis, limit: i64) -> Result<u64> {
