@@ -273,6 +273,12 @@ async fn the_console_in_a_real_browser() {
         // Not the fixed gRPC port: a kubetx already running on this machine holds it.
         grpc_listen: String::new(),
         api_tokens: vec![TOKEN.to_owned()],
+        // Nothing comes due again while the browser reads the views: the oldest due transaction
+        // noted below stays the oldest (with 10 s, a loaded machine let the scheduler retry and
+        // re-park it first). The page's retry-now still makes one due at once.
+        retry_interval: 3600,
+        max_retry_interval: 3600,
+        timeout_to_fail: 3600,
         ..Config::default()
     };
     config.sqlite.path = store_dir.path().join("kubetx.db").display().to_string();
