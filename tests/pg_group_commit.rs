@@ -68,19 +68,7 @@ fn global(gid: &str) -> GlobalTrans {
 }
 
 fn finish(gid: &str, from: TransStatus) -> StatusChange {
-    StatusChange {
-        gid: gid.to_owned(),
-        from,
-        to: TransStatus::Succeed,
-        owner: None,
-        trans_type: None,
-        lease: None,
-        rollback_reason: None,
-        result: None,
-        custom_data: None,
-        branch_updates: Vec::new(),
-        now: NOW + 1,
-    }
+    StatusChange::new(gid, from, TransStatus::Succeed, NOW + 1)
 }
 
 /// How many database transactions wrote the current versions of these rows.

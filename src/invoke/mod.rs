@@ -316,9 +316,9 @@ impl Invoker {
             Err(outcome) => return outcome,
         };
         let reply = tokio::time::timeout(call.timeout, async {
-            let response = self.plain.request(request).await.map_err(|e| describe_plain(&e))?;
+            let response = self.plain.request(request).await.map_err(|e| describe_chain(&e))?;
             let status = response.status().as_u16();
-            let body = read_plain(response.into_body()).await.map_err(|e| describe_plain(&e))?;
+            let body = read_plain(response.into_body()).await.map_err(|e| describe_chain(&e))?;
             Ok::<_, String>((status, body))
         })
         .await;
@@ -379,31 +379,47 @@ async fn read_plain(mut body: hyper::body::Incoming) -> Result<String, hyper::Er
         let Ok(chunk) = frame?.into_data() else {
             continue;
         };
-        let room = MAX_REPLY_BYTES - bytes.len();
-        bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if bytes.len() >= MAX_REPLY_BYTES {
+        if append_limited(&mut bytes, &chunk) {
             break;
         }
     }
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// The text of a plain-HTTP call error: a refusal of the policy's connector as such, otherwise
-/// the error and its causes (hyper's errors quote no URL; userinfo is removed all the same).
-fn describe_plain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = String::new();
+/// Appends what fits of `chunk` under [`MAX_REPLY_BYTES`]; true once the body is full.
+fn append_limited(body: &mut Vec<u8>, chunk: &[u8]) -> bool {
+    let room = MAX_REPLY_BYTES - body.len();
+    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    body.len() >= MAX_REPLY_BYTES
+}
+
+/// The text of a call error: a refusal of the policy (the resolver hook's or the connector's) as
+/// such, otherwise the error and its causes, with userinfo removed (the text goes into statuses,
+/// events and answers).
+fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    if let Some(refusal) = refusal_in_chain(error) {
+        return format!("endpoint refused: {refusal}");
+    }
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    without_userinfo(&text)
+}
+
+/// The policy's refusal anywhere in `error`'s chain of causes.
+fn refusal_in_chain<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a Refusal> {
     let mut next = Some(error);
     while let Some(inner) = next {
         if let Some(refusal) = refusal_in(inner) {
-            return format!("endpoint refused: {refusal}");
+            return Some(refusal);
         }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&inner.to_string());
         next = inner.source();
     }
-    without_userinfo(&text)
+    None
 }
 
 /// The policy's refusal, when `error` is one or an I/O error that carries one (an I/O error's
@@ -587,9 +603,7 @@ pub fn classify_strict(status: u16, body: &str) -> Outcome {
 async fn read_limited(mut response: reqwest::Response) -> Result<String, reqwest::Error> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
-        let room = MAX_REPLY_BYTES - body.len();
-        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() >= MAX_REPLY_BYTES {
+        if append_limited(&mut body, &chunk) {
             break;
         }
     }
@@ -604,27 +618,12 @@ fn describe(mut error: reqwest::Error) -> String {
         let _ = url.set_username("");
         let _ = url.set_password(None);
     }
-    // A refusal of the resolver hook says all there is to say.
-    let mut source = std::error::Error::source(&error);
-    while let Some(inner) = source {
-        if let Some(refusal) = inner.downcast_ref::<Refusal>() {
-            return format!("endpoint refused: {refusal}");
-        }
-        source = inner.source();
+    // A refusal of the resolver hook says all there is to say; otherwise the source chain
+    // carries the useful part ("connection refused").
+    if error.is_timeout() && refusal_in_chain(&error).is_none() {
+        return format!("timeout: {error}");
     }
-    if error.is_timeout() {
-        format!("timeout: {error}")
-    } else {
-        // The source chain carries the useful part ("connection refused").
-        let mut text = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(inner) = source {
-            text.push_str(": ");
-            text.push_str(&inner.to_string());
-            source = inner.source();
-        }
-        without_userinfo(&text)
-    }
+    describe_chain(&error)
 }
 
 /// rustls needs one process-wide crypto provider; ring is the one kube already uses.
