@@ -110,18 +110,22 @@ pub async fn run_pass<S: PassSink>(
 ) -> Result<PassResult, S::Error> {
     let mut pass = Pass::default();
     let mut last_problem = None;
-    // Branch outcomes not yet handed to the sink. They wait for the next step of the pass so
-    // that, when they cause a transition (the last step succeeded, a step failed), outcome and
-    // transition are one write.
+    // Branch outcomes not yet handed to the sink, and since when. They wait for the next step
+    // of the pass so that, when they cause a transition (the last step succeeded, a step
+    // failed), outcome and transition are one write; see [`hold_outcomes`] for how long.
     let mut unrecorded: Vec<BranchUpdate> = Vec::new();
+    let mut held_since = Millis::MAX;
     let completed = loop {
         let now = (context.now)();
         let plan = engine::plan(&global, &branches, &pass, now, context.policy);
-        if !unrecorded.is_empty() && !matches!(plan, Plan::Transition { .. }) {
+        if !unrecorded.is_empty() && !hold_outcomes(&plan, unrecorded.len(), held_since, now) {
             if !sink.branches_updated(&global, &unrecorded, now).await? {
                 break false;
             }
             unrecorded.clear();
+        }
+        if unrecorded.is_empty() {
+            held_since = Millis::MAX;
         }
         match plan {
             Plan::Finished => break true,
@@ -167,6 +171,7 @@ pub async fn run_pass<S: PassSink>(
                     }
                     if let Some(update) = engine::absorb(&global, &mut branches, &mut pass, call, outcome, now) {
                         unrecorded.push(update);
+                        held_since = held_since.min(now);
                     }
                 }
             }
@@ -188,6 +193,27 @@ pub async fn run_pass<S: PassSink>(
         last_problem,
         pass,
     })
+}
+
+/// Most branch outcomes a pass holds back while it goes on calling (see [`hold_outcomes`]).
+const MAX_HELD_OUTCOMES: usize = 16;
+
+/// Longest a pass holds branch outcomes back while it goes on calling, in milliseconds.
+const MAX_HOLD_MILLIS: Millis = 100;
+
+/// Whether outcomes not yet recorded may wait past this step of the pass. A transition records
+/// them with itself. Before a round of calls they may wait, for at most [`MAX_HELD_OUTCOMES`]
+/// outcomes and [`MAX_HOLD_MILLIS`]: a quick saga's steps then cost one write at the end, not
+/// one each (DTM updates branch rows asynchronously by default for the same reason). Should the
+/// process die meanwhile, the next pass calls those branches again, which DTM's contract
+/// (idempotent branches, the sub-transaction barrier) makes harmless. Anything else (a park,
+/// the end of the pass) records them first.
+fn hold_outcomes(plan: &Plan, held: usize, held_since: Millis, now: Millis) -> bool {
+    match plan {
+        Plan::Transition { .. } => true,
+        Plan::Invoke(_) => held < MAX_HELD_OUTCOMES && now.saturating_sub(held_since) < MAX_HOLD_MILLIS,
+        Plan::Park { .. } | Plan::Finished => false,
+    }
 }
 
 /// The branch call timeout of a transaction.

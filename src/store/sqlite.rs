@@ -10,6 +10,7 @@
 //! one thread wake-up, not two per statement as an async driver's worker-thread round trips
 //! would. Those round trips were the benchmark's bottleneck (BENCHMARKS.md).
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -37,8 +38,8 @@ const MAX_BATCH: usize = 512;
 /// How long a connection waits for a lock held by another process sharing the file.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Prepared statements the writer keeps (it uses about twenty distinct ones, plus one branch
-/// insert per row count up to [`ROWS_PER_INSERT`]).
+/// Prepared statements the writer's cache holds (it uses about twenty distinct ones besides the
+/// ones [`Writer`] keeps).
 const STATEMENT_CACHE: usize = 64;
 
 /// SQLite `synchronous` setting: how hard a commit waits for the disk.
@@ -249,6 +250,8 @@ type Answer = (oneshot::Sender<Result<Reply>>, Result<Reply>);
 struct Writer<'c> {
     conn: &'c Connection,
     hot: std::cell::RefCell<[Option<rusqlite::Statement<'c>>; Hot::COUNT]>,
+    /// The branch `INSERT` of `n + 1` rows at index `n`.
+    branch_inserts: std::cell::RefCell<[Option<rusqlite::Statement<'c>>; ROWS_PER_INSERT]>,
 }
 
 /// The statements [`Writer`] keeps: every saga runs each of them.
@@ -301,20 +304,43 @@ impl<'c> Writer<'c> {
         Writer {
             conn,
             hot: std::cell::RefCell::new(Default::default()),
+            branch_inserts: std::cell::RefCell::new(Default::default()),
         }
     }
 
-    /// Runs `use_it` on the kept statement `which`, preparing it on first use. (`use_it` never
-    /// comes back here, so the cell is never borrowed twice.)
+    /// Runs `use_it` on the kept statement `which`, preparing it on first use.
     fn hot<T>(
         &self,
         which: Hot,
         use_it: impl FnOnce(&mut rusqlite::Statement<'c>) -> rusqlite::Result<T>,
     ) -> Result<T> {
         let mut hot = self.hot.borrow_mut();
-        let slot = &mut hot[which as usize];
+        self.kept(&mut hot[which as usize], || Cow::Borrowed(which.sql()), use_it)
+    }
+
+    /// Runs `use_it` on the kept branch `INSERT` of `rows` rows (1 to [`ROWS_PER_INSERT`]).
+    fn insert_statement<T>(
+        &self,
+        rows: usize,
+        use_it: impl FnOnce(&mut rusqlite::Statement<'c>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        let mut inserts = self.branch_inserts.borrow_mut();
+        let slot = inserts
+            .get_mut(rows.wrapping_sub(1))
+            .ok_or_else(|| StoreError::Corrupt(format!("no branch insert of {rows} rows")))?;
+        self.kept(slot, || Cow::Owned(insert_branches_sql(rows)), use_it)
+    }
+
+    /// Runs `use_it` on the statement in `slot`, preparing it from `sql` first if empty.
+    /// (`use_it` never comes back to the writer, so no cell is ever borrowed twice.)
+    fn kept<T>(
+        &self,
+        slot: &mut Option<rusqlite::Statement<'c>>,
+        sql: impl FnOnce() -> Cow<'static, str>,
+        use_it: impl FnOnce(&mut rusqlite::Statement<'c>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
         if slot.is_none() {
-            *slot = Some(self.conn.prepare(which.sql())?);
+            *slot = Some(self.conn.prepare(&sql())?);
         }
         match slot {
             Some(statement) => Ok(use_it(statement)?),
@@ -671,11 +697,12 @@ fn record_branches(conn: &Writer<'_>, gid: &str, updates: &[BranchUpdate], now: 
 }
 
 /// Branch rows per INSERT statement. A saga's rows go in one statement (a 2-step saga has 4), so
-/// SQLite's per-statement work (bind, step, the AUTOINCREMENT counter, halt) is paid once, not
-/// per row; longer lists take several.
+/// SQLite's per-statement work (bind, step, halt) is paid once, not per row; longer lists take
+/// several. The writer keeps each of these statements prepared.
 const ROWS_PER_INSERT: usize = 16;
 
-fn insert_branches(conn: &Connection, branches: &[Branch]) -> Result<()> {
+/// Inserts branch rows; they get ids in the order given.
+fn insert_branches(conn: &Writer<'_>, branches: &[Branch]) -> Result<()> {
     for chunk in branches.chunks(ROWS_PER_INSERT) {
         let statuses: Vec<&str> = chunk.iter().map(|b| b.status.as_str()).collect();
         let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 10);
@@ -693,17 +720,12 @@ fn insert_branches(conn: &Connection, branches: &[Branch]) -> Result<()> {
                 &branch.rollback_time,
             ]);
         }
-        conn.prepare_cached(&INSERT_BRANCHES_SQL[chunk.len() - 1])?
-            .execute(rusqlite::params_from_iter(values))?;
+        conn.insert_statement(chunk.len(), |insert| insert.execute(rusqlite::params_from_iter(values)))?;
     }
     Ok(())
 }
 
-/// The `INSERT` of 1 to [`ROWS_PER_INSERT`] branch rows, written once (not on every create).
-static INSERT_BRANCHES_SQL: std::sync::LazyLock<Vec<String>> =
-    std::sync::LazyLock::new(|| (1..=ROWS_PER_INSERT).map(insert_branches_sql).collect());
-
-/// `INSERT` of `rows` branch rows; the rows get ids in the order given.
+/// `INSERT` of `rows` branch rows.
 fn insert_branches_sql(rows: usize) -> String {
     let row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
     let mut sql = String::from(
@@ -719,7 +741,7 @@ fn insert_branches_sql(rows: usize) -> String {
     sql
 }
 
-fn add_branches(conn: &Connection, gid: &str, branches: &[Branch]) -> Result<AddBranches> {
+fn add_branches(conn: &Writer<'_>, gid: &str, branches: &[Branch]) -> Result<AddBranches> {
     let status: Option<String> = conn
         .prepare_cached("SELECT status FROM trans_global WHERE gid = ?")?
         .query_row(params![gid], |row| row.get(0))
