@@ -162,7 +162,15 @@ pub async fn run_pass<S: PassSink>(
                 {
                     break false;
                 }
-                let outcomes = join_all(calls.iter().map(|call| invoke(context, &global, call, timeout))).await;
+                let calls_made = join_all(calls.iter().map(|call| invoke(context, &global, call, timeout)));
+                let Some(outcomes) =
+                    call_recording_held(calls_made, sink, &global, &mut unrecorded, held_since, context.now).await?
+                else {
+                    break false;
+                };
+                if unrecorded.is_empty() {
+                    held_since = Millis::MAX;
+                }
                 let now = (context.now)();
                 for (call, outcome) in calls.iter().zip(&outcomes) {
                     sink.call_made(call, outcome, now);
@@ -214,6 +222,35 @@ fn hold_outcomes(plan: &Plan, held: usize, held_since: Millis, now: Millis) -> b
         Plan::Invoke(_) => held < MAX_HELD_OUTCOMES && now.saturating_sub(held_since) < MAX_HOLD_MILLIS,
         Plan::Park { .. } | Plan::Finished => false,
     }
+}
+
+/// Awaits a round of calls. Outcomes held back from earlier rounds are recorded once they have
+/// waited [`MAX_HOLD_MILLIS`], while the calls go on: a slow call does not keep them unrecorded.
+/// `None` when the sink vetoed that write (the calls are then dropped, as a veto before them
+/// would have kept them from being made).
+async fn call_recording_held<S: PassSink, T>(
+    calls: impl Future<Output = T>,
+    sink: &mut S,
+    global: &GlobalTrans,
+    unrecorded: &mut Vec<BranchUpdate>,
+    held_since: Millis,
+    clock: &(dyn Fn() -> Millis + Send + Sync),
+) -> Result<Option<T>, S::Error> {
+    if unrecorded.is_empty() {
+        return Ok(Some(calls.await));
+    }
+    let held = u64::try_from(clock().saturating_sub(held_since)).unwrap_or(0);
+    let wait = Duration::from_millis((MAX_HOLD_MILLIS as u64).saturating_sub(held));
+    tokio::pin!(calls);
+    tokio::select! {
+        outcomes = &mut calls => return Ok(Some(outcomes)),
+        () = tokio::time::sleep(wait) => {}
+    }
+    if !sink.branches_updated(global, unrecorded, clock()).await? {
+        return Ok(None);
+    }
+    unrecorded.clear();
+    Ok(Some(calls.await))
 }
 
 /// The branch call timeout of a transaction.
@@ -310,5 +347,33 @@ mod tests {
         assert_eq!(metric_op("compensate"), "compensate");
         assert_eq!(metric_op("msg"), "msg");
         assert_eq!(metric_op("my-workflow-name-4711"), "other");
+    }
+
+    #[test]
+    fn outcomes_wait_only_for_a_transition_or_a_quick_round_of_calls() {
+        let invoke = Plan::Invoke(Vec::new());
+        let transition = Plan::Transition {
+            to: TransStatus::Succeed,
+            reason: None,
+        };
+        let park = Plan::Park {
+            at: 5_000,
+            interval: 10,
+        };
+        assert!(hold_outcomes(&invoke, 1, 1_000, 1_000));
+        assert!(hold_outcomes(
+            &invoke,
+            MAX_HELD_OUTCOMES - 1,
+            1_000,
+            1_000 + MAX_HOLD_MILLIS - 1
+        ));
+        assert!(!hold_outcomes(&invoke, MAX_HELD_OUTCOMES, 1_000, 1_000), "too many");
+        assert!(!hold_outcomes(&invoke, 1, 1_000, 1_000 + MAX_HOLD_MILLIS), "too old");
+        assert!(
+            hold_outcomes(&transition, 1_000, 0, 1_000_000),
+            "recorded with the transition"
+        );
+        assert!(!hold_outcomes(&park, 1, 1_000, 1_000));
+        assert!(!hold_outcomes(&Plan::Finished, 1, 1_000, 1_000));
     }
 }

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
 use axum::response::Response;
+use futures::future::BoxFuture;
 use opentelemetry::Context;
 use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
@@ -218,8 +218,12 @@ pub fn outgoing_traceparent(stored: Option<&str>) -> Option<String> {
     traceparent_of(&Span::current().context()).or_else(|| stored.map(str::to_owned))
 }
 
-/// Middleware of the DTM routes: a span per request, child of the client's `traceparent`.
-pub async fn trace_request(request: Request, next: Next) -> Response {
+/// Runs a DTM request (sent on by `next`) in a span of its own, child of the client's
+/// `traceparent`.
+pub fn trace_request<F>(request: Request, next: impl FnOnce(Request) -> F) -> BoxFuture<'static, Response>
+where
+    F: std::future::Future<Output = Response> + Send + 'static,
+{
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -231,7 +235,8 @@ pub async fn trace_request(request: Request, next: Next) -> Response {
         .get(TRACEPARENT)
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned);
-    traced(&route, traceparent.as_deref(), next.run(request)).await
+    let response = next(request);
+    Box::pin(async move { traced(&route, traceparent.as_deref(), response).await })
 }
 
 /// Runs the handler of one DTM request (HTTP route or gRPC call) in a span of its own, child

@@ -542,6 +542,15 @@ async fn force_stop_wins_over_a_pass_in_flight() {
         assert!(tokio::time::Instant::now() < deadline, "TransIn never called");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // TransOut's success is recorded while TransIn is still in flight: a pass holds outcomes
+    // back for at most 100 ms, slow calls or not.
+    while ts.state("fs-flight").await.1 != ["prepared", "succeed", "prepared", "prepared"] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "TransOut's outcome never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(
         ts.transaction("fs-flight").await.get("owner").is_some(),
         "the pass holds the lease"

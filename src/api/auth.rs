@@ -8,10 +8,13 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 use tokio::sync::watch;
+
+use super::layer::Wrapper;
 
 /// A set of accepted tokens, held as SHA-256 digests: compared in constant time whatever their
 /// length, and never kept in clear.
@@ -112,13 +115,20 @@ pub async fn require_token(State(tokens): State<Tokens>, request: Request, next:
 }
 
 /// Middleware of the DTM routes: [`require_token`], then the request's span
-/// ([`crate::telemetry::trace_request`]), in one layer. Every `from_fn` layer clones the route's
-/// whole service stack below it on each request; two layers cost twice.
-pub async fn require_token_traced(State(tokens): State<Tokens>, request: Request, next: Next) -> Response {
-    if allowed(&tokens, &request) {
-        return crate::telemetry::trace_request(request, next).await;
+/// ([`crate::telemetry::trace_request`]), in one plain layer (see [`super::layer`]).
+#[derive(Clone)]
+pub struct DtmGate(pub Tokens);
+
+impl Wrapper for DtmGate {
+    fn wrap<F>(&self, request: Request, next: impl FnOnce(Request) -> F) -> BoxFuture<'static, Response>
+    where
+        F: std::future::Future<Output = Response> + Send + 'static,
+    {
+        if allowed(&self.0, &request) {
+            return crate::telemetry::trace_request(request, next);
+        }
+        Box::pin(std::future::ready(unauthorized()))
     }
-    unauthorized()
 }
 
 /// Whether tokens are off or the request carries one of them.

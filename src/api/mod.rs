@@ -7,6 +7,7 @@ mod console;
 #[cfg(fuzzing)]
 pub mod fuzzing;
 pub mod grpc;
+mod layer;
 mod trans;
 mod wire;
 
@@ -16,7 +17,7 @@ use std::time::Instant;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
@@ -25,9 +26,12 @@ use serde_json::{Value, json};
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::metrics::{ApiLabels, RouteLabels};
+use futures::future::BoxFuture;
+
+use crate::metrics::{ApiLabels, Metrics, RouteLabels};
 use crate::scheduler::{Coordinator, SchedulerError};
 use crate::store::StoreError;
+use layer::{WrapLayer, Wrapper};
 
 pub use wire::{branch_json, global_json};
 
@@ -189,10 +193,7 @@ pub fn router_with(state: AppState, config: &ApiConfig) -> Router {
         .route("/topic/{name}", delete(admin::delete_topic))
         .route("/scanKV", get(admin::scan_kv))
         .route("/queryKV", get(admin::query_kv))
-        .route_layer(middleware::from_fn_with_state(
-            config.tokens.clone(),
-            auth::require_token_traced,
-        ));
+        .route_layer(WrapLayer(auth::DtmGate(config.tokens.clone())));
     let console = Router::new()
         .route("/transactions", get(console::list))
         .route("/transactions/{gid}", get(console::detail))
@@ -229,7 +230,7 @@ pub fn router_with(state: AppState, config: &ApiConfig) -> Router {
             )
         })
         .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(WrapLayer(Observe(Arc::clone(state.coordinator.metrics()))))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(GlobalConcurrencyLimitLayer::new(config.max_concurrent_requests.max(1)))
         .layer(TimeoutLayer::with_status_code(
@@ -254,27 +255,38 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 /// Counts requests by route and status code and times them.
-async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let api = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|path| route_name(path.as_str()))
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let metrics = state.coordinator.metrics();
-    metrics
-        .api_requests
-        .get_or_create(&ApiLabels {
-            api: api.clone(),
-            code: response.status().as_u16(),
+#[derive(Clone)]
+struct Observe(Arc<Metrics>);
+
+impl Wrapper for Observe {
+    fn wrap<F>(&self, request: Request, next: impl FnOnce(Request) -> F) -> BoxFuture<'static, Response>
+    where
+        F: std::future::Future<Output = Response> + Send + 'static,
+    {
+        let api = request
+            .extensions()
+            .get::<MatchedPath>()
+            .map(|path| route_name(path.as_str()))
+            .unwrap_or_else(|| "unmatched".to_owned());
+        let started = Instant::now();
+        let response = next(request);
+        let metrics = Arc::clone(&self.0);
+        Box::pin(async move {
+            let response = response.await;
+            metrics
+                .api_requests
+                .get_or_create(&ApiLabels {
+                    api: api.clone(),
+                    code: response.status().as_u16(),
+                })
+                .inc();
+            metrics
+                .api_duration
+                .get_or_create(&RouteLabels { api })
+                .observe(started.elapsed().as_secs_f64());
+            response
         })
-        .inc();
-    metrics
-        .api_duration
-        .get_or_create(&RouteLabels { api })
-        .observe(started.elapsed().as_secs_f64());
-    response
+    }
 }
 
 /// Last literal path segment, lowercased (DTM's `api` label).

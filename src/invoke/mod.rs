@@ -139,8 +139,10 @@ impl InvokerBuilder {
             policy: Arc::clone(&policy),
             hosts: Arc::clone(&hosts),
         };
-        // Same pool settings as `client`; hyper never follows redirects.
+        // Same pool settings as `client`; hyper never follows redirects. `plain_request` sets
+        // `Host` itself, from the URL the policy has already parsed.
         let plain = HyperClient::builder(TokioExecutor::new())
+            .set_host(false)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .pool_timer(TokioTimer::new())
@@ -333,7 +335,11 @@ impl Invoker {
 
 /// The request of a plain-HTTP call to `url` (checked by the policy; no userinfo, no fragment).
 fn plain_request(url: &Url, call: &BranchCall<'_>) -> Result<hyper::Request<Full<Bytes>>, Outcome> {
-    use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+    use hyper::header::{ACCEPT, CONTENT_TYPE, HOST, HeaderValue};
+    // Host and port as the URL spells them (`url` leaves out a scheme's default port, as `Host`
+    // does), without formatting them again.
+    let host = HeaderValue::from_str(&url[url::Position::BeforeHost..url::Position::AfterPort])
+        .map_err(|_| Outcome::Error("invalid branch URL host".to_owned()))?;
     let mut target = String::with_capacity(url.as_str().len() + 64 + call.gid.len() + call.branch_id.len());
     target.push_str(url.as_str());
     // The pairs are appended as `Url::query_pairs_mut` would: after `?`, or `&` after a query.
@@ -359,6 +365,7 @@ fn plain_request(url: &Url, call: &BranchCall<'_>) -> Result<hyper::Request<Full
     };
     *request.uri_mut() = uri;
     let headers = request.headers_mut();
+    headers.insert(HOST, host);
     headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     // The trace this call belongs to (a `traceparent` in branch_headers replaces it).
@@ -635,6 +642,39 @@ pub fn install_crypto_provider() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_requests_name_the_host_and_port_the_url_gives() {
+        let headers = BTreeMap::new();
+        let call = BranchCall {
+            url: "",
+            gid: "g 1",
+            trans_type: "saga",
+            branch_id: "01",
+            op: "action",
+            body: b"{}",
+            force_post: false,
+            headers: &headers,
+            timeout: Duration::from_secs(1),
+            traceparent: None,
+        };
+        for (url, host) in [
+            ("http://bank.default.svc:8080/api/TransOut", "bank.default.svc:8080"),
+            ("http://127.0.0.1/api/TransOut?x=1", "127.0.0.1"),
+            ("http://bank:80/api", "bank"),
+            ("http://[::1]:81/api", "[::1]:81"),
+        ] {
+            let parsed = Url::parse(url).expect("test URL");
+            let request = plain_request(&parsed, &call).expect("request");
+            assert_eq!(request.headers()[hyper::header::HOST], host, "{url}");
+            assert_eq!(request.method(), hyper::Method::POST);
+            let query = request.uri().query().unwrap_or_default();
+            assert!(
+                query.ends_with("gid=g+1&trans_type=saga&branch_id=01&op=action"),
+                "{query}"
+            );
+        }
+    }
 
     #[test]
     fn classification_follows_dtm_order() {
