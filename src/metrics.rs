@@ -282,6 +282,16 @@ impl Metrics {
         self.oldest_due_seconds.set(overdue as f64 / 1000.0);
     }
 
+    /// Counts an API request (an HTTP route or an RPC) by its answer's status code and times it.
+    pub fn record_request(&self, api: String, code: u16, took: std::time::Duration) {
+        self.api_requests
+            .get_or_create(&ApiLabels { api: api.clone(), code })
+            .inc();
+        self.api_duration
+            .get_or_create(&RouteLabels { api })
+            .observe(took.as_secs_f64());
+    }
+
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
         let mut text = String::new();

@@ -14,7 +14,6 @@ use tonic::{Code, Request, Response, Status};
 
 use super::wire::TransRequest;
 use super::{ApiError, ApiResult, AppState, JsonBody, admin, auth::Tokens, trans};
-use crate::metrics::{ApiLabels, RouteLabels};
 use crate::proto::dtmgimp::dtm_server::{Dtm, DtmServer};
 use crate::proto::dtmgimp::{
     DtmBranchRequest, DtmGidReply, DtmProgress, DtmProgressesReply, DtmRequest, DtmTopicRequest, DtmTransaction,
@@ -166,17 +165,11 @@ impl DtmService {
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
         let result = crate::telemetry::traced(rpc, traceparent.as_deref(), call).await;
-        let metrics = self.state.coordinator.metrics();
-        let api = format!("grpc_{rpc}");
         let code = result.as_ref().map_or_else(|status| http_code(status.code()), |_| 200);
-        metrics
-            .api_requests
-            .get_or_create(&ApiLabels { api: api.clone(), code })
-            .inc();
-        metrics
-            .api_duration
-            .get_or_create(&RouteLabels { api })
-            .observe(started.elapsed().as_secs_f64());
+        self.state
+            .coordinator
+            .metrics()
+            .record_request(format!("grpc_{rpc}"), code, started.elapsed());
         result
     }
 

@@ -28,7 +28,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use futures::future::BoxFuture;
 
-use crate::metrics::{ApiLabels, Metrics, RouteLabels};
+use crate::metrics::Metrics;
 use crate::scheduler::{Coordinator, SchedulerError};
 use crate::store::StoreError;
 use layer::{WrapLayer, Wrapper};
@@ -273,17 +273,7 @@ impl Wrapper for Observe {
         let metrics = Arc::clone(&self.0);
         Box::pin(async move {
             let response = response.await;
-            metrics
-                .api_requests
-                .get_or_create(&ApiLabels {
-                    api: api.clone(),
-                    code: response.status().as_u16(),
-                })
-                .inc();
-            metrics
-                .api_duration
-                .get_or_create(&RouteLabels { api })
-                .observe(started.elapsed().as_secs_f64());
+            metrics.record_request(api, response.status().as_u16(), started.elapsed());
             response
         })
     }
