@@ -174,25 +174,25 @@ pub fn router(coordinator: Arc<Coordinator>, config: &ApiConfig) -> Router {
 /// Builds the router over `state` (shared with the gRPC service).
 pub fn router_with(state: AppState, config: &ApiConfig) -> Router {
     let dtm = Router::new()
-        .route("/version", get(admin::version))
-        .route("/newGid", get(admin::new_gid))
-        .route("/prepare", post(trans::prepare))
-        .route("/submit", post(trans::submit))
-        .route("/abort", post(trans::abort))
-        .route("/forceStop", post(trans::force_stop))
-        .route("/registerBranch", post(trans::register_branch))
-        .route("/registerXaBranch", post(trans::register_branch))
-        .route("/registerTccBranch", post(trans::register_branch))
-        .route("/prepareWorkflow", post(trans::prepare_workflow))
-        .route("/query", get(admin::query))
-        .route("/all", get(admin::all))
-        .route("/resetCronTime", get(admin::reset_cron_time))
-        .route("/resetNextCronTime", post(admin::reset_next_cron_time))
-        .route("/subscribe", get(admin::subscribe))
-        .route("/unsubscribe", get(admin::unsubscribe))
-        .route("/topic/{name}", delete(admin::delete_topic))
-        .route("/scanKV", get(admin::scan_kv))
-        .route("/queryKV", get(admin::query_kv))
+        .route("/api/dtmsvr/version", get(admin::version))
+        .route("/api/dtmsvr/newGid", get(admin::new_gid))
+        .route("/api/dtmsvr/prepare", post(trans::prepare))
+        .route("/api/dtmsvr/submit", post(trans::submit))
+        .route("/api/dtmsvr/abort", post(trans::abort))
+        .route("/api/dtmsvr/forceStop", post(trans::force_stop))
+        .route("/api/dtmsvr/registerBranch", post(trans::register_branch))
+        .route("/api/dtmsvr/registerXaBranch", post(trans::register_branch))
+        .route("/api/dtmsvr/registerTccBranch", post(trans::register_branch))
+        .route("/api/dtmsvr/prepareWorkflow", post(trans::prepare_workflow))
+        .route("/api/dtmsvr/query", get(admin::query))
+        .route("/api/dtmsvr/all", get(admin::all))
+        .route("/api/dtmsvr/resetCronTime", get(admin::reset_cron_time))
+        .route("/api/dtmsvr/resetNextCronTime", post(admin::reset_next_cron_time))
+        .route("/api/dtmsvr/subscribe", get(admin::subscribe))
+        .route("/api/dtmsvr/unsubscribe", get(admin::unsubscribe))
+        .route("/api/dtmsvr/topic/{name}", delete(admin::delete_topic))
+        .route("/api/dtmsvr/scanKV", get(admin::scan_kv))
+        .route("/api/dtmsvr/queryKV", get(admin::query_kv))
         .route_layer(WrapLayer(auth::DtmGate(config.tokens.clone())));
     let console = Router::new()
         .route("/transactions", get(console::list))
@@ -215,8 +215,10 @@ pub fn router_with(state: AppState, config: &ApiConfig) -> Router {
             config.tokens.clone(),
             auth::require_token,
         ));
-    Router::new()
-        .nest("/api/dtmsvr", dtm)
+    let routes = Router::new()
+        // Merged at their full paths rather than nested: a nested router strips its prefix
+        // from every request's URI, and its routes are one router deeper.
+        .merge(dtm)
         .nest("/api/admin", console)
         .merge(metrics)
         .route("/", get(console::index))
@@ -231,13 +233,20 @@ pub fn router_with(state: AppState, config: &ApiConfig) -> Router {
         })
         .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
         .layer(WrapLayer(Observe(Arc::clone(state.coordinator.metrics()))))
-        .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .layer(GlobalConcurrencyLimitLayer::new(config.max_concurrent_requests.max(1)))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            config.timeout,
-        ))
-        .with_state(state)
+        .with_state(state);
+    // The limits wrap the whole router once, not every route: `Router::layer` puts each layer
+    // around each route as a boxed service of its own, which axum clones, level by level, on
+    // every request (BENCHMARKS.md, issue 15). Routes the caller adds stay outside the limits.
+    Router::new().fallback_service(
+        tower::ServiceBuilder::new()
+            .layer(TimeoutLayer::with_status_code(
+                StatusCode::SERVICE_UNAVAILABLE,
+                config.timeout,
+            ))
+            .layer(GlobalConcurrencyLimitLayer::new(config.max_concurrent_requests.max(1)))
+            .layer(DefaultBodyLimit::max(config.max_body_bytes))
+            .service(routes),
+    )
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
