@@ -291,7 +291,9 @@ impl Coordinator {
         self.tracker.spawn(async move {
             let _permit = permit;
             let gid = global.gid.clone();
-            if let Err(error) = this.run_pass_from(global, branches).await {
+            // Boxed, so that the spawned future stays small: tokio moves it several times on
+            // its way into the task, and a pass's state is kilobytes (BENCHMARKS.md, issue 15).
+            if let Err(error) = Box::pin(this.run_pass_from(global, branches)).await {
                 warn!(%gid, %error, "pass failed; the transaction is retried when its lease expires");
             }
         });
