@@ -269,8 +269,7 @@ pub fn check_url(policy: &OutboundPolicy, what: &str, url: &str) -> Result<(), A
         return Err(ApiError::BadRequest(format!("{what} {url:?} has no host")));
     }
     policy
-        .check(url)
-        .map(drop)
+        .allows(url)
         .map_err(|refusal| ApiError::BadRequest(format!("endpoint refused: {what}: {refusal}")))
 }
 

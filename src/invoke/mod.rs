@@ -218,7 +218,7 @@ impl Invoker {
     /// target. The reason says why it is refused.
     pub fn check_address(&self, address: &str) -> Result<(), String> {
         if !GrpcTarget::is_grpc(address) {
-            return self.policy.check(address).map(drop).map_err(|r| r.to_string());
+            return self.policy.allows(address).map_err(|r| r.to_string());
         }
         let url = GrpcTarget::parse(address).and_then(|target| target.policy_url())?;
         self.policy.check_url(&url).map_err(|r| r.to_string())

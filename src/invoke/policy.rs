@@ -141,6 +141,10 @@ impl CheckedUrls {
         self.0.lock().ok()?.get(url).cloned()
     }
 
+    fn contains(&self, url: &str) -> bool {
+        self.0.lock().is_ok_and(|checked| checked.contains_key(url))
+    }
+
     fn remember(&self, url: &str, parsed: &Url) {
         if url.len() > MAX_CHECKED_URL_LEN {
             return;
@@ -209,6 +213,14 @@ impl OutboundPolicy {
         self.check_url(&parsed)?;
         self.checked.remember(url, &parsed);
         Ok(parsed)
+    }
+
+    /// [`OutboundPolicy::check`] without the parsed URL (no copy of a remembered one).
+    pub fn allows(&self, url: &str) -> Result<(), Refusal> {
+        if self.checked.contains(url) {
+            return Ok(());
+        }
+        self.check(url).map(drop)
     }
 
     /// Checks a parsed URL.
@@ -334,6 +346,10 @@ mod tests {
         let outside = "http://example.com/x";
         assert!(refused(&policy, outside).contains("example.com"));
         assert!(refused(&policy, outside).contains("example.com"));
+        // `allows` answers the same, remembered or not.
+        assert!(policy.allows(url).is_ok() && policy.allows(outside).is_err());
+        let fresh = "http://other.default.svc/x";
+        assert!(policy.allows(fresh).is_ok() && policy.allows(fresh).is_ok());
         for i in 0..(MAX_CHECKED_URLS + 10) {
             assert!(policy.check(&format!("http://s{i}.ns.svc/")).is_ok());
         }
