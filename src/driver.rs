@@ -12,7 +12,7 @@ use tracing::{Instrument as _, debug};
 
 use crate::engine::{self, BranchUpdate, Call, Outcome, Pass, Plan, Policy, Target};
 use crate::invoke::{BranchCall, Invoker};
-use crate::metrics::{BranchLabels, CallLabels, Metrics};
+use crate::metrics::{BranchLabels, Metrics};
 use crate::model::{Branch, GlobalTrans, Millis, TransStatus, TransType, without_userinfo};
 
 /// Where a pass's steps go. Every method may veto the rest of the pass by answering `false`
@@ -308,29 +308,20 @@ async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, ti
         })
         .instrument(span)
         .await;
-    context
-        .metrics
-        .branch_call_duration
-        .get_or_create(&CallLabels {
-            trans_type: global.trans_type.as_str(),
-            op: metric_op(&call.op),
-        })
-        .observe(started.elapsed().as_secs_f64());
     let label = match &outcome {
         Outcome::Success => "success",
         Outcome::Failure(_) => "failure",
         Outcome::Ongoing(_) => "ongoing",
         Outcome::Error(_) => "error",
     };
-    context
-        .metrics
-        .branch_calls
-        .get_or_create(&BranchLabels {
+    context.metrics.record_branch_call(
+        BranchLabels {
             trans_type: global.trans_type.as_str(),
             op: metric_op(&call.op),
             outcome: label,
-        })
-        .inc();
+        },
+        started.elapsed(),
+    );
     if let Outcome::Error(text) | Outcome::Failure(text) = &outcome {
         let url = without_userinfo(&call.url);
         debug!(gid = %global.gid, %url, op = %call.op, error = %text, "branch did not succeed");

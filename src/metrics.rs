@@ -97,6 +97,9 @@ pub struct Metrics {
     pub transaction_duration: Family<RouteLabels, Histogram>,
     /// Branch calls by outcome.
     pub branch_calls: Family<BranchLabels, Counter>,
+    /// Handles of `branch_calls` and `branch_call_duration` by label set, kept once made (see
+    /// [`Metrics::record_branch_call`]); the label sets are fixed, so this stays small.
+    branch_call_handles: std::sync::RwLock<Vec<(BranchLabels, Counter, Histogram)>>,
     /// Processing passes run by the scheduler (API-triggered and recovered).
     pub passes: Counter,
     /// Passes that stopped because another process took the lease or the status moved.
@@ -258,6 +261,7 @@ impl Metrics {
             transactions_finished,
             transaction_duration,
             branch_calls,
+            branch_call_handles: std::sync::RwLock::default(),
             passes,
             leases_lost,
             passes_deferred,
@@ -292,11 +296,76 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Counts a branch call by its labels and times it. The handles are kept after the first
+    /// call with the same labels: a scan of a few entries under a read lock costs less than
+    /// `Family::get_or_create`'s lock and label hash, twice per call (BENCHMARKS.md, issue 15).
+    pub fn record_branch_call(&self, labels: BranchLabels, took: std::time::Duration) {
+        let kept = self.branch_call_handles.read().ok().and_then(|handles| {
+            handles
+                .iter()
+                .find(|(kept, ..)| *kept == labels)
+                .map(|(_, calls, duration)| (calls.clone(), duration.clone()))
+        });
+        let (calls, duration) = kept.unwrap_or_else(|| self.keep_branch_call_handles(labels));
+        calls.inc();
+        duration.observe(took.as_secs_f64());
+    }
+
+    fn keep_branch_call_handles(&self, labels: BranchLabels) -> (Counter, Histogram) {
+        let calls = self.branch_calls.get_or_create(&labels).clone();
+        let duration = self
+            .branch_call_duration
+            .get_or_create(&CallLabels {
+                trans_type: labels.trans_type,
+                op: labels.op,
+            })
+            .clone();
+        if let Ok(mut handles) = self.branch_call_handles.write()
+            && !handles.iter().any(|(kept, ..)| *kept == labels)
+        {
+            handles.push((labels, calls.clone(), duration.clone()));
+        }
+        (calls, duration)
+    }
+
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_branch_call_handles_count_in_the_rendered_families() {
+        let metrics = Metrics::new();
+        let labels = |outcome| BranchLabels {
+            trans_type: "saga",
+            op: "action",
+            outcome,
+        };
+        for _ in 0..3 {
+            metrics.record_branch_call(labels("success"), std::time::Duration::from_millis(2));
+        }
+        metrics.record_branch_call(labels("error"), std::time::Duration::from_millis(2));
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"kubetx_branch_calls_total{trans_type="saga",op="action",outcome="success"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"kubetx_branch_calls_total{trans_type="saga",op="action",outcome="error"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"kubetx_branch_call_duration_seconds_count{trans_type="saga",op="action"} 4"#),
+            "{text}"
+        );
+        assert_eq!(metrics.branch_call_handles.read().expect("lock").len(), 2);
     }
 }
