@@ -435,24 +435,13 @@ async fn a_transaction_of_an_operator_resource_names_it() {
     let ts = TestServer::start().await;
     let now = ts.server.coordinator.now();
     let mut global = kubetx::model::GlobalTrans {
-        id: 0,
-        gid: "default-transfer-1-abcdef12".to_owned(),
-        trans_type: kubetx::model::TransType::Saga,
-        status: kubetx::model::TransStatus::Submitted,
-        query_prepared: String::new(),
-        protocol: "http".to_owned(),
-        custom_data: String::new(),
-        options: Default::default(),
-        create_time: now,
-        update_time: now,
-        finish_time: None,
-        rollback_time: None,
         next_cron_time: now + 3_600_000,
-        next_cron_interval: 10,
-        owner: String::new(),
-        result: String::new(),
-        rollback_reason: String::new(),
         ext_data: json!({"resource": {"kind": "Saga", "namespace": "default", "name": "transfer-1"}}).to_string(),
+        ..common::saga_global(
+            "default-transfer-1-abcdef12",
+            kubetx::model::TransStatus::Submitted,
+            now,
+        )
     };
     assert!(
         ts.server

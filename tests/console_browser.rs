@@ -214,24 +214,9 @@ async fn operator_row(server: &Server) {
     let coordinator = &server.coordinator;
     let now = coordinator.now();
     let global = kubetx::model::GlobalTrans {
-        id: 0,
-        gid: "default-transfer-1-abcdef12".to_owned(),
-        trans_type: kubetx::model::TransType::Saga,
-        status: kubetx::model::TransStatus::Succeed,
-        query_prepared: String::new(),
-        protocol: "http".to_owned(),
-        custom_data: String::new(),
-        options: Default::default(),
-        create_time: now,
-        update_time: now,
         finish_time: Some(now),
-        rollback_time: None,
-        next_cron_time: now,
-        next_cron_interval: 10,
-        owner: String::new(),
-        result: String::new(),
-        rollback_reason: String::new(),
         ext_data: json!({"resource": {"kind": "Saga", "namespace": "default", "name": "transfer-1"}}).to_string(),
+        ..common::saga_global("default-transfer-1-abcdef12", kubetx::model::TransStatus::Succeed, now)
     };
     assert!(coordinator.store().create(&global, &[]).await.expect("create"));
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::db::{Backend, TestDb};
 use futures::future::join_all;
-use kubetx::model::{GlobalTrans, Millis, TransOptions, TransStatus, TransType};
+use kubetx::model::{GlobalTrans, Millis, TransStatus};
 use kubetx::store::{self, StatusChange, Store, StoreError, StoreKind, StoreOptions, Synchronous};
 use sqlx::{Connection, PgConnection};
 use tokio::time::Instant;
@@ -45,26 +45,7 @@ async fn connect(db: &TestDb) -> PgConnection {
 }
 
 fn global(gid: &str) -> GlobalTrans {
-    GlobalTrans {
-        id: 0,
-        gid: gid.to_owned(),
-        trans_type: TransType::Saga,
-        status: TransStatus::Submitted,
-        query_prepared: String::new(),
-        protocol: "http".to_owned(),
-        custom_data: String::new(),
-        options: TransOptions::default(),
-        create_time: NOW,
-        update_time: NOW,
-        finish_time: None,
-        rollback_time: None,
-        next_cron_time: NOW,
-        next_cron_interval: 10,
-        owner: String::new(),
-        result: String::new(),
-        rollback_reason: String::new(),
-        ext_data: String::new(),
-    }
+    common::saga_global(gid, TransStatus::Submitted, NOW)
 }
 
 fn finish(gid: &str, from: TransStatus) -> StatusChange {

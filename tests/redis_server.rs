@@ -445,7 +445,7 @@ async fn index(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<(
 /// retention; and a data set refuses to be reopened with another shard count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_indexes_follow_the_records_and_the_shard_count_is_pinned() {
-    use kubetx::model::{Branch, GlobalTrans, TransOptions, TransType};
+    use kubetx::model::{Branch, GlobalTrans};
     use kubetx::store::{Lease, StatusChange, StoreError};
     let Some(bin) = redis_server_bin() else {
         eprintln!("SKIPPED: the Redis layout test (no redis-server binary)");
@@ -462,24 +462,8 @@ async fn the_indexes_follow_the_records_and_the_shard_count_is_pinned() {
 
     let t0 = 1_700_000_000_000;
     let global = GlobalTrans {
-        id: 0,
-        gid: "g1".to_owned(),
-        trans_type: TransType::Saga,
-        status: TransStatus::Submitted,
-        query_prepared: String::new(),
-        protocol: "http".to_owned(),
-        custom_data: String::new(),
-        options: TransOptions::default(),
-        create_time: t0,
-        update_time: t0,
-        finish_time: None,
-        rollback_time: None,
         next_cron_time: t0 + 5_000,
-        next_cron_interval: 10,
-        owner: String::new(),
-        result: String::new(),
-        rollback_reason: String::new(),
-        ext_data: String::new(),
+        ..common::saga_global("g1", TransStatus::Submitted, t0)
     };
     let branch = Branch::new("g1", "01", "action", "http://bank/a", b"{}".to_vec(), t0);
     assert!(store.create(&global, &[branch]).await.expect("create"));

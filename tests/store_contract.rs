@@ -150,24 +150,8 @@ const T0: Millis = 1_700_000_000_000;
 
 fn global(gid: &str, status: TransStatus, next_cron_time: Millis) -> GlobalTrans {
     GlobalTrans {
-        id: 0,
-        gid: gid.to_owned(),
-        trans_type: TransType::Saga,
-        status,
-        query_prepared: String::new(),
-        protocol: "http".to_owned(),
-        custom_data: String::new(),
-        options: TransOptions::default(),
-        create_time: T0,
-        update_time: T0,
-        finish_time: None,
-        rollback_time: None,
         next_cron_time,
-        next_cron_interval: 10,
-        owner: String::new(),
-        result: String::new(),
-        rollback_reason: String::new(),
-        ext_data: String::new(),
+        ..common::saga_global(gid, status, T0)
     }
 }
 

@@ -338,6 +338,35 @@ async fn handle(
     }
 }
 
+/// A submitted saga's global row as a store receives it: created at `now`, due at `now`, every
+/// optional field empty. Tests change what they need with struct update syntax.
+pub fn saga_global(
+    gid: &str,
+    status: kubetx::model::TransStatus,
+    now: kubetx::model::Millis,
+) -> kubetx::model::GlobalTrans {
+    kubetx::model::GlobalTrans {
+        id: 0,
+        gid: gid.to_owned(),
+        trans_type: kubetx::model::TransType::Saga,
+        status,
+        query_prepared: String::new(),
+        protocol: "http".to_owned(),
+        custom_data: String::new(),
+        options: kubetx::model::TransOptions::default(),
+        create_time: now,
+        update_time: now,
+        finish_time: None,
+        rollback_time: None,
+        next_cron_time: now,
+        next_cron_interval: 10,
+        owner: String::new(),
+        result: String::new(),
+        rollback_reason: String::new(),
+        ext_data: String::new(),
+    }
+}
+
 /// A 2-step transfer saga body.
 pub fn transfer_saga(gid: &str, bank: &Bank) -> Value {
     json!({
