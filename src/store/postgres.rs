@@ -367,14 +367,35 @@ async fn create(
 /// rows change only when the status does.
 static CHANGE_STATUS: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH g AS ({UPDATE_STATUS} RETURNING id), \
-         u AS (UPDATE trans_branch_op b SET status = v.status, update_time = $2, \
+        "WITH g AS ({UPDATE_STATUS} RETURNING id), {} SELECT count(*) FROM g",
+        record_outcomes("$8", "$2", 12)
+    )
+});
+
+/// The `u` step of a statement whose `g` step returns the transaction's row when the write may
+/// happen: sets the outcomes given as four arrays from parameter `$first` on (branch ids, ops,
+/// statuses, times) on the rows of transaction `gid`, stamped `now` (parameter names).
+fn record_outcomes(gid: &str, now: &str, first: usize) -> String {
+    let [ids, ops, statuses, ats] = [first, first + 1, first + 2, first + 3];
+    format!(
+        "u AS (UPDATE trans_branch_op b SET status = v.status, update_time = {now}, \
          finish_time = CASE WHEN v.status = 'succeed' THEN v.at ELSE b.finish_time END, \
          rollback_time = CASE WHEN v.status = 'failed' THEN v.at ELSE b.rollback_time END \
-         FROM UNNEST($12::text[], $13::text[], $14::text[], $15::int8[]) AS v(branch_id, op, status, at) \
-         WHERE b.gid = $8 AND b.branch_id = v.branch_id AND b.op = v.op AND EXISTS (SELECT 1 FROM g) \
-         RETURNING 1) \
-         SELECT count(*) FROM g"
+         FROM UNNEST(${ids}::text[], ${ops}::text[], ${statuses}::text[], ${ats}::int8[]) \
+         AS v(branch_id, op, status, at) \
+         WHERE b.gid = {gid} AND b.branch_id = v.branch_id AND b.op = v.op AND EXISTS (SELECT 1 FROM g) \
+         RETURNING 1)"
+    )
+}
+
+/// Branch outcomes under the lease guard. The shared lock on the global row orders this write
+/// against a takeover: a claim by another process either commits first (then the guard fails)
+/// or waits for this one.
+static UPDATE_BRANCHES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH g AS (SELECT id FROM trans_global WHERE gid = $1 AND owner = $2 AND status = $3 FOR SHARE), \
+         {} SELECT count(*) FROM g",
+        record_outcomes("$1", "$4", 5)
     )
 });
 
@@ -487,28 +508,17 @@ async fn update_branches(
     now: Millis,
 ) -> Result<bool, sqlx::Error> {
     let updates = OutcomeColumns::new(updates);
-    // The shared lock on the global row orders this write against a takeover: a claim by
-    // another process either commits first (then the guard fails) or waits for this one.
-    let held: i64 = sqlx::query_scalar(
-        "WITH g AS (SELECT id FROM trans_global WHERE gid = $1 AND owner = $2 AND status = $3 FOR SHARE), \
-         u AS (UPDATE trans_branch_op b SET status = v.status, update_time = $4, \
-         finish_time = CASE WHEN v.status = 'succeed' THEN v.at ELSE b.finish_time END, \
-         rollback_time = CASE WHEN v.status = 'failed' THEN v.at ELSE b.rollback_time END \
-         FROM UNNEST($5::text[], $6::text[], $7::text[], $8::int8[]) AS v(branch_id, op, status, at) \
-         WHERE b.gid = $1 AND b.branch_id = v.branch_id AND b.op = v.op AND EXISTS (SELECT 1 FROM g) \
-         RETURNING 1) \
-         SELECT count(*) FROM g",
-    )
-    .bind(&guard.gid)
-    .bind(&guard.owner)
-    .bind(guard.status.as_str())
-    .bind(now)
-    .bind(&updates.branch_ids)
-    .bind(&updates.ops)
-    .bind(&updates.statuses)
-    .bind(&updates.ats)
-    .fetch_one(conn)
-    .await?;
+    let held: i64 = sqlx::query_scalar(AssertSqlSafe(UPDATE_BRANCHES.as_str()))
+        .bind(&guard.gid)
+        .bind(&guard.owner)
+        .bind(guard.status.as_str())
+        .bind(now)
+        .bind(&updates.branch_ids)
+        .bind(&updates.ops)
+        .bind(&updates.statuses)
+        .bind(&updates.ats)
+        .fetch_one(conn)
+        .await?;
     Ok(held == 1)
 }
 
