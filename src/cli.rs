@@ -123,7 +123,8 @@ pub struct ServeArgs {
     /// Milliseconds a call waits for a database connection before failing with 503.
     #[arg(long, env = "KUBETX_STORE_ACQUIRE_TIMEOUT_MS")]
     pub store_acquire_timeout_ms: Option<u64>,
-    /// PostgreSQL group commit: most writes committed together in one transaction (0: off).
+    /// PostgreSQL group commit: up to this many writes committed together in one transaction
+    /// (default 64; 0: each write its own statement).
     #[arg(long, env = "KUBETX_STORE_GROUP_COMMIT")]
     pub store_group_commit: Option<usize>,
     /// Seconds after which finished transactions are deleted; 0 keeps them.

@@ -92,8 +92,8 @@ pub struct Config {
     pub store_max_connections: u32,
     /// How long a call waits for a database connection before it fails (503), in milliseconds.
     pub store_acquire_timeout_ms: u64,
-    /// PostgreSQL group commit: most writes committed together in one database transaction;
-    /// 0 (the default) runs every write as its own statement.
+    /// PostgreSQL group commit: up to this many queued writes committed together in one
+    /// database transaction (64 by default); 0 runs every write as its own statement.
     pub store_group_commit: usize,
     /// The embedded SQLite store.
     pub sqlite: SqliteConfig,
@@ -183,6 +183,8 @@ pub struct Config {
 
 /// Largest PostgreSQL group commit: a batch holds its row locks until it commits.
 const MAX_GROUP_COMMIT: usize = 4096;
+/// PostgreSQL group commit's default batch: the writes of 64 clients' transactions at once.
+const DEFAULT_GROUP_COMMIT: usize = 64;
 
 impl Default for Config {
     fn default() -> Self {
@@ -193,7 +195,7 @@ impl Default for Config {
             skip_migrations: false,
             store_max_connections: 16,
             store_acquire_timeout_ms: 2000,
-            store_group_commit: 0,
+            store_group_commit: DEFAULT_GROUP_COMMIT,
             sqlite: SqliteConfig::default(),
             retention: 7 * 24 * 3600,
             retention_batch: 500,

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use common::db::{Backend, TestDb};
 use futures::future::join_all;
-use kubetx::model::{GlobalTrans, Millis, TransStatus};
+use kubetx::engine::BranchUpdate;
+use kubetx::model::{Branch, BranchStatus, GlobalTrans, Millis, TransStatus};
 use kubetx::store::{self, StatusChange, Store, StoreError, StoreKind, StoreOptions, Synchronous};
 use sqlx::{Connection, PgConnection};
 use tokio::time::Instant;
@@ -82,6 +83,106 @@ async fn concurrent_writes_share_one_commit() {
         1,
         "20 concurrent creates were not committed as one batch"
     );
+}
+
+/// Two steps of a saga, both actions and compensations, `prepared`.
+fn steps(gid: &str) -> Vec<Branch> {
+    ["01", "02"]
+        .iter()
+        .flat_map(|id| {
+            ["compensate", "action"].map(|op| Branch::new(gid, id, op, "http://127.0.0.1:1/x", b"{}".to_vec(), NOW))
+        })
+        .collect()
+}
+
+fn succeeded(branch_id: &str) -> BranchUpdate {
+    BranchUpdate {
+        id: 0,
+        branch_id: branch_id.to_owned(),
+        op: "action".to_owned(),
+        status: BranchStatus::Succeed,
+        at: NOW + 1,
+    }
+}
+
+/// The actions' statuses of `gid`'s branch rows, in order.
+async fn action_statuses(store: &dyn Store, gid: &str) -> Vec<BranchStatus> {
+    let branches = store.branches(gid).await.expect("branches");
+    branches.iter().filter(|b| b.op == "action").map(|b| b.status).collect()
+}
+
+/// Counts the statements that write `trans_global`, by statement-level triggers.
+async fn count_statements(conn: &mut PgConnection) {
+    for statement in [
+        "CREATE TABLE statements (n int NOT NULL)",
+        "INSERT INTO statements VALUES (0)",
+        "CREATE FUNCTION count_statement() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN UPDATE statements SET n = n + 1; RETURN NULL; END $$",
+        "CREATE TRIGGER count_statement AFTER INSERT OR UPDATE ON trans_global \
+         FOR EACH STATEMENT EXECUTE FUNCTION count_statement()",
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&mut *conn)
+            .await
+            .expect("statement counter");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_writes_its_creates_and_status_changes_in_one_statement_with_their_conditions() {
+    let Some((db, store)) = setup().await else { return };
+    for gid in ["g-existing", "g-changed", "g-refused"] {
+        assert!(store.create(&global(gid), &steps(gid)).await.expect("create"));
+    }
+    let mut conn = connect(&db).await;
+    count_statements(&mut conn).await;
+    let existing_again = GlobalTrans {
+        status: TransStatus::Aborting,
+        ..global("g-existing")
+    };
+    let changed = StatusChange {
+        branch_updates: vec![succeeded("01"), succeeded("02")],
+        ..finish("g-changed", TransStatus::Submitted)
+    };
+    // Refused (the status is not `aborting`): its outcome must not be recorded either.
+    let refused = StatusChange {
+        branch_updates: vec![succeeded("01")],
+        ..finish("g-refused", TransStatus::Aborting)
+    };
+    let twice = finish("g-twice", TransStatus::Submitted);
+    let (new, new_steps, twice_global) = (global("g-new"), steps("g-new"), global("g-twice"));
+    let (new, again, twice_created, changed_done, refused_done, twice_done) = tokio::join!(
+        store.create(&new, &new_steps),
+        store.create(&existing_again, &[]),
+        store.create(&twice_global, &[]),
+        store.change_status(&changed),
+        store.change_status(&refused),
+        // The second write of one gid in the batch runs after the first.
+        store.change_status(&twice),
+    );
+    let answers = [new, again, twice_created, changed_done, refused_done, twice_done].map(|r| r.expect("write"));
+    assert_eq!(answers, [true, false, true, true, false, true]);
+
+    assert_eq!(status(&*store, "g-new").await, TransStatus::Submitted);
+    assert_eq!(store.branches("g-new").await.expect("branches").len(), 4);
+    assert_eq!(status(&*store, "g-existing").await, TransStatus::Submitted);
+    assert_eq!(store.branches("g-existing").await.expect("branches").len(), 4);
+    let done = store.find("g-changed").await.expect("find").expect("row");
+    assert_eq!((done.status, done.finish_time), (TransStatus::Succeed, Some(NOW + 1)));
+    assert_eq!(action_statuses(&*store, "g-changed").await, [BranchStatus::Succeed; 2]);
+    assert_eq!(status(&*store, "g-refused").await, TransStatus::Submitted);
+    assert_eq!(action_statuses(&*store, "g-refused").await, [BranchStatus::Prepared; 2]);
+    assert_eq!(status(&*store, "g-twice").await, TransStatus::Succeed);
+
+    let written: Vec<String> = ["g-new", "g-changed", "g-twice"].map(str::to_owned).to_vec();
+    assert_eq!(writing_transactions(&mut conn, &written).await, 1, "not one batch");
+    // One INSERT and one UPDATE for the five first writes of their gids, one UPDATE for g-twice's
+    // change: three statements, where one per write would have been six.
+    let statements: i32 = sqlx::query_scalar("SELECT n FROM statements")
+        .fetch_one(&mut conn)
+        .await
+        .expect("counter");
+    assert_eq!(statements, 3);
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@
 mod decode;
 mod mysql;
 mod pg_batch;
+mod pg_bulk;
 mod postgres;
 mod redis;
 mod redis_lua;

@@ -30,8 +30,9 @@ use sqlx::postgres::PgPool;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 
+use super::pg_bulk::Bulk;
 use super::postgres::{Reply, Write};
-use super::sql::Reachability;
+use super::sql::{Reachability, is_connectivity};
 use super::{Result, StoreError};
 
 /// Writes queued for the writer at most (callers wait for room beyond this).
@@ -108,6 +109,8 @@ enum Round {
     Committed(Vec<Result<Reply, sqlx::Error>>),
     /// Write `index` failed without a savepoint: the transaction was rolled back.
     WriteFailed(usize, sqlx::Error),
+    /// The bulk statement failed: the transaction was rolled back.
+    BulkFailed(sqlx::Error),
     /// The transaction itself failed (connection, BEGIN, COMMIT, a savepoint): nothing is known
     /// to be written.
     Failed(sqlx::Error),
@@ -152,6 +155,12 @@ async fn commit_batch(pool: &PgPool, reach: &Arc<Reachability>, mut pending: Vec
                     Some(error) => answer(pending.remove(index), Err(error)),
                 }
             }
+            Round::BulkFailed(error) => {
+                // Which write made it fail is not known: each runs under a savepoint now, and
+                // the one that fails again gets its error alone.
+                tracing::debug!(%error, "bulk statement failed; the batch runs again write by write");
+                isolate = true;
+            }
             Round::Failed(error) => {
                 // Not retried: after a failed COMMIT the outcome is unknown, so only an error
                 // is an honest answer (the callers retry, every write being conditional).
@@ -179,13 +188,22 @@ async fn round(pool: &PgPool, jobs: &[Job], isolate: bool) -> Round {
 }
 
 async fn transaction(conn: &mut PgConnection, jobs: &[Job], isolate: bool) -> Round {
-    if let [job] = jobs
-        && job.write.single_statement()
-    {
-        // Nothing to share a commit with: the statement commits by itself, one round trip
-        // instead of three (its answer arrives after its commit, as COMMIT's would).
-        return match job.write.apply(conn).await {
-            Ok(reply) => Round::Committed(vec![Ok(reply)]),
+    let bulk = if isolate {
+        None
+    } else {
+        Bulk::of(jobs.iter().map(|job| &job.write))
+    };
+    let alone = match &bulk {
+        Some(bulk) => bulk.len() == jobs.len(),
+        None => matches!(jobs, [job] if !isolate && job.write.single_statement()),
+    };
+    if alone {
+        // One statement: it commits by itself, one round trip instead of three (its answer
+        // arrives after its commit, as COMMIT's would).
+        return match run_alone(conn, jobs, bulk.as_ref()).await {
+            Ok(results) => Round::Committed(results.into_iter().map(Ok).collect()),
+            Err(error) if is_connectivity(&error) => Round::Failed(error),
+            Err(error @ sqlx::Error::Database(_)) if bulk.is_some() => Round::BulkFailed(error),
             Err(error @ sqlx::Error::Database(_)) => Round::WriteFailed(0, error),
             // The connection may be broken: drop it.
             Err(error) => Round::Failed(error),
@@ -195,17 +213,25 @@ async fn transaction(conn: &mut PgConnection, jobs: &[Job], isolate: bool) -> Ro
         Ok(tx) => tx,
         Err(error) => return Round::Failed(error),
     };
+    let mut bulk_answers = match &bulk {
+        None => Vec::new(),
+        Some(bulk) => match bulk.run(&mut tx).await {
+            Ok(answers) => answers,
+            Err(error) => return rolled_back(tx.rollback().await, Round::BulkFailed(error)),
+        },
+    }
+    .into_iter()
+    .peekable();
     let mut results = Vec::with_capacity(jobs.len());
     for (index, job) in jobs.iter().enumerate() {
+        if let Some((_, done)) = bulk_answers.next_if(|(member, _)| *member == index) {
+            results.push(Ok(Reply::Flag(done)));
+            continue;
+        }
         if !isolate {
             match job.write.apply(&mut tx).await {
                 Ok(reply) => results.push(Ok(reply)),
-                Err(error) => {
-                    return match tx.rollback().await {
-                        Ok(()) => Round::WriteFailed(index, error),
-                        Err(rollback) => Round::Failed(rollback),
-                    };
-                }
+                Err(error) => return rolled_back(tx.rollback().await, Round::WriteFailed(index, error)),
             }
             continue;
         }
@@ -226,6 +252,30 @@ async fn transaction(conn: &mut PgConnection, jobs: &[Job], isolate: bool) -> Ro
     }
     match tx.commit().await {
         Ok(()) => Round::Committed(results),
+        Err(error) => Round::Failed(error),
+    }
+}
+
+/// The answers of a batch that is one statement: the bulk one, or a single write's.
+async fn run_alone(conn: &mut PgConnection, jobs: &[Job], bulk: Option<&Bulk<'_>>) -> Result<Vec<Reply>, sqlx::Error> {
+    match (bulk, jobs) {
+        (Some(bulk), _) => Ok(bulk
+            .run(conn)
+            .await?
+            .into_iter()
+            .map(|(_, done)| Reply::Flag(done))
+            .collect()),
+        (None, [job]) => Ok(vec![job.write.apply(conn).await?]),
+        (None, _) => Err(sqlx::Error::Protocol(
+            "a batch of several writes is not one statement".to_owned(),
+        )),
+    }
+}
+
+/// `round` once the rollback it follows succeeded; a failed rollback fails the transaction.
+fn rolled_back(rollback: Result<(), sqlx::Error>, round: Round) -> Round {
+    match rollback {
+        Ok(()) => round,
         Err(error) => Round::Failed(error),
     }
 }

@@ -36,14 +36,27 @@ use crate::model::{Branch, GlobalTrans, Millis, TransStatus};
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// The conditional status change of a [`StatusChange`], bound by [`bind_change`] as `$1..$11`.
-const UPDATE_STATUS: &str = "UPDATE trans_global SET status = $1, update_time = $2, \
-    rollback_reason = COALESCE($3, rollback_reason), result = COALESCE($4, result), \
-    custom_data = COALESCE($5, custom_data), owner = COALESCE($6, owner), \
-    next_cron_time = COALESCE($7, next_cron_time), \
-    finish_time = CASE WHEN $1 = 'succeed' THEN $2 ELSE finish_time END, \
-    rollback_time = CASE WHEN $1 = 'failed' THEN $2 ELSE rollback_time END \
-    WHERE gid = $8 AND status = $9 AND ($10::text IS NULL OR owner = $10) \
-    AND ($11::text IS NULL OR trans_type = $11)";
+static UPDATE_STATUS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE trans_global SET {} WHERE gid = $8 AND status = $9 AND ($10::text IS NULL OR owner = $10) \
+         AND ($11::text IS NULL OR trans_type = $11)",
+        status_set(["$1", "$2", "$3", "$4", "$5", "$6", "$7"])
+    )
+});
+
+/// The `SET` list of a status change from its values' names: the status, the time, then, each
+/// kept when NULL, the rollback reason, the result, the custom data, the owner and the next cron
+/// time.
+pub(super) fn status_set(values: [&str; 7]) -> String {
+    let [to, now, reason, result, custom_data, owner, next_cron_time] = values;
+    format!(
+        "status = {to}, update_time = {now}, rollback_reason = COALESCE({reason}, rollback_reason), \
+         result = COALESCE({result}, result), custom_data = COALESCE({custom_data}, custom_data), \
+         owner = COALESCE({owner}, owner), next_cron_time = COALESCE({next_cron_time}, next_cron_time), \
+         finish_time = CASE WHEN {to} = 'succeed' THEN {now} ELSE finish_time END, \
+         rollback_time = CASE WHEN {to} = 'failed' THEN {now} ELSE rollback_time END"
+    )
+}
 
 /// Binds the parameters of [`UPDATE_STATUS`].
 fn bind_change<'q>(
@@ -78,6 +91,16 @@ pub struct PgStore {
 /// person's session) before it fails alone: the writer's other writes wait behind it. Longer
 /// than PostgreSQL's default `deadlock_timeout` (1 s), so a deadlock is detected first.
 const WRITER_LOCK_TIMEOUT: &str = "5s";
+
+/// The writers' statements find every row they touch by key. Their plans are generic (made once
+/// per connection, possibly on an empty table, where a sequential scan and a hash join look as
+/// cheap); these settings keep the bulk statement's joins index lookups whatever the statistics
+/// said when its plan was made.
+const WRITER_PLANNER: [(&str, &str); 3] = [
+    ("enable_seqscan", "off"),
+    ("enable_hashjoin", "off"),
+    ("enable_mergejoin", "off"),
+];
 
 /// A write of one transaction (or one key), as the writer task runs it.
 #[derive(Debug)]
@@ -256,7 +279,8 @@ impl PgStore {
             let writer_pool = pool_options(writers as u32, options).connect_lazy_with(
                 connect
                     .application_name("kubetx-writer")
-                    .options([("lock_timeout", WRITER_LOCK_TIMEOUT)]),
+                    .options([("lock_timeout", WRITER_LOCK_TIMEOUT)])
+                    .options(WRITER_PLANNER),
             );
             Writer::start(writer_pool, reach.clone(), writers, options.group_commit)
         });
@@ -283,11 +307,14 @@ impl PgStore {
     }
 }
 
-/// Writer tasks beside a read pool of `max_connections`: a quarter of it, 1 to 4 (4 with the
-/// default pool of 16). Each overlaps its round trips with the others'; more of them make
-/// smaller batches, that is more commits.
+/// Writer tasks beside a read pool of `max_connections`: one per 16 connections, 1 to 4 (one with
+/// the default pool of 16). A batch's creates and status changes are one statement, so one
+/// writer's batches grow with the load while its round trips stay one per batch; more writers
+/// make smaller batches (more statements and commits), which on the benchmark machine cost more
+/// than the overlap of their round trips saved (BENCHMARKS.md). A larger pool, typical of a
+/// distant database, gets more writers to overlap the writes that are statements of their own.
 fn writers(max_connections: u32) -> usize {
-    (max_connections / 4).clamp(1, 4) as usize
+    (max_connections / 16).clamp(1, 4) as usize
 }
 
 /// A pool of up to `size` connections.
@@ -367,7 +394,8 @@ async fn create(
 /// rows change only when the status does.
 static CHANGE_STATUS: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH g AS ({UPDATE_STATUS} RETURNING id), {} SELECT count(*) FROM g",
+        "WITH g AS ({} RETURNING id), {} SELECT count(*) FROM g",
+        *UPDATE_STATUS,
         record_outcomes("$8", "$2", 12)
     )
 });
@@ -416,8 +444,9 @@ async fn change_status(conn: &mut PgConnection, change: &StatusChange) -> Result
 /// row joined with its branch rows (one result row each): one statement.
 static CHANGE_AND_LOAD: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH g AS ({UPDATE_STATUS} RETURNING {GLOBAL_COLUMNS}) \
+        "WITH g AS ({} RETURNING {GLOBAL_COLUMNS}) \
          SELECT g.*, {} FROM g LEFT JOIN trans_branch_op b ON b.gid = g.gid ORDER BY b.id",
+        *UPDATE_STATUS,
         BRANCH_COLUMNS
             .split(", ")
             .map(|c| format!("b.{c} AS b_{c}"))

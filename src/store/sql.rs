@@ -38,18 +38,14 @@ pub(super) enum Failure {
 /// Classifies a driver error.
 pub(super) fn classify(error: sqlx::Error) -> Failure {
     let text = error.to_string();
+    if is_connectivity(&error) {
+        return Failure::Connectivity(StoreError::Unavailable(text));
+    }
     match &error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::WorkerCrashed => Failure::Connectivity(StoreError::Unavailable(text)),
         sqlx::Error::PoolClosed => Failure::Other(StoreError::Closed),
         sqlx::Error::Database(db) => {
             let state = db.code().map(|c| c.into_owned()).unwrap_or_default();
-            if state.starts_with("08") || matches!(state.as_str(), "57P01" | "57P02" | "57P03") {
-                Failure::Connectivity(StoreError::Unavailable(text))
-            } else if matches!(state.as_str(), "40001" | "40P01") || text.contains("Lock wait timeout") {
+            if matches!(state.as_str(), "40001" | "40P01") || text.contains("Lock wait timeout") {
                 Failure::Retry(StoreError::Unavailable(text))
             } else if state.starts_with("22") || state.starts_with("23") {
                 Failure::Other(StoreError::Invalid(db.message().to_owned()))
@@ -61,6 +57,23 @@ pub(super) fn classify(error: sqlx::Error) -> Failure {
             Failure::Other(StoreError::Corrupt(text))
         }
         _ => Failure::Other(StoreError::Unavailable(text)),
+    }
+}
+
+/// Whether `error` says the database or the connection to it is out of reach (a terminated
+/// backend, a server shutting down, a broken socket): what the statement did is unknown and
+/// the connection is not to be used again.
+pub(super) fn is_connectivity(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|state| state.starts_with("08") || matches!(&*state, "57P01" | "57P02" | "57P03")),
+        _ => false,
     }
 }
 
