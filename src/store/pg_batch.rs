@@ -1,13 +1,14 @@
 //! Group commit for PostgreSQL: a writer task runs the writes queued for it (each write goes to
-//! one of a few writers by its gid) in one database transaction and answers each caller only
-//! once that transaction has committed.
+//! one of the writers by its gid; one with the default pool) in one database transaction and
+//! answers each caller only once that transaction has committed.
 //!
-//! - **One commit per batch.** Concurrent state transitions share one WAL flush and one
-//!   BEGIN/COMMIT instead of one autocommit each; a batch of a single one-statement write is
-//!   that autocommit statement (one round trip, nothing to share).
-//! - **Sequential round trips.** sqlx cannot pipeline, so a batch of N writes costs N + 2 round
-//!   trips one after another; it pays where commits (fsyncs) cost more than round trips
-//!   (BENCHMARKS.md, "PostgreSQL group commit").
+//! - **One statement per batch on the hot path.** The creates and status changes of distinct
+//!   transactions, all a saga writes, go into one statement ([`Bulk`]); a batch of nothing
+//!   else is that statement alone, committing by itself: one round trip and one WAL flush for
+//!   the whole batch.
+//! - **Other writes in order.** Claims, lease writes, branch registrations, a second write of
+//!   one gid and key-value writes run one after another in the batch's transaction (BEGIN,
+//!   the bulk statement, each of them, COMMIT): sqlx cannot pipeline, so each is a round trip.
 //! - **No savepoint on the happy path.** A failing statement aborts the whole PostgreSQL
 //!   transaction, so a batch runs optimistically without savepoints (each one would cost two
 //!   more round trips per write); when a write fails, the transaction is rolled back, that write

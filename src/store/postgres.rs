@@ -1,11 +1,11 @@
 //! The PostgreSQL store: several kubetx replicas share one database.
 //!
 //! Every write is a single statement where it can be (multi-row work goes through `UNNEST`
-//! arrays). By default each write is its own transaction on the pool, so a call costs one round
-//! trip and PostgreSQL's own WAL flush covers concurrent commits. With group commit on
-//! (`StoreOptions::group_commit`), the writes that touch one transaction (or one key) go
-//! through writer tasks that commit every queued write in one database transaction (see
-//! [`pg_batch`]). Reads, and the bulk writes of the scheduler and retention, run on the pool. Claiming uses
+//! arrays). With group commit (`StoreOptions::group_commit`, on by default), the writes that
+//! touch one transaction (or one key) go through writer tasks that commit every queued write in
+//! one database transaction, its creates and status changes in one statement (see
+//! [`pg_batch`]); with it off, each write is its own transaction on the pool, one round trip a
+//! call. Reads, and the bulk writes of the scheduler and retention, run on the pool. Claiming uses
 //! `FOR UPDATE SKIP LOCKED` over a partial index of the unfinished transactions, so replicas
 //! never wait for each other.
 //!
