@@ -194,21 +194,8 @@ async fn transaction(conn: &mut PgConnection, jobs: &[Job], isolate: bool) -> Ro
     } else {
         Bulk::of(jobs.iter().map(|job| &job.write))
     };
-    let alone = match &bulk {
-        Some(bulk) => bulk.len() == jobs.len(),
-        None => matches!(jobs, [job] if !isolate && job.write.single_statement()),
-    };
-    if alone {
-        // One statement: it commits by itself, one round trip instead of three (its answer
-        // arrives after its commit, as COMMIT's would).
-        return match run_alone(conn, jobs, bulk.as_ref()).await {
-            Ok(results) => Round::Committed(results.into_iter().map(Ok).collect()),
-            Err(error) if is_connectivity(&error) => Round::Failed(error),
-            Err(error @ sqlx::Error::Database(_)) if bulk.is_some() => Round::BulkFailed(error),
-            Err(error @ sqlx::Error::Database(_)) => Round::WriteFailed(0, error),
-            // The connection may be broken: drop it.
-            Err(error) => Round::Failed(error),
-        };
+    if !isolate && let Some(round) = alone(conn, jobs, bulk.as_ref()).await {
+        return round;
     }
     let mut tx = match conn.begin().await {
         Ok(tx) => tx,
@@ -227,28 +214,16 @@ async fn transaction(conn: &mut PgConnection, jobs: &[Job], isolate: bool) -> Ro
     for (index, job) in jobs.iter().enumerate() {
         if let Some((_, done)) = bulk_answers.next_if(|(member, _)| *member == index) {
             results.push(Ok(Reply::Flag(done)));
-            continue;
-        }
-        if !isolate {
+        } else if !isolate {
             match job.write.apply(&mut tx).await {
                 Ok(reply) => results.push(Ok(reply)),
                 Err(error) => return rolled_back(tx.rollback().await, Round::WriteFailed(index, error)),
             }
-            continue;
-        }
-        let mut savepoint = match tx.begin().await {
-            Ok(savepoint) => savepoint,
-            Err(error) => return Round::Failed(error),
-        };
-        match job.write.apply(&mut savepoint).await {
-            Ok(reply) => match savepoint.commit().await {
-                Ok(()) => results.push(Ok(reply)),
+        } else {
+            match under_savepoint(&mut tx, &job.write).await {
+                Ok(result) => results.push(result),
                 Err(error) => return Round::Failed(error),
-            },
-            Err(error) => match savepoint.rollback().await {
-                Ok(()) => results.push(Err(error)),
-                Err(rollback) => return Round::Failed(rollback),
-            },
+            }
         }
     }
     match tx.commit().await {
@@ -257,19 +232,35 @@ async fn transaction(conn: &mut PgConnection, jobs: &[Job], isolate: bool) -> Ro
     }
 }
 
-/// The answers of a batch that is one statement: the bulk one, or a single write's.
-async fn run_alone(conn: &mut PgConnection, jobs: &[Job], bulk: Option<&Bulk<'_>>) -> Result<Vec<Reply>, sqlx::Error> {
-    match (bulk, jobs) {
-        (Some(bulk), _) => Ok(bulk
+/// A batch that is one statement, run by itself: the bulk statement when it covers every
+/// write, or a single one-statement write. It commits by itself, one round trip instead of
+/// three (its answer arrives after its commit, as COMMIT's would). `None` for any other batch.
+async fn alone(conn: &mut PgConnection, jobs: &[Job], bulk: Option<&Bulk<'_>>) -> Option<Round> {
+    let result = match (bulk, jobs) {
+        (Some(bulk), _) if bulk.len() == jobs.len() => bulk
             .run(conn)
-            .await?
-            .into_iter()
-            .map(|(_, done)| Reply::Flag(done))
-            .collect()),
-        (None, [job]) => Ok(vec![job.write.apply(conn).await?]),
-        (None, _) => Err(sqlx::Error::Protocol(
-            "a batch of several writes is not one statement".to_owned(),
-        )),
+            .await
+            .map(|answers| answers.into_iter().map(|(_, done)| Ok(Reply::Flag(done))).collect()),
+        (None, [job]) if job.write.single_statement() => job.write.apply(conn).await.map(|reply| vec![Ok(reply)]),
+        _ => return None,
+    };
+    Some(match result {
+        Ok(results) => Round::Committed(results),
+        // The connection is gone or going: drop it.
+        Err(error) if is_connectivity(&error) => Round::Failed(error),
+        Err(error @ sqlx::Error::Database(_)) if bulk.is_some() => Round::BulkFailed(error),
+        Err(error @ sqlx::Error::Database(_)) => Round::WriteFailed(0, error),
+        Err(error) => Round::Failed(error),
+    })
+}
+
+/// Runs `write` under a savepoint: its own result, or the error that fails the transaction
+/// (the savepoint could not be taken, released or rolled back).
+async fn under_savepoint(tx: &mut PgConnection, write: &Write) -> Result<Result<Reply, sqlx::Error>, sqlx::Error> {
+    let mut savepoint = tx.begin().await?;
+    match write.apply(&mut savepoint).await {
+        Ok(reply) => savepoint.commit().await.map(|()| Ok(reply)),
+        Err(error) => savepoint.rollback().await.map(|()| Err(error)),
     }
 }
 
