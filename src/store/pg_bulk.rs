@@ -76,7 +76,7 @@ struct BranchRows<'a> {
     rollback_time: Vec<Option<Millis>>,
 }
 
-/// The status changes, as [`UPDATE_STATUS_SET`] and its conditions take them.
+/// The status changes, as [`status_set`] and their conditions take them.
 #[derive(Default)]
 struct Changes<'a> {
     to: Vec<&'static str>,
@@ -107,13 +107,15 @@ impl<'a> Bulk<'a> {
     /// (one write is as cheap alone).
     pub(super) fn of(writes: impl Iterator<Item = &'a Write>) -> Option<Self> {
         let mut bulk = Bulk::default();
-        let mut last_gid = None;
+        let mut last_key = None;
         for (index, write) in writes.enumerate() {
-            let gid = write.lock_key().1;
-            if last_gid == Some(gid) {
+            // Writes of one row are adjacent: only the first of them may be a member.
+            let key = write.lock_key();
+            if last_key == Some(key) {
                 continue;
             }
-            last_gid = Some(gid);
+            last_key = Some(key);
+            let gid = key.1;
             match write {
                 Write::Create(global, options, branches) => {
                     bulk.creates.push(global, options, branches, &mut bulk.branches)
@@ -310,3 +312,42 @@ static BULK: LazyLock<String> = LazyLock::new(|| {
         ])
     )
 });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TransStatus;
+    use crate::store::{Lease, StatusChange};
+
+    fn finish(gid: &str) -> Write {
+        Write::ChangeStatus(StatusChange::new(gid, TransStatus::Submitted, TransStatus::Succeed, 2))
+    }
+
+    #[test]
+    fn members_are_the_first_write_of_each_transaction_when_it_is_a_create_or_a_change() {
+        let lease = Lease {
+            owner: "me".to_owned(),
+            until: 9,
+        };
+        let writes = [
+            finish("g1"),
+            // A second write of g1 runs after the statement.
+            finish("g1"),
+            // g2's first write is not a member, so neither is its change (it must run after).
+            Write::Claim("g2".to_owned(), lease, 1),
+            finish("g2"),
+            finish("g3"),
+            // A key named like a transaction is another row.
+            Write::KvDelete("g3".to_owned(), String::new()),
+        ];
+        let bulk = Bulk::of(writes.iter()).expect("two members");
+        assert_eq!(bulk.members, [0, 4]);
+        assert_eq!(bulk.gids, ["g1", "g3"]);
+        assert_eq!(bulk.changes.gid, ["g1", "g3"]);
+    }
+
+    #[test]
+    fn a_single_member_is_no_bulk_statement() {
+        assert!(Bulk::of([finish("g1"), Write::KvDelete("c".to_owned(), "k".to_owned())].iter()).is_none());
+    }
+}
