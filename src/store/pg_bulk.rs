@@ -23,7 +23,7 @@ use std::sync::LazyLock;
 
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use super::postgres::{Write, status_set};
+use super::postgres::{BranchRows, Outcomes, Write, status_set};
 use crate::model::Millis;
 
 /// The creates and status changes of one batch, as column arrays.
@@ -61,21 +61,6 @@ struct Creates<'a> {
     ext_data: Vec<&'a str>,
 }
 
-/// The branch rows of the creates, each with its transaction's gid.
-#[derive(Default)]
-struct BranchRows<'a> {
-    gid: Vec<&'a str>,
-    url: Vec<&'a str>,
-    bin_data: Vec<&'a [u8]>,
-    branch_id: Vec<&'a str>,
-    op: Vec<&'a str>,
-    status: Vec<&'static str>,
-    create_time: Vec<Millis>,
-    update_time: Vec<Millis>,
-    finish_time: Vec<Option<Millis>>,
-    rollback_time: Vec<Option<Millis>>,
-}
-
 /// The status changes, as [`status_set`] and their conditions take them.
 #[derive(Default)]
 struct Changes<'a> {
@@ -90,16 +75,6 @@ struct Changes<'a> {
     from: Vec<&'static str>,
     owner: Vec<Option<&'a str>>,
     trans_type: Vec<Option<&'static str>>,
-}
-
-/// The branch outcomes the changes record, each with its transaction's gid.
-#[derive(Default)]
-struct Outcomes<'a> {
-    gid: Vec<&'a str>,
-    branch_id: Vec<&'a str>,
-    op: Vec<&'a str>,
-    status: Vec<&'static str>,
-    at: Vec<Millis>,
 }
 
 impl<'a> Bulk<'a> {
@@ -229,18 +204,7 @@ impl<'a> Creates<'a> {
         self.result.push(&global.result);
         self.rollback_reason.push(&global.rollback_reason);
         self.ext_data.push(&global.ext_data);
-        for branch in branches {
-            rows.gid.push(&global.gid);
-            rows.url.push(&branch.url);
-            rows.bin_data.push(&branch.bin_data);
-            rows.branch_id.push(&branch.branch_id);
-            rows.op.push(&branch.op);
-            rows.status.push(branch.status.as_str());
-            rows.create_time.push(branch.create_time);
-            rows.update_time.push(branch.update_time);
-            rows.finish_time.push(branch.finish_time);
-            rows.rollback_time.push(branch.rollback_time);
-        }
+        rows.push(&global.gid, branches);
     }
 }
 
@@ -258,13 +222,7 @@ impl<'a> Changes<'a> {
         self.from.push(change.from.as_str());
         self.owner.push(change.owner.as_deref());
         self.trans_type.push(change.trans_type.map(|t| t.as_str()));
-        for update in &change.branch_updates {
-            outcomes.gid.push(&change.gid);
-            outcomes.branch_id.push(&update.branch_id);
-            outcomes.op.push(&update.op);
-            outcomes.status.push(update.status.as_str());
-            outcomes.at.push(update.at);
-        }
+        outcomes.push(&change.gid, &change.branch_updates);
     }
 }
 

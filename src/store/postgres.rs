@@ -194,35 +194,43 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-/// Branch rows as column arrays, for `UNNEST`.
+/// Branch rows as column arrays, for `UNNEST`, each with its transaction's gid (which only the
+/// bulk statement binds: one transaction's statements bind its gid once).
 #[derive(Default)]
-struct BranchColumns {
-    url: Vec<String>,
-    bin_data: Vec<Vec<u8>>,
-    branch_id: Vec<String>,
-    op: Vec<String>,
-    status: Vec<String>,
-    create_time: Vec<i64>,
-    update_time: Vec<i64>,
-    finish_time: Vec<Option<i64>>,
-    rollback_time: Vec<Option<i64>>,
+pub(super) struct BranchRows<'a> {
+    pub(super) gid: Vec<&'a str>,
+    pub(super) url: Vec<&'a str>,
+    pub(super) bin_data: Vec<&'a [u8]>,
+    pub(super) branch_id: Vec<&'a str>,
+    pub(super) op: Vec<&'a str>,
+    pub(super) status: Vec<&'static str>,
+    pub(super) create_time: Vec<Millis>,
+    pub(super) update_time: Vec<Millis>,
+    pub(super) finish_time: Vec<Option<Millis>>,
+    pub(super) rollback_time: Vec<Option<Millis>>,
 }
 
-impl BranchColumns {
-    fn of(branches: &[Branch]) -> Self {
-        let mut columns = BranchColumns::default();
+impl<'a> BranchRows<'a> {
+    fn of(gid: &'a str, branches: &'a [Branch]) -> Self {
+        let mut rows = BranchRows::default();
+        rows.push(gid, branches);
+        rows
+    }
+
+    /// Adds `branches` of transaction `gid`.
+    pub(super) fn push(&mut self, gid: &'a str, branches: &'a [Branch]) {
         for branch in branches {
-            columns.url.push(branch.url.clone());
-            columns.bin_data.push(branch.bin_data.clone());
-            columns.branch_id.push(branch.branch_id.clone());
-            columns.op.push(branch.op.clone());
-            columns.status.push(branch.status.as_str().to_owned());
-            columns.create_time.push(branch.create_time);
-            columns.update_time.push(branch.update_time);
-            columns.finish_time.push(branch.finish_time);
-            columns.rollback_time.push(branch.rollback_time);
+            self.gid.push(gid);
+            self.url.push(&branch.url);
+            self.bin_data.push(&branch.bin_data);
+            self.branch_id.push(&branch.branch_id);
+            self.op.push(&branch.op);
+            self.status.push(branch.status.as_str());
+            self.create_time.push(branch.create_time);
+            self.update_time.push(branch.update_time);
+            self.finish_time.push(branch.finish_time);
+            self.rollback_time.push(branch.rollback_time);
         }
-        columns
     }
 }
 
@@ -357,7 +365,7 @@ async fn create(
     options: &str,
     branches: &[Branch],
 ) -> Result<bool, sqlx::Error> {
-    let columns = BranchColumns::of(branches);
+    let columns = BranchRows::of(&global.gid, branches);
     let inserted: i64 = sqlx::query_scalar(AssertSqlSafe(CREATE.as_str()))
         .bind(&global.gid)
         .bind(global.trans_type.as_str())
@@ -428,12 +436,12 @@ static UPDATE_BRANCHES: LazyLock<String> = LazyLock::new(|| {
 });
 
 async fn change_status(conn: &mut PgConnection, change: &StatusChange) -> Result<bool, sqlx::Error> {
-    let updates = OutcomeColumns::new(&change.branch_updates);
+    let updates = Outcomes::of(&change.gid, &change.branch_updates);
     let done: i64 = bind_change(sqlx::query(AssertSqlSafe(CHANGE_STATUS.as_str())), change)
-        .bind(&updates.branch_ids)
-        .bind(&updates.ops)
-        .bind(&updates.statuses)
-        .bind(&updates.ats)
+        .bind(&updates.branch_id)
+        .bind(&updates.op)
+        .bind(&updates.status)
+        .bind(&updates.at)
         .fetch_one(conn)
         .await?
         .try_get(0)?;
@@ -508,7 +516,7 @@ async fn add_branches_tx(conn: &mut PgConnection, gid: &str, branches: &[Branch]
         Ok(missing) => missing,
         Err(answer) => return Ok(answer),
     };
-    let columns = BranchColumns::of(&missing);
+    let columns = BranchRows::of(gid, &missing);
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO trans_branch_op (gid, url, bin_data, branch_id, op, status, create_time, update_time, \
          finish_time, rollback_time) SELECT $1, url, bin_data, branch_id, op, status, create_time, update_time, \
@@ -536,16 +544,16 @@ async fn update_branches(
     updates: &[BranchUpdate],
     now: Millis,
 ) -> Result<bool, sqlx::Error> {
-    let updates = OutcomeColumns::new(updates);
+    let updates = Outcomes::of(&guard.gid, updates);
     let held: i64 = sqlx::query_scalar(AssertSqlSafe(UPDATE_BRANCHES.as_str()))
         .bind(&guard.gid)
         .bind(&guard.owner)
         .bind(guard.status.as_str())
         .bind(now)
-        .bind(&updates.branch_ids)
-        .bind(&updates.ops)
-        .bind(&updates.statuses)
-        .bind(&updates.ats)
+        .bind(&updates.branch_id)
+        .bind(&updates.op)
+        .bind(&updates.status)
+        .bind(&updates.at)
         .fetch_one(conn)
         .await?;
     Ok(held == 1)
@@ -673,21 +681,32 @@ async fn kv_delete(conn: &mut PgConnection, cat: &str, key: &str) -> Result<bool
     Ok(done == 1)
 }
 
-/// Branch outcomes as column arrays, for `UNNEST` (one statement whatever their number).
-struct OutcomeColumns<'a> {
-    branch_ids: Vec<&'a str>,
-    ops: Vec<&'a str>,
-    statuses: Vec<&'static str>,
-    ats: Vec<i64>,
+/// Branch outcomes as column arrays, for `UNNEST` (one statement whatever their number), each
+/// with its transaction's gid (which, as for [`BranchRows`], only the bulk statement binds).
+#[derive(Default)]
+pub(super) struct Outcomes<'a> {
+    pub(super) gid: Vec<&'a str>,
+    pub(super) branch_id: Vec<&'a str>,
+    pub(super) op: Vec<&'a str>,
+    pub(super) status: Vec<&'static str>,
+    pub(super) at: Vec<Millis>,
 }
 
-impl<'a> OutcomeColumns<'a> {
-    fn new(updates: &'a [BranchUpdate]) -> Self {
-        OutcomeColumns {
-            branch_ids: updates.iter().map(|u| u.branch_id.as_str()).collect(),
-            ops: updates.iter().map(|u| u.op.as_str()).collect(),
-            statuses: updates.iter().map(|u| u.status.as_str()).collect(),
-            ats: updates.iter().map(|u| u.at).collect(),
+impl<'a> Outcomes<'a> {
+    fn of(gid: &'a str, updates: &'a [BranchUpdate]) -> Self {
+        let mut outcomes = Outcomes::default();
+        outcomes.push(gid, updates);
+        outcomes
+    }
+
+    /// Adds the outcomes `updates` of transaction `gid`.
+    pub(super) fn push(&mut self, gid: &'a str, updates: &'a [BranchUpdate]) {
+        for update in updates {
+            self.gid.push(gid);
+            self.branch_id.push(&update.branch_id);
+            self.op.push(&update.op);
+            self.status.push(update.status.as_str());
+            self.at.push(update.at);
         }
     }
 }
