@@ -589,12 +589,12 @@ async fn a_second_process_on_the_same_sqlite_file_is_refused() {
     wait_gids_succeed(&first, &[gid], RESUME_DEADLINE).await;
 }
 
-fn sql_args(url: &str, instance: &str) -> Vec<String> {
+fn shared_args(url: &str, instance: &str) -> Vec<String> {
     ["--store", url, "--instance-id", instance].map(str::to_owned).to_vec()
 }
 
-/// The transactions of a PostgreSQL or MySQL database, read straight from it.
-async fn read_sql(url: &str, gids: &[String]) -> Vec<GlobalTrans> {
+/// The transactions of a PostgreSQL or MySQL database or a Redis, read straight from it.
+async fn read_shared(url: &str, gids: &[String]) -> Vec<GlobalTrans> {
     let store = kubetx::store::open(&kubetx::store::StoreOptions {
         kind: kubetx::store::StoreKind::parse(url, "").expect("url"),
         synchronous: Synchronous::Normal,
@@ -626,7 +626,7 @@ fn instant_of(epoch_ms: i64) -> std::time::Instant {
 /// A replica SIGKILLed mid-flight and restarted under the same `--instance-id` resumes at once;
 /// one killed and followed by a replica of another identity leaves its transactions alone until
 /// their leases expire.
-async fn sql_replica_restart(backend: Backend) {
+async fn replica_restart(backend: Backend) {
     let db = TestDb::create(backend).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let bank = Bank::start().await;
@@ -634,10 +634,15 @@ async fn sql_replica_restart(backend: Backend) {
 
     // Same identity: back at once.
     let same: Vec<String> = (0..n).map(|i| format!("same-id-{i:02}")).collect();
-    let a = Kubetx::start_with(&sql_args(&db.url, "replica-a"), LONG_LEASE, dir.path().join("a1.log")).await;
+    let a = Kubetx::start_with(
+        &shared_args(&db.url, "replica-a"),
+        LONG_LEASE,
+        dir.path().join("a1.log"),
+    )
+    .await;
     submit_slow_sagas(&a, &bank, &same).await;
     a.kill();
-    for global in read_sql(&db.url, &same).await {
+    for global in read_shared(&db.url, &same).await {
         assert!(!global.status.is_finished(), "{} finished before the kill", global.gid);
         assert!(
             global.owner.starts_with("replica-a/"),
@@ -646,7 +651,12 @@ async fn sql_replica_restart(backend: Backend) {
             global.owner
         );
     }
-    let a = Kubetx::start_with(&sql_args(&db.url, "replica-a"), LONG_LEASE, dir.path().join("a2.log")).await;
+    let a = Kubetx::start_with(
+        &shared_args(&db.url, "replica-a"),
+        LONG_LEASE,
+        dir.path().join("a2.log"),
+    )
+    .await;
     let took = wait_gids_succeed(&a, &same, RESUME_DEADLINE).await;
     eprintln!(
         "{}: {n} sagas of the killed replica finished {took:?} after its restart answered",
@@ -658,12 +668,12 @@ async fn sql_replica_restart(backend: Backend) {
 
     // Another identity: only after expiry.
     let other: Vec<String> = (0..n).map(|i| format!("other-id-{i:02}")).collect();
-    let b = Kubetx::start_with(&sql_args(&db.url, "replica-b"), "4", dir.path().join("b.log")).await;
+    let b = Kubetx::start_with(&shared_args(&db.url, "replica-b"), "4", dir.path().join("b.log")).await;
     submit_slow_sagas(&b, &bank, &other).await;
     b.kill();
     let killed_at = std::time::Instant::now();
     let mut expiry = HashMap::new();
-    for global in read_sql(&db.url, &other).await {
+    for global in read_shared(&db.url, &other).await {
         assert!(
             global.owner.starts_with("replica-b/"),
             "{}: {}",
@@ -672,7 +682,7 @@ async fn sql_replica_restart(backend: Backend) {
         );
         expiry.insert(global.gid.clone(), instant_of(global.next_cron_time));
     }
-    let c = Kubetx::start_with(&sql_args(&db.url, "replica-c"), "4", dir.path().join("c.log")).await;
+    let c = Kubetx::start_with(&shared_args(&db.url, "replica-c"), "4", dir.path().join("c.log")).await;
     wait_gids_succeed(&c, &other, RESUME_DEADLINE).await;
     let log = c.log_text();
     assert!(!log.contains("took back the leases"), "{log}");
@@ -703,14 +713,21 @@ async fn sql_replica_restart(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_replica_restarted_under_its_identity_resumes_at_once() {
     if common::db::available(Backend::Postgres, "the SQL replica restart test") {
-        sql_replica_restart(Backend::Postgres).await;
+        replica_restart(Backend::Postgres).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mysql_replica_restarted_under_its_identity_resumes_at_once() {
     if common::db::available(Backend::MySql, "the SQL replica restart test") {
-        sql_replica_restart(Backend::MySql).await;
+        replica_restart(Backend::MySql).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_replica_restarted_under_its_identity_resumes_at_once() {
+    if common::db::available(Backend::Redis, "the Redis replica restart test") {
+        replica_restart(Backend::Redis).await;
     }
 }
 

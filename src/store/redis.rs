@@ -52,6 +52,8 @@ const ID_BLOCK: i64 = 32;
 /// How long reserved ids stay usable, which bounds how far `/all`'s newest-first order across
 /// replicas can stray (ids are handed out in blocks per process).
 const ID_BLOCK_LIFETIME: Duration = Duration::from_secs(1);
+/// Entries of a shard's `due` index one `reclaim_leases` script looks at.
+const RECLAIM_PAGE: u64 = 256;
 /// Pause between two connection attempts of the probe while Redis is unreachable.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -801,6 +803,38 @@ impl Store for RedisStore {
             .per_shard(&lua::CLAIM_LISTED, due, |base| vec![format!("{base}due")], &args)
             .await?;
         Ok(taken.into_iter().flatten().collect())
+    }
+
+    async fn reclaim_leases(&self, instance: &str, owner: &str, now: Millis) -> Result<u64> {
+        // As on the SQL stores: a process of the same instance is gone (one identity runs once).
+        // Each shard is walked a page per script, so Redis never runs one long script; a
+        // released entry leaves the range walked (it becomes due now), so the next page starts
+        // after the entries kept. Entries other processes move meanwhile may be seen twice
+        // (harmless) or missed (their leases then expire as they would have).
+        let prefix = super::instance_prefix(instance);
+        let mut released = 0;
+        for shard in 0..self.shards {
+            let base = self.base(shard);
+            let mut offset = 0;
+            loop {
+                let mut invocation = lua::RECLAIM.prepare_invoke();
+                invocation
+                    .key(format!("{base}due"))
+                    .arg(&prefix)
+                    .arg(owner)
+                    .arg(now)
+                    .arg(&base)
+                    .arg(offset)
+                    .arg(RECLAIM_PAGE);
+                let (done, seen): (u64, u64) = self.link.run(&invocation).await?;
+                released += done;
+                offset += seen.saturating_sub(done);
+                if seen < RECLAIM_PAGE {
+                    break;
+                }
+            }
+        }
+        Ok(released)
     }
 
     async fn extend_lease(&self, guard: &Guard, until: Millis) -> Result<bool> {

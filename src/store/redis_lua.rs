@@ -197,6 +197,31 @@ return out
     ))
 });
 
+/// One page of `reclaim_leases` in a shard: of the `due` entries after `now` (leases and
+/// parked retries), from position `offset`, at most `limit`, releases (due `now`) the unfinished
+/// ones whose owner starts with `prefix` and is not `owner`. Returns {released, looked at}.
+/// KEYS: due. ARGV: prefix, owner, now, base, offset, limit.
+pub(super) static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        prelude!(),
+        r#"
+local entries = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[3], '+inf', 'LIMIT', ARGV[5], ARGV[6])
+local released = 0
+for _, gid in ipairs(entries) do
+  local g = ARGV[4] .. 'g:' .. gid
+  local cur = redis.call('HMGET', g, 'owner', 'status')
+  local owner = cur[1] or ''
+  if unfinished(cur[2]) and owner ~= ARGV[2] and string.sub(owner, 1, #ARGV[1]) == ARGV[1] then
+    redis.call('HSET', g, 'owner', '', 'next_cron_time', ARGV[3])
+    redis.call('ZADD', KEYS[1], ARGV[3], gid)
+    released = released + 1
+  end
+end
+return {released, #entries}
+"#
+    ))
+});
+
 /// `extend_lease`. KEYS: global, due. ARGV: owner, status, until, gid.
 pub(super) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
