@@ -23,7 +23,7 @@ use clap::Parser;
 pub use bank::Tracker;
 pub use kubetx::{Launch, ProcStats, StoreSpec};
 pub use load::Scenario;
-pub use report::{RunResult, percentile_ms, table, targets};
+pub use report::{RunResult, cost_targets, percentile_ms, table, targets};
 
 use crate::store::Synchronous;
 use bank::Bank;
@@ -177,6 +177,10 @@ pub async fn main(args: &BenchArgs) -> Result<(), BenchError> {
     let verdicts = targets(&results);
     if !verdicts.is_empty() {
         println!("Targets (issue 6):\n{verdicts}");
+    }
+    let verdicts = cost_targets(&results);
+    if !verdicts.is_empty() {
+        println!("Targets (issue 15):\n{verdicts}");
     }
     let lines: String = results
         .iter()

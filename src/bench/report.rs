@@ -197,9 +197,99 @@ pub fn targets(results: &[RunResult]) -> String {
     out
 }
 
+/// Issue 15's cost targets for 2-step sagas at 16 clients: kubetx's CPU per saga, sagas/s
+/// against the raw ceiling of the same bench (the load generator and the bank alone, requests/s),
+/// and PostgreSQL's rate against SQLite's.
+pub fn cost_targets(results: &[RunResult]) -> String {
+    let mut out = String::new();
+    let raw = find(results, "-", "raw", 16);
+    let sqlite = find(results, "sqlite", "saga", 16);
+    for saga in results.iter().filter(|r| r.scenario == "saga" && r.clients == 16) {
+        let store = &saga.store;
+        if let Some(cpu) = saga.cpu_s_per_tx.filter(|_| saga.kubetx != "in-process") {
+            let ms = cpu * 1000.0;
+            let _ = writeln!(
+                out,
+                "{store}: kubetx CPU {ms:.3} ms per saga, target <= 0.1 ms: {}",
+                verdict(ms <= 0.1)
+            );
+        }
+        if let Some(raw) = raw {
+            let share = saga.tps / raw.tps.max(f64::MIN_POSITIVE);
+            let _ = writeln!(
+                out,
+                "{store}: {:.0} sagas/s = {:.1}% of the raw ceiling ({:.0} requests/s), target >= 25%: {}",
+                saga.tps,
+                share * 100.0,
+                raw.tps,
+                verdict(share >= 0.25)
+            );
+        }
+        if store == "postgres"
+            && let Some(sqlite) = sqlite
+        {
+            let share = saga.tps / sqlite.tps.max(f64::MIN_POSITIVE);
+            let _ = writeln!(
+                out,
+                "postgres: {:.0}% of the SQLite rate ({:.0}/s), target >= 60%: {}",
+                share * 100.0,
+                sqlite.tps,
+                verdict(share >= 0.6)
+            );
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run(store: &str, scenario: &'static str, tps: f64, cpu_s_per_tx: Option<f64>) -> RunResult {
+        RunResult {
+            store: store.to_owned(),
+            scenario,
+            clients: 16,
+            kubetx: "child",
+            window_s: 10.0,
+            completed: (tps * 10.0) as u64,
+            tps,
+            submit_p50_ms: None,
+            submit_p99_ms: None,
+            e2e_p50_ms: None,
+            e2e_p99_ms: None,
+            cpu_s_per_tx,
+            cpu_cores: None,
+            rss_idle_mb: None,
+            rss_peak_mb: None,
+            branch_calls_per_s: 0.0,
+            api_requests_per_s: 0.0,
+            efficiency: None,
+            errors: 0,
+            first_error: None,
+            unfinished: 0,
+        }
+    }
+
+    #[test]
+    fn cost_targets_compare_cpu_the_raw_ceiling_and_postgres_with_sqlite() {
+        let results = [
+            run("-", "raw", 40_000.0, None),
+            run("sqlite", "saga", 5_000.0, Some(0.000_2)),
+            run("postgres", "saga", 3_100.0, Some(0.000_09)),
+        ];
+        let verdicts = cost_targets(&results);
+        assert_eq!(
+            verdicts.lines().collect::<Vec<_>>(),
+            [
+                "sqlite: kubetx CPU 0.200 ms per saga, target <= 0.1 ms: MISSED",
+                "sqlite: 5000 sagas/s = 12.5% of the raw ceiling (40000 requests/s), target >= 25%: MISSED",
+                "postgres: kubetx CPU 0.090 ms per saga, target <= 0.1 ms: met",
+                "postgres: 3100 sagas/s = 7.8% of the raw ceiling (40000 requests/s), target >= 25%: MISSED",
+                "postgres: 62% of the SQLite rate (5000/s), target >= 60%: met",
+            ]
+        );
+    }
 
     #[test]
     fn percentiles_pick_the_rank() {
