@@ -23,7 +23,7 @@ use std::sync::LazyLock;
 
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use super::postgres::{BranchRows, Outcomes, Write, status_set};
+use super::postgres::{BranchRows, Outcomes, Write, outcome_set, status_set};
 use crate::model::Millis;
 
 /// The creates and status changes of one batch, as column arrays.
@@ -252,9 +252,7 @@ static BULK: LazyLock<String> = LazyLock::new(|| {
          v_from, v_owner, v_type) \
          WHERE t.gid = v_gid AND t.status = v_from AND (v_owner IS NULL OR t.owner = v_owner) \
          AND (v_type IS NULL OR t.trans_type = v_type) RETURNING t.gid, v_now), \
-         so AS (UPDATE trans_branch_op b SET status = o.status, update_time = s.v_now, \
-         finish_time = CASE WHEN o.status = 'succeed' THEN o.at ELSE b.finish_time END, \
-         rollback_time = CASE WHEN o.status = 'failed' THEN o.at ELSE b.rollback_time END \
+         so AS (UPDATE trans_branch_op b SET {} \
          FROM UNNEST($39::text[], $40::text[], $41::text[], $42::text[], $43::int8[]) \
          AS o(gid, branch_id, op, status, at) JOIN s ON s.gid = o.gid \
          WHERE b.gid = o.gid AND b.branch_id = o.branch_id AND b.op = o.op RETURNING 1) \
@@ -267,7 +265,8 @@ static BULK: LazyLock<String> = LazyLock::new(|| {
             "v_custom_data",
             "v_new_owner",
             "v_next_cron_time"
-        ])
+        ]),
+        outcome_set("o", "s.v_now")
     )
 });
 

@@ -414,13 +414,22 @@ static CHANGE_STATUS: LazyLock<String> = LazyLock::new(|| {
 fn record_outcomes(gid: &str, now: &str, first: usize) -> String {
     let [ids, ops, statuses, ats] = [first, first + 1, first + 2, first + 3];
     format!(
-        "u AS (UPDATE trans_branch_op b SET status = v.status, update_time = {now}, \
-         finish_time = CASE WHEN v.status = 'succeed' THEN v.at ELSE b.finish_time END, \
-         rollback_time = CASE WHEN v.status = 'failed' THEN v.at ELSE b.rollback_time END \
+        "u AS (UPDATE trans_branch_op b SET {} \
          FROM UNNEST(${ids}::text[], ${ops}::text[], ${statuses}::text[], ${ats}::int8[]) \
          AS v(branch_id, op, status, at) \
          WHERE b.gid = {gid} AND b.branch_id = v.branch_id AND b.op = v.op AND EXISTS (SELECT 1 FROM g) \
-         RETURNING 1)"
+         RETURNING 1)",
+        outcome_set("v", now)
+    )
+}
+
+/// The `SET` list of a branch row `b` taking the outcome in row `outcome` (its `status` and
+/// `at`), stamped `now`.
+pub(super) fn outcome_set(outcome: &str, now: &str) -> String {
+    format!(
+        "status = {outcome}.status, update_time = {now}, \
+         finish_time = CASE WHEN {outcome}.status = 'succeed' THEN {outcome}.at ELSE b.finish_time END, \
+         rollback_time = CASE WHEN {outcome}.status = 'failed' THEN {outcome}.at ELSE b.rollback_time END"
     )
 }
 
