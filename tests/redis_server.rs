@@ -440,6 +440,35 @@ async fn index(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<(
         .expect("ZRANGE")
 }
 
+/// A private redis-server and a store on it with a single shard under `prefix`. Dropped in
+/// field order: the store, then the server, then its directory.
+struct OneShard {
+    store: Arc<dyn store::Store>,
+    addr: SocketAddr,
+    _redis: RedisProcess,
+    _dir: tempfile::TempDir,
+}
+
+/// [`OneShard`]; `None` (and a SKIPPED line naming `what`) without a redis-server binary.
+async fn one_shard(what: &str, prefix: &str) -> Option<OneShard> {
+    let Some(bin) = redis_server_bin() else {
+        eprintln!("SKIPPED: {what} (no redis-server binary)");
+        return None;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let addr = free_addr();
+    let redis = RedisProcess::start(&bin, addr, dir.path(), 0).await;
+    let store = store::open(&store_options(&format!("redis://{addr}/0?prefix={prefix}&shards=1")))
+        .await
+        .expect("opens");
+    Some(OneShard {
+        store,
+        addr,
+        _redis: redis,
+        _dir: dir,
+    })
+}
+
 /// The layout of docs/redis.md, read back from Redis: one shard's keys for a transaction, its
 /// index entries following its status and lease in the same writes, nothing left after
 /// retention; and a data set refuses to be reopened with another shard count.
@@ -447,16 +476,11 @@ async fn index(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<(
 async fn the_indexes_follow_the_records_and_the_shard_count_is_pinned() {
     use kubetx::model::{Branch, GlobalTrans};
     use kubetx::store::{Lease, StatusChange, StoreError};
-    let Some(bin) = redis_server_bin() else {
-        eprintln!("SKIPPED: the Redis layout test (no redis-server binary)");
+    // Bound whole: a pattern leaving fields out would drop the server at once.
+    let Some(shard) = one_shard("the Redis layout test", "lay").await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let addr = free_addr();
-    let _redis = RedisProcess::start(&bin, addr, dir.path(), 0).await;
-    let store = store::open(&store_options(&format!("redis://{addr}/0?prefix=lay&shards=1")))
-        .await
-        .expect("opens");
+    let (store, addr) = (&shard.store, shard.addr);
     let client = redis::Client::open(format!("redis://{addr}/0")).expect("client");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
 
@@ -508,16 +532,10 @@ async fn the_indexes_follow_the_records_and_the_shard_count_is_pinned() {
 /// nothing else is touched (another instance's leases, parked retries, the new process's own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reclaiming_a_restarted_instance_s_leases_walks_every_page_and_nothing_else() {
-    let Some(bin) = redis_server_bin() else {
-        eprintln!("SKIPPED: the Redis lease reclaim test (no redis-server binary)");
+    let Some(shard) = one_shard("the Redis lease reclaim test", "rec").await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let addr = free_addr();
-    let _redis = RedisProcess::start(&bin, addr, dir.path(), 0).await;
-    let store = store::open(&store_options(&format!("redis://{addr}/0?prefix=rec&shards=1")))
-        .await
-        .expect("opens");
+    let store = &shard.store;
     let t0 = 1_700_000_000_000;
     let lease_end = t0 + 30_000;
     let groups = [
