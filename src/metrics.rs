@@ -288,11 +288,10 @@ impl Metrics {
 
     /// Counts an API request (an HTTP route or an RPC) by its answer's status code and times it.
     pub fn record_request(&self, api: String, code: u16, took: std::time::Duration) {
-        self.api_requests
-            .get_or_create(&ApiLabels { api: api.clone(), code })
-            .inc();
+        let labels = ApiLabels { api, code };
+        self.api_requests.get_or_create(&labels).inc();
         self.api_duration
-            .get_or_create(&RouteLabels { api })
+            .get_or_create(&RouteLabels { api: labels.api })
             .observe(took.as_secs_f64());
     }
 
