@@ -282,7 +282,7 @@ fn metric_op(operation: &str) -> &'static str {
 
 async fn invoke(context: &PassContext<'_>, global: &GlobalTrans, call: &Call, timeout: Duration) -> Outcome {
     let started = std::time::Instant::now();
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "branch",
         otel.name = %format!("branch {}", metric_op(&call.op)),
         otel.kind = "client",

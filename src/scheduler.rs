@@ -12,7 +12,7 @@ use futures::future::join_all;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 use crate::activity::Activity;
 use crate::driver::{self, PassContext, PassSink};
@@ -461,7 +461,7 @@ impl Coordinator {
             gid: global.gid.clone(),
         };
         let trans_type = global.trans_type;
-        let span = info_span!("pass", gid = %global.gid, mode = %trans_type, status = %global.status);
+        let span = debug_span!("pass", gid = %global.gid, mode = %trans_type, status = %global.status);
         crate::telemetry::continue_trace(&span, &global.ext_data);
         let started = std::time::Instant::now();
         let result = driver::run_pass(global, branches, &context, &mut sink)

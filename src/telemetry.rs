@@ -5,8 +5,14 @@
 //! after a restart included, continue that trace; and every branch call carries `traceparent`.
 //! Spans are exported over OTLP/HTTP (JSON) only when an endpoint is configured; without one,
 //! the client's `traceparent` is still passed on to the branches unchanged.
+//!
+//! The spans are at DEBUG level: at the default log level they exist only when they are
+//! exported. Formatting every span's fields into the log context, with no line logged inside most
+//! of them, was a fifth of kubetx's instructions per saga at `info` (BENCHMARKS.md, issue 15);
+//! the lines logged inside them name their transaction themselves.
 
 use std::collections::HashMap;
+use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request};
@@ -20,8 +26,9 @@ use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing::{Instrument as _, Span};
+use tracing::{Instrument as _, Level, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
@@ -74,14 +81,17 @@ impl Telemetry {
     }
 }
 
-/// Installs the process's subscriber: log lines on stderr filtered by `level` (`RUST_LOG` wins),
-/// and, when `otlp_endpoint` is set (the collector's base URL, e.g. `http://otel:4318`), spans of
-/// kubetx exported to `<endpoint>/v1/traces`. Needs a Tokio runtime. A second call (tests) keeps
-/// the first subscriber.
+/// Installs the process's subscriber: log lines on stderr filtered by `level` (`RUST_LOG` wins;
+/// colours only on a terminal), and, when `otlp_endpoint` is set (the collector's base URL, e.g.
+/// `http://otel:4318`), spans of kubetx exported to `<endpoint>/v1/traces` with kubetx's events
+/// at INFO and above. Needs a Tokio runtime. A second call (tests) keeps the first subscriber.
 pub fn init(level: &str, format: LogFormat, otlp_endpoint: &str) -> Result<Telemetry, TelemetryError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let log = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
@@ -94,7 +104,9 @@ pub fn init(level: &str, format: LogFormat, otlp_endpoint: &str) -> Result<Telem
     let spans = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("kubetx"))
-            .with_filter(EnvFilter::new("kubetx=info"))
+            .with_filter(filter_fn(|meta| {
+                meta.target().starts_with("kubetx") && (meta.is_span() || *meta.level() <= Level::INFO)
+            }))
     });
     let _ = tracing_subscriber::registry()
         .with(log.with_filter(filter))
@@ -243,7 +255,7 @@ where
 /// of the client's `traceparent` (an HTTP header, or gRPC metadata) when it is valid.
 pub async fn traced<F: std::future::Future>(route: &str, traceparent: Option<&str>, handler: F) -> F::Output {
     let incoming = traceparent.and_then(normalized);
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "dtm",
         otel.name = %format!("dtm {route}"),
         otel.kind = "server",
