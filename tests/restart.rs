@@ -465,6 +465,10 @@ async fn sigterm_drains_passes_in_flight_exits_0_and_a_restart_completes() {
     assert!(parked > 0, "some transactions were left for a retry");
     // The log shows passes finishing after the shutdown began, then the drain completing.
     let log = std::fs::read_to_string(dir.path().join("first.log")).unwrap_or_default();
+    assert!(
+        !log.contains('\u{1b}'),
+        "a log written to a file carries no colour codes: {log}"
+    );
     let requested = log.find("shutdown requested").unwrap_or_else(|| panic!("{log}"));
     let after = &log[requested..];
     assert!(
