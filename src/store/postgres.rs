@@ -300,11 +300,19 @@ impl PgStore {
         self.reach.check()?;
         match &self.writer {
             Some(writer) => writer.write(write).await,
-            None => db!(self.reach, {
-                let mut conn = self.pool.acquire().await?;
-                write.apply_alone(&mut conn).await
-            }),
+            // Boxed: inline, the statements' futures would set the size of every write's
+            // future, group commit or not: about 9.5 KB copied into each store call's box
+            // (BENCHMARKS.md, issue 15).
+            None => Box::pin(self.write_alone(write)).await,
         }
+    }
+
+    /// One write in an autocommit statement of its own, on a pooled connection.
+    async fn write_alone(&self, write: Write) -> Result<Reply> {
+        db!(self.reach, {
+            let mut conn = self.pool.acquire().await?;
+            write.apply_alone(&mut conn).await
+        })
     }
 
     async fn write_flag(&self, write: Write) -> Result<bool> {
