@@ -4,6 +4,8 @@
 #
 #   scripts/callgrind-saga.sh [CLIENTS] [SECONDS]      # defaults: 16 clients, 10 s
 #   KUBETX_BIN=/tmp/kubetx-before scripts/callgrind-saga.sh   # another build, for a before/after
+#   STORE=postgres://postgres@127.0.0.1:5432/fresh scripts/callgrind-saga.sh   # an empty PostgreSQL
+#                                                   # database instead (psql counts the sagas)
 #
 # Runs the release build's `kubetx serve` under callgrind on a fresh SQLite file (instrumentation
 # off during start-up), switches it on, drives it with `kubetx bench --target` (sagas only),
@@ -19,8 +21,10 @@ out="${OUT:-$(mktemp -d)}"
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 db="$out/kubetx.db"
 
+store_args=(--db "$db")
+[ -n "${STORE:-}" ] && store_args=(--store "$STORE")
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/callgrind.out" \
-    "$bin" serve --listen "127.0.0.1:$port" --grpc-listen "" --db "$db" --log-level warn 2>"$out/valgrind.log" &
+    "$bin" serve --listen "127.0.0.1:$port" --grpc-listen "" "${store_args[@]}" --log-level warn 2>"$out/valgrind.log" &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
@@ -35,7 +39,12 @@ kill -TERM "$pid"
 wait "$pid" || true
 trap - EXIT
 
-sagas="$(sqlite3 "$db" "SELECT count(*) FROM trans_global WHERE status = 'succeed'")"
+count="SELECT count(*) FROM trans_global WHERE status = 'succeed'"
+if [ -n "${STORE:-}" ]; then
+    sagas="$(psql "$STORE" -Atc "$count")"
+else
+    sagas="$(sqlite3 "$db" "$count")"
+fi
 instructions="$(callgrind_annotate "$out/callgrind.out" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')"
 echo "sagas: $sagas"
 echo "instructions: $instructions"
