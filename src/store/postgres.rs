@@ -297,9 +297,11 @@ impl PgStore {
 
     /// Runs a write: through the group-commit writers, or alone on a pooled connection.
     async fn write(&self, write: Write) -> Result<Reply> {
-        self.reach.check()?;
         match &self.writer {
-            Some(writer) => writer.write(write).await,
+            Some(writer) => {
+                self.reach.check()?;
+                writer.write(write).await
+            }
             // Boxed: inline, the statements' futures would set the size of every write's
             // future, group commit or not: about 9.5 KB copied into each store call's box
             // (BENCHMARKS.md, issue 15).
@@ -307,7 +309,8 @@ impl PgStore {
         }
     }
 
-    /// One write in an autocommit statement of its own, on a pooled connection.
+    /// One write in an autocommit statement of its own, on a pooled connection (`db!` checks
+    /// that the database is reachable).
     async fn write_alone(&self, write: Write) -> Result<Reply> {
         db!(self.reach, {
             let mut conn = self.pool.acquire().await?;
