@@ -103,6 +103,11 @@ fn find<'a>(results: &'a [RunResult], store: &str, scenario: &str, clients: usiz
         .find(|r| r.store == store && r.scenario == scenario && r.clients == clients)
 }
 
+/// `run`'s rate as a fraction of `of`'s (0 when `of` did nothing, rather than a division by 0).
+fn share(run: &RunResult, of: &RunResult) -> f64 {
+    run.tps / of.tps.max(f64::MIN_POSITIVE)
+}
+
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "MISSED" }
 }
@@ -147,7 +152,7 @@ pub fn targets(results: &[RunResult]) -> String {
                 continue;
             };
             if let Some(fail) = find(results, store, "saga-fail", clients) {
-                let ratio = fail.tps / saga.tps.max(f64::MIN_POSITIVE);
+                let ratio = share(fail, saga);
                 let _ = writeln!(
                     out,
                     "{store}: compensating sagas at {clients} clients {:.0}/s = {:.0}% of saga, target >= 50%: {}",
@@ -158,7 +163,7 @@ pub fn targets(results: &[RunResult]) -> String {
             }
             for mode in ["msg", "tcc"] {
                 if let Some(run) = find(results, store, mode, clients) {
-                    let ratio = run.tps / saga.tps.max(f64::MIN_POSITIVE);
+                    let ratio = share(run, saga);
                     let _ = writeln!(
                         out,
                         "{store}: {mode} at {clients} clients {:.0}/s = {:.0}% of saga, target >= 70%: {}",
@@ -215,26 +220,26 @@ pub fn cost_targets(results: &[RunResult]) -> String {
             );
         }
         if let Some(raw) = raw {
-            let share = saga.tps / raw.tps.max(f64::MIN_POSITIVE);
+            let ratio = share(saga, raw);
             let _ = writeln!(
                 out,
                 "{store}: {:.0} sagas/s = {:.1}% of the raw ceiling ({:.0} requests/s), target >= 25%: {}",
                 saga.tps,
-                share * 100.0,
+                ratio * 100.0,
                 raw.tps,
-                verdict(share >= 0.25)
+                verdict(ratio >= 0.25)
             );
         }
         if store == "postgres"
             && let Some(sqlite) = sqlite
         {
-            let share = saga.tps / sqlite.tps.max(f64::MIN_POSITIVE);
+            let ratio = share(saga, sqlite);
             let _ = writeln!(
                 out,
                 "postgres: {:.0}% of the SQLite rate ({:.0}/s), target >= 60%: {}",
-                share * 100.0,
+                ratio * 100.0,
                 sqlite.tps,
-                verdict(share >= 0.6)
+                verdict(ratio >= 0.6)
             );
         }
     }
