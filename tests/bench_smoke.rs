@@ -58,6 +58,9 @@ async fn every_scenario_against_a_child_kubetx_yields_sane_figures() {
     for result in &results {
         assert_sane(result, true);
         assert_eq!(result.kubetx, if result.scenario == "raw" { "none" } else { "child" });
+        // The benchmark's own process (load generator and bank) is measured apart from kubetx.
+        let load_cpu = result.load_cpu_s_per_tx;
+        assert!(load_cpu.is_some_and(|s| s >= 0.0), "{} {load_cpu:?}", result.scenario);
     }
     let table = bench::table(&results);
     assert_eq!(table.lines().count(), 2 + results.len(), "{table}");
@@ -76,4 +79,6 @@ async fn an_in_process_kubetx_works_too() {
     assert_eq!(results.len(), 1);
     assert_sane(&results[0], false);
     assert_eq!(results[0].kubetx, "in-process");
+    // kubetx's CPU is in the benchmark process's own here, so neither is reported apart.
+    assert_eq!(results[0].load_cpu_s_per_tx, None);
 }

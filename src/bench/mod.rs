@@ -170,6 +170,11 @@ impl BenchArgs {
     }
 }
 
+/// CPU seconds a process used between two readings, when both were taken.
+fn cpu_between(before: Option<ProcStats>, after: Option<ProcStats>) -> Option<f64> {
+    Some(after?.cpu_seconds - before?.cpu_seconds)
+}
+
 /// Runs the benchmark, printing the table, the targets and the JSON lines.
 pub async fn main(args: &BenchArgs) -> Result<(), BenchError> {
     let results = run(args).await?;
@@ -178,7 +183,8 @@ pub async fn main(args: &BenchArgs) -> Result<(), BenchError> {
     if !verdicts.is_empty() {
         println!("Targets (issue 6):\n{verdicts}");
     }
-    let verdicts = cost_targets(&results);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let verdicts = cost_targets(&results, cores);
     if !verdicts.is_empty() {
         println!("Targets (issue 15):\n{verdicts}");
     }
@@ -322,10 +328,12 @@ async fn run_one(
     let tasks: Vec<_> = (0..clients).map(|_| tokio::spawn(Arc::clone(&load).client())).collect();
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
     let before = kubetx.as_ref().and_then(Kubetx::stats);
+    let load_before = ProcStats::read(std::process::id());
     let opened = tracker.open_window();
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
     let closed = tracker.close_window();
     let after = kubetx.as_ref().and_then(Kubetx::stats);
+    let load_after = ProcStats::read(std::process::id());
     load.stop.store(true, Ordering::Relaxed);
     let mut figures = ClientFigures::default();
     for task in tasks {
@@ -359,10 +367,10 @@ async fn run_one(
     submit.sort_unstable();
     let branch_calls_per_s = tracker.calls_in_window() as f64 / window_s;
     let api_requests_per_s = figures.api_requests as f64 / window_s;
-    let cpu = match (before, after) {
-        (Some(before), Some(after)) => Some(after.cpu_seconds - before.cpu_seconds),
-        _ => None,
-    };
+    let cpu = cpu_between(before, after);
+    // An in-process kubetx shares this process: its CPU is in the load's, so neither is apart.
+    let load_cpu = cpu_between(load_before, load_after).filter(|_| mode != "in-process");
+    let per_tx = |cpu: Option<f64>| cpu.filter(|_| completed > 0).map(|s| s / completed as f64);
     let mb = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     Ok(RunResult {
         // A running kubetx's store is whatever it was started with.
@@ -381,8 +389,9 @@ async fn run_one(
         submit_p99_ms: percentile_ms(&submit, 0.99),
         e2e_p50_ms: (scenario != Scenario::Raw).then(|| percentile_ms(&e2e, 0.50)).flatten(),
         e2e_p99_ms: (scenario != Scenario::Raw).then(|| percentile_ms(&e2e, 0.99)).flatten(),
-        cpu_s_per_tx: cpu.filter(|_| completed > 0).map(|s| s / completed as f64),
+        cpu_s_per_tx: per_tx(cpu),
         cpu_cores: cpu.map(|s| s / window_s),
+        load_cpu_s_per_tx: per_tx(load_cpu),
         rss_idle_mb: idle.map(|s| mb(s.rss_bytes)),
         rss_peak_mb: after.map(|s| mb(s.peak_rss_bytes)),
         branch_calls_per_s,
