@@ -368,7 +368,7 @@ async fn run_one(
     let branch_calls_per_s = tracker.calls_in_window() as f64 / window_s;
     let api_requests_per_s = figures.api_requests as f64 / window_s;
     let cpu = cpu_between(before, after);
-    // An in-process kubetx shares this process: its CPU is in the load's, so neither is apart.
+    // An in-process kubetx runs in this process: the load's CPU cannot be told from kubetx's.
     let load_cpu = cpu_between(load_before, load_after).filter(|_| mode != "in-process");
     let per_tx = |cpu: Option<f64>| cpu.filter(|_| completed > 0).map(|s| s / completed as f64);
     let mb = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);

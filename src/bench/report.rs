@@ -258,9 +258,9 @@ fn against_raw_ceiling(out: &mut String, saga: &RunResult, raw: &RunResult, core
         raw.tps,
         verdict(ratio >= 0.25)
     );
-    if let Some(load) = saga.load_cpu_s_per_tx {
+    if let Some(load) = saga.load_cpu_s_per_tx.filter(|_| raw.tps > 0.0) {
         let quarter = raw.tps / 4.0;
-        let budget = cores as f64 / quarter.max(f64::MIN_POSITIVE) - load;
+        let budget = cores as f64 / quarter - load;
         let _ = writeln!(
             out,
             "{store}: at {quarter:.0} sagas/s, {cores} cores leave kubetx and its store {:.3} ms per saga beside \
