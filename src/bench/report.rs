@@ -343,6 +343,17 @@ mod tests {
     }
 
     #[test]
+    fn a_raw_ceiling_that_did_nothing_gives_no_budget() {
+        let saga = RunResult {
+            load_cpu_s_per_tx: Some(0.000_05),
+            ..run("sqlite", "saga", 5_000.0, None)
+        };
+        let verdicts = cost_targets(&[run("-", "raw", 0.0, None), saga], 2);
+        assert!(verdicts.contains("of the raw ceiling (0 requests/s)"), "{verdicts}");
+        assert!(!verdicts.contains("leave kubetx"), "{verdicts}");
+    }
+
+    #[test]
     fn percentiles_pick_the_rank() {
         let samples: Vec<u32> = (1..=100).map(|ms| ms * 1000).collect();
         assert_eq!(percentile_ms(&samples, 0.5), Some(50.0));
