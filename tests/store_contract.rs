@@ -415,6 +415,35 @@ async fn add_branches_registers_idempotently_and_only_while_prepared(store: Arc<
         store.add_branches("tcc", &tcc("01", b"other")).await.expect("conflict"),
         AddBranches::Conflict(_)
     ));
+    // A registration with a row stored alike and a row not stored adds the missing row only; one
+    // with a row stored with other content adds nothing, not even its missing rows.
+    let [cancel_01, _] = <[Branch; 2]>::try_from(tcc("01", b"x")).expect("two rows");
+    let [cancel_40, _] = <[Branch; 2]>::try_from(tcc("40", b"w")).expect("two rows");
+    let [cancel_41, _] = <[Branch; 2]>::try_from(tcc("41", b"w")).expect("two rows");
+    let [_, confirm_01_other] = <[Branch; 2]>::try_from(tcc("01", b"other")).expect("two rows");
+    assert_eq!(
+        store
+            .add_branches("tcc", &[cancel_01, cancel_40])
+            .await
+            .expect("partly new"),
+        AddBranches::Added
+    );
+    assert!(matches!(
+        store
+            .add_branches("tcc", &[cancel_41, confirm_01_other])
+            .await
+            .expect("partly conflicting"),
+        AddBranches::Conflict(_)
+    ));
+    let stored: Vec<(String, String)> = store
+        .branches("tcc")
+        .await
+        .expect("branches")
+        .into_iter()
+        .map(|b| (b.branch_id, b.op))
+        .collect();
+    let key = |id: &str, op: &str| (id.to_owned(), op.to_owned());
+    assert_eq!(stored, [key("01", "cancel"), key("01", "confirm"), key("40", "cancel")]);
     // Concurrent registrations of distinct branches all land.
     let results = futures::future::join_all((2..10).map(|i| {
         let store = Arc::clone(&store);
@@ -435,7 +464,7 @@ async fn add_branches_registers_idempotently_and_only_while_prepared(store: Arc<
         1,
         "{results:?}"
     );
-    assert_eq!(store.branches("tcc").await.expect("branches").len(), 2 * 10);
+    assert_eq!(store.branches("tcc").await.expect("branches").len(), 2 * 10 + 1);
 
     let submit = StatusChange::new("tcc", TransStatus::Prepared, TransStatus::Submitted, T0 + 1);
     assert!(store.change_status(&submit).await.expect("submit"));
