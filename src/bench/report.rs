@@ -327,13 +327,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_load_generator_that_fills_the_cores_leaves_kubetx_nothing() {
+    /// Issue 15's lines for a SQLite saga run whose load generator and bank used `load` CPU
+    /// seconds per saga, beside a raw ceiling of `raw_tps`, on 2 cores.
+    fn budget_lines(raw_tps: f64, load: f64) -> String {
         let saga = RunResult {
-            load_cpu_s_per_tx: Some(0.000_3),
+            load_cpu_s_per_tx: Some(load),
             ..run("sqlite", "saga", 5_000.0, None)
         };
-        let verdicts = cost_targets(&[run("-", "raw", 40_000.0, None), saga], 2);
+        cost_targets(&[run("-", "raw", raw_tps, None), saga], 2)
+    }
+
+    #[test]
+    fn a_load_generator_that_fills_the_cores_leaves_kubetx_nothing() {
+        let verdicts = budget_lines(40_000.0, 0.000_3);
         assert!(
             verdicts.ends_with(
                 "2 cores leave kubetx and its store 0.000 ms per saga beside the load generator and bank's 0.300 ms\n"
@@ -344,11 +350,7 @@ mod tests {
 
     #[test]
     fn a_raw_ceiling_that_did_nothing_gives_no_budget() {
-        let saga = RunResult {
-            load_cpu_s_per_tx: Some(0.000_05),
-            ..run("sqlite", "saga", 5_000.0, None)
-        };
-        let verdicts = cost_targets(&[run("-", "raw", 0.0, None), saga], 2);
+        let verdicts = budget_lines(0.0, 0.000_05);
         assert!(verdicts.contains("of the raw ceiling (0 requests/s)"), "{verdicts}");
         assert!(!verdicts.contains("leave kubetx"), "{verdicts}");
     }
